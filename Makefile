@@ -1,0 +1,42 @@
+# `make run` and `make test` set everything up on their own: a virtual
+# environment in .venv, created once and reused while setup.cfg and
+# constraints.txt are unchanged.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WORK ?= runs
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: run test compile check bench images constraints clean
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade-strategy only-if-needed -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m defectkit demo --work $(WORK)
+
+test: $(STAMP)
+	mkdir -p $(WORK)/tmp
+	TMPDIR=$(CURDIR)/$(WORK)/tmp $(PY) -m pytest -q --timeout=900 tests
+
+compile: $(STAMP)
+	$(PY) compile.py
+
+check: $(STAMP)
+	$(PY) compile.py --check
+
+bench: $(STAMP)
+	$(PY) -m tests.bench.run
+
+# Needs a Docker engine; tags are the package version.
+images:
+	$(MAKE) -C images
+
+constraints: $(STAMP)
+	$(PY) -m pip freeze --exclude-editable | sed '1i # Exact versions of every transitive dependency, resolved together (pip check clean).\n# Regenerate with: make constraints' > constraints.txt
+
+clean:
+	rm -rf $(WORK)

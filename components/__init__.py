@@ -1,0 +1,1 @@
+"""Kubeflow Pipelines components: one verb per module, thin wrappers over defectkit."""

@@ -1,0 +1,87 @@
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+from components.images import TRAIN_IMAGE
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def evaluate_model(
+    model: Input[Model],
+    preprocessed: Input[Dataset],
+    dataset: Input[Dataset],
+    dataset_fingerprint: str,
+    judged_model: Output[Model],
+    verdict: Output[Artifact],
+    metrics: Output[Metrics],
+    classification: Output[ClassificationMetrics],
+    report: Output[Markdown],
+    champion_uri: str = "",
+    threshold_policy: str = "max_f1",
+    target_fpr: float = 0.05,
+    min_auroc: float = 0.9,
+    min_recall: float = 0.0,
+    max_fpr: float = 1.0,
+    max_auroc_drop: float = 0.0,
+    max_f1_drop: float = 0.02,
+    device: str = "auto",
+) -> NamedTuple("EvaluateOutputs", [("approved", bool), ("reasons", str), ("image_auroc", float)]):
+    """Score the model on the frozen test split, choose its decision threshold and decide whether it is approved.
+
+    Args:
+        model: Trained model from train_model.
+        preprocessed: Shards from preprocess_images (validation and test splits).
+        dataset: Validated dataset, used to re-decode raw files for a champion trained at another input size.
+        dataset_fingerprint: Fingerprint of the dataset the model is judged on.
+        champion_uri: Current champion model directory (local path or gs:// URI); empty on a first run, which then applies absolute gates only.
+        threshold_policy: max_f1 (maximise F1 on validation) or target_fpr (highest recall with validation false positive rate at most target_fpr).
+        target_fpr: False positive rate for the target_fpr policy.
+        min_auroc: Absolute gate: lowest accepted test image AUROC.
+        min_recall: Absolute gate: lowest accepted test recall at the chosen threshold.
+        max_fpr: Absolute gate: highest accepted test false positive rate.
+        max_auroc_drop: Relative gate: how far the candidate's AUROC may fall below the champion's.
+        max_f1_drop: Relative gate: how far the candidate's F1 may fall below the champion's.
+        device: auto, cpu, cuda or cuda:N.
+    """
+    import json
+    import logging
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from defectkit import evaluation, storage
+
+    logging.basicConfig(level=logging.INFO, force=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        champion = storage.download_tree(champion_uri, Path(scratch) / "champion") if champion_uri else None
+        result = evaluation.evaluate(
+            Path(model.path),
+            Path(preprocessed.path),
+            Path(scratch) / "out",
+            policy=evaluation.ThresholdPolicy(kind=threshold_policy, target_fpr=target_fpr),
+            gates=evaluation.Gates(
+                min_auroc=min_auroc,
+                min_recall=min_recall,
+                max_fpr=max_fpr,
+                max_auroc_drop=max_auroc_drop,
+                max_f1_drop=max_f1_drop,
+            ),
+            champion_dir=champion,
+            dataset_dir=Path(dataset.path),
+            device=device,
+        )
+        shutil.copytree(Path(scratch) / "out" / "model", judged_model.path)
+        shutil.copyfile(Path(scratch) / "out" / "metrics.json", verdict.path)
+        shutil.copyfile(Path(scratch) / "out" / "report.md", report.path)
+    for name, value in result.metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(name, value)
+    roc = result.roc_curve
+    classification.log_roc_curve(roc["fpr"], roc["tpr"], roc["thresholds"])
+    classification.log_confusion_matrix(["good", "defect"], result.confusion_matrix)
+    judged_model.metadata.update(
+        {"approved": result.blessing.approved, "fingerprint": dataset_fingerprint, "image_auroc": result.metrics["image_auroc"]}
+    )
+    outputs = NamedTuple("EvaluateOutputs", [("approved", bool), ("reasons", str), ("image_auroc", float)])
+    return outputs(result.blessing.approved, json.dumps(list(result.blessing.reasons)), result.metrics["image_auroc"])

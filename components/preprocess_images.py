@@ -1,0 +1,47 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Output
+
+from components.images import DATA_IMAGE
+
+
+@dsl.component(base_image=DATA_IMAGE, install_kfp_package=False)
+def preprocess_images(
+    dataset: Input[Dataset],
+    dataset_fingerprint: str,
+    preprocessed: Output[Dataset],
+    metrics: Output[Metrics],
+    image_size: int = 224,
+    workers: int = 0,
+) -> str:
+    """Decode and resize every image to the model input size on all cores; write uint8 shards and a feature table.
+
+    Args:
+        dataset: Validated dataset (manifest.json plus images) from validate_images.
+        dataset_fingerprint: Fingerprint of the dataset; part of the cache key so changed data never reuses a stale result.
+        image_size: Side in pixels of the square model input.
+        workers: Decoding processes; 0 uses every core.
+
+    Returns:
+        The dataset fingerprint, passed through for downstream cache keys.
+    """
+    import logging
+    import time
+    from pathlib import Path
+
+    from defectkit import preprocess
+
+    logging.basicConfig(level=logging.INFO, force=True)
+    started = time.perf_counter()
+    result = preprocess.preprocess_dataset(
+        Path(dataset.path), Path(preprocessed.path), preprocess.PreprocessSpec(image_size=image_size), workers=workers or None
+    )
+    info = preprocess.read_info(Path(preprocessed.path))
+    if info["dataset_fingerprint"] != dataset_fingerprint:
+        raise ValueError(
+            f"dataset fingerprint {info['dataset_fingerprint']} does not match the expected {dataset_fingerprint}"
+        )
+    images = sum(info["counts"].values())
+    metrics.log_metric("images", images)
+    metrics.log_metric("images_per_second", images / (time.perf_counter() - started))
+    preprocessed.metadata.update({"fingerprint": dataset_fingerprint, "image_size": image_size})
+    return dataset_fingerprint

@@ -1,0 +1,3 @@
+from defectkit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""The ``defectkit`` command.
+
+    defectkit sample  --out DIR [--count N --size PX --seed S]
+    defectkit train   --data URI --out DIR [--epochs --image-size --arch --device]
+    defectkit demo    [--work DIR]          (what `make run` does)
+    defectkit submit  --host URL [--param k=v ...]
+
+``train``, ``demo`` and ``submit`` run the committed compiled pipeline YAML,
+locally through kfp.local or on a cluster through the KFP API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("defectkit")
+
+
+@dataclass(frozen=True)
+class DemoDefaults:
+    """Embedded defaults of `make run`: a sample dataset small enough for 2 CPU cores."""
+
+    count: int = 400
+    sample_size: int = 256
+    image_size: int = 128
+    epochs: int = 8
+    batch_size: int = 32
+    seed: int = 0
+
+
+def _training_package() -> Path:
+    from pipelines.run import TRAINING_YAML
+
+    return TRAINING_YAML
+
+
+class PipelineFailed(RuntimeError):
+    pass
+
+
+def _run_training(arguments: dict, work: Path):
+    from pipelines.run import run_local
+
+    try:
+        return run_local(_training_package(), arguments, work)
+    except RuntimeError as exc:
+        raise PipelineFailed(f"{exc} The failing step's log is above; its artifacts are kept under {work}.") from exc
+
+
+def _collect(run, out: Path | None) -> dict:
+    """Copy the judged model next to a metrics.json made from the run's verdict."""
+    verdict = json.loads(run.path("verdict").read_text())
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / "model").exists():
+            shutil.rmtree(out / "model")
+        shutil.copytree(run.path("model"), out / "model")
+        (out / "metrics.json").write_text(json.dumps(verdict, indent=2))
+    return verdict
+
+
+def _summary(run, verdict: dict, *, started: float, model_dir: Path | None = None) -> str:
+    approved = "APPROVED" if verdict["approved"] else "NOT APPROVED"
+    lines = [
+        "",
+        "defectkit training run",
+        "=" * 60,
+        f"validation   {run.outputs['images']} images accepted, {run.outputs['quarantined']} quarantined",
+        f"image AUROC  {verdict['image_auroc']:.4f}",
+        f"threshold    {verdict['threshold']:.4f} ({verdict.get('threshold_policy', {}).get('kind', 'max_f1')})",
+        f"precision    {verdict['precision']:.4f}   recall {verdict['recall']:.4f}   F1 {verdict['f1']:.4f}",
+    ]
+    per_type = verdict.get("recall_by_defect_type") or {}
+    if per_type:
+        lines.append("recall/type  " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(per_type.items())))
+    lines.append(f"verdict      {approved}")
+    lines += [f"  - {reason}" for reason in verdict["reasons"]]
+    lines += [
+        f"model        {model_dir or run.path('model')}",
+        f"artifacts    {run.pipeline_root}",
+        f"pipeline     {_training_package()}  (upload this file in the Kubeflow UI)",
+        f"wall time    {time.perf_counter() - started:.0f} s",
+        "=" * 60,
+    ]
+    return "\n".join(lines)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from defectkit.sample import generate_sample
+
+    generate_sample(Path(args.out), count=args.count, size=args.size, seed=args.seed)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    out = Path(args.out).resolve()
+    arguments = {
+        "source_uri": args.data if "://" in args.data else str(Path(args.data).resolve()),
+        "epochs": args.epochs,
+        "image_size": args.image_size,
+        "architecture": args.arch,
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "champion_uri": args.champion or "",
+    }
+    run = _run_training(arguments, out / "work")
+    verdict = _collect(run, out)
+    print(_summary(run, verdict, started=started, model_dir=out / "model"))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    defaults = DemoDefaults()
+    work = Path(args.work).resolve()
+    data = work / "data"
+    if not (data / "train").is_dir():
+        from defectkit.sample import generate_sample
+
+        generate_sample(data, count=defaults.count, size=defaults.sample_size, seed=defaults.seed)
+    champion = work / "champion"
+    arguments = {
+        "source_uri": str(data),
+        "image_size": defaults.image_size,
+        "epochs": defaults.epochs,
+        "batch_size": defaults.batch_size,
+        "seed": defaults.seed,
+        "champion_uri": str(champion) if (champion / "model.json").is_file() else "",
+    }
+    run = _run_training(arguments, work / "runs" / time.strftime("%Y%m%d-%H%M%S"))
+    verdict = _collect(run, None)
+    if verdict["approved"]:
+        # The approved model becomes the champion the next run is judged against.
+        staged = work / "champion.new"
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(run.path("model"), staged)
+        shutil.rmtree(champion, ignore_errors=True)
+        staged.rename(champion)
+    print(_summary(run, verdict, started=started, model_dir=champion if verdict["approved"] else None))
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines.run import parse_arguments, submit
+
+    package = Path(args.package) if args.package else _training_package()
+    arguments = parse_arguments(package, args.param)
+    run_id = submit(args.host, package, arguments, experiment=args.experiment, run_name=args.run_name, namespace=args.namespace)
+    print(run_id)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="defectkit", description="Defect detection pipelines for Kubeflow and KServe.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sample = commands.add_parser("sample", help="write a deterministic sample dataset of textured surfaces with defects")
+    sample.add_argument("--out", required=True, help="directory to write")
+    sample.add_argument("--count", type=int, default=DemoDefaults.count, help="total images (default %(default)s)")
+    sample.add_argument("--size", type=int, default=DemoDefaults.sample_size, help="image side in pixels (default %(default)s)")
+    sample.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
+    sample.set_defaults(func=cmd_sample)
+
+    train = commands.add_parser("train", help="run the training pipeline locally on a dataset")
+    train.add_argument("--data", required=True, help="dataset root: path, file:// or gs:// URI")
+    train.add_argument("--out", required=True, help="writes OUT/metrics.json and OUT/model/")
+    train.add_argument("--epochs", type=int, default=DemoDefaults.epochs)
+    train.add_argument("--image-size", type=int, default=224)
+    train.add_argument("--arch", default="resnet18", help="torchvision model name")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train.add_argument("--batch-size", type=int, default=DemoDefaults.batch_size)
+    train.add_argument("--champion", help="champion model directory to judge against")
+    train.set_defaults(func=cmd_train)
+
+    demo = commands.add_parser("demo", help="sample data, train, judge: the main job on embedded defaults")
+    demo.add_argument("--work", default="runs", help="work directory (default %(default)s)")
+    demo.set_defaults(func=cmd_demo)
+
+    submit = commands.add_parser("submit", help="create a run of the compiled pipeline on a Kubeflow Pipelines cluster")
+    submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
+    submit.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="pipeline argument (repeatable)")
+    submit.add_argument("--package", help="compiled pipeline YAML (default: the training pipeline)")
+    submit.add_argument("--experiment", default="defectkit")
+    submit.add_argument("--run-name")
+    submit.add_argument("--namespace")
+    submit.set_defaults(func=cmd_submit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, PipelineFailed) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,425 @@
+"""Judging a trained model: metrics, decision threshold, gates and the blessing.
+
+GPU-safe (torch, numpy and defectkit's GPU-safe modules only). The metric
+functions are plain numpy. ``evaluate`` scores the candidate, and the champion
+when one is given, on the same frozen test split in the same run; the
+threshold is chosen on the validation split, never on test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from defectkit import models, preprocess
+from defectkit.data import GOOD
+
+log = logging.getLogger(__name__)
+
+THRESHOLD_POLICIES = ("max_f1", "target_fpr")
+MAX_ROC_POINTS = 200
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+MODEL_SUBDIR = "model"
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _binary_inputs(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, dtype=np.float64)
+    if labels.ndim != 1 or scores.shape != labels.shape:
+        raise ValueError(f"labels and scores must be 1-D arrays of the same length, "
+                         f"got shapes {labels.shape} and {scores.shape}")
+    unexpected = set(np.unique(labels).tolist()) - {0, 1}
+    if unexpected:
+        raise ValueError(f"labels must be 0 (good) or 1 (defect), found {sorted(unexpected)}")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores contain NaN or infinity; the model output is broken")
+    return labels.astype(np.int64), scores
+
+
+def _require_both_classes(labels: np.ndarray, what: str) -> None:
+    positives = int(labels.sum())
+    if positives == 0 or positives == labels.size:
+        only = "defect" if positives else "good"
+        raise ValueError(f"{what} is undefined with only one class present ({labels.size} images, all {only}); "
+                         f"the split needs both good and defect images")
+
+
+def roc_auc(labels, scores) -> float:
+    """Area under the ROC curve, as the Mann-Whitney U statistic with tied scores given average ranks."""
+    labels, scores = _binary_inputs(labels, scores)
+    _require_both_classes(labels, "ROC AUC")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    # Average rank per run of equal scores: ranks are 1-based positions in sorted order.
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], sorted_scores.size]
+    run_rank = (starts + ends + 1) / 2.0
+    ranks = np.empty(scores.size, dtype=np.float64)
+    ranks[order] = np.repeat(run_rank, ends - starts)
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    u = ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def _counts_at_thresholds(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """True and false positives when predicting defect for score >= each distinct score, highest first."""
+    order = np.argsort(scores, kind="mergesort")[::-1]
+    sorted_scores = scores[order]
+    sorted_labels = labels[order]
+    last_of_run = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1]
+    tps = np.cumsum(sorted_labels)[last_of_run]
+    fps = 1 + last_of_run - tps
+    return tps, fps, sorted_scores[last_of_run]
+
+
+def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) as sklearn.metrics.roc_curve with drop_intermediate=True.
+
+    The first threshold is +inf (nothing predicted defect), so the curve starts at (0, 0).
+    """
+    labels, scores = _binary_inputs(labels, scores)
+    _require_both_classes(labels, "the ROC curve")
+    tps, fps, thresholds = _counts_at_thresholds(labels, scores)
+    if fps.size > 2:
+        # Points collinear with their neighbours never change the curve; drop them.
+        corners = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
+        tps, fps, thresholds = tps[corners], fps[corners], thresholds[corners]
+    tps = np.r_[0, tps]
+    fps = np.r_[0, fps]
+    thresholds = np.r_[np.inf, thresholds]
+    return fps / fps[-1], tps / tps[-1], thresholds
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    return numerator / denominator if denominator else 0.0
+
+
+def binary_metrics(labels, scores, threshold: float) -> dict:
+    """Precision, recall, F1, accuracy, FPR and the confusion counts when defect means score >= threshold."""
+    labels, scores = _binary_inputs(labels, scores)
+    predicted = scores >= threshold
+    actual = labels == 1
+    tp = int(np.sum(predicted & actual))
+    fp = int(np.sum(predicted & ~actual))
+    tn = int(np.sum(~predicted & ~actual))
+    fn = int(np.sum(~predicted & actual))
+    precision = _ratio(tp, tp + fp)
+    recall = _ratio(tp, tp + fn)
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "accuracy": _ratio(tp + tn, labels.size),
+        "fpr": _ratio(fp, fp + tn),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
+
+
+def recall_by_class(class_names, labels, scores, threshold: float) -> dict[str, float]:
+    """Recall of each defect type: the share of its images scored >= threshold."""
+    labels, scores = _binary_inputs(labels, scores)
+    class_names = np.asarray(class_names, dtype=object)
+    if class_names.shape != labels.shape:
+        raise ValueError(f"class_names has {class_names.size} entries but there are {labels.size} labels")
+    result = {}
+    for name in sorted(set(class_names[labels == 1].tolist())):
+        members = class_names == name
+        result[name] = float(np.mean(scores[members] >= threshold))
+    return result
+
+
+# --------------------------------------------------------------------------- threshold
+
+
+@dataclass(frozen=True)
+class ThresholdPolicy:
+    """How the decision threshold is chosen on validation scores.
+
+    ``max_f1`` maximises F1; ``target_fpr`` catches as many defects as possible
+    while flagging at most ``target_fpr`` of the good parts.
+    """
+
+    kind: str = "max_f1"
+    target_fpr: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.kind not in THRESHOLD_POLICIES:
+            raise ValueError(f"threshold policy kind {self.kind!r} is unknown; use one of {THRESHOLD_POLICIES}")
+        if not 0.0 <= self.target_fpr < 1.0:
+            raise ValueError(f"target_fpr={self.target_fpr!r} must be in [0, 1)")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> ThresholdPolicy:
+        return cls(**record)
+
+
+def choose_threshold(labels, scores, policy: ThresholdPolicy) -> float:
+    """The threshold the policy picks on these (validation) scores; defect means score >= threshold.
+
+    The threshold sits halfway between the lowest score called defect and the
+    next lower score, so it keeps the chosen split of these scores while
+    leaving a margin on both sides for unseen ones.
+    """
+    labels, scores = _binary_inputs(labels, scores)
+    _require_both_classes(labels, f"threshold policy {policy.kind!r}")
+    tps, fps, cut_scores = _counts_at_thresholds(labels, scores)
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    if policy.kind == "max_f1":
+        f1 = 2 * tps / (tps + fps + n_pos)
+        best = int(np.argmax(f1))  # the first maximum: the highest threshold among equals
+    else:
+        allowed = np.flatnonzero(fps / n_neg <= policy.target_fpr)
+        if allowed.size == 0:
+            # Even the top score is a good part: only a threshold above every score meets the target.
+            return float(np.nextafter(cut_scores[0], np.inf))
+        best = int(allowed[-1])
+    if best + 1 < cut_scores.size:
+        return float((cut_scores[best] + cut_scores[best + 1]) / 2.0)
+    return float(cut_scores[best])
+
+
+# --------------------------------------------------------------------------- gates
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Absolute gates always apply; the drop gates compare against the champion on the same test set."""
+
+    min_auroc: float = 0.9
+    min_recall: float = 0.0
+    max_fpr: float = 1.0
+    max_auroc_drop: float = 0.0
+    max_f1_drop: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("min_auroc", "min_recall", "max_fpr", "max_auroc_drop", "max_f1_drop"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"gate {name}={value!r} must be a number in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Blessing:
+    approved: bool
+    reasons: tuple[str, ...]
+
+
+# Metrics are floats computed from counts; compare with a little slack so that
+# a candidate identical to its champion is never rejected by rounding.
+_EPS = 1e-9
+
+
+def bless(metrics: dict, gates: Gates, champion_metrics: dict | None = None) -> Blessing:
+    """Approve or reject test ``metrics`` against the gates, with one readable reason per gate."""
+    reasons: list[str] = []
+    approved = True
+
+    def check(ok: bool, text: str) -> None:
+        nonlocal approved
+        approved = approved and ok
+        reasons.append(text)
+
+    auroc, recall, fpr = metrics["image_auroc"], metrics["recall"], metrics["fpr"]
+    ok = auroc >= gates.min_auroc - _EPS
+    check(ok, f"image AUROC {auroc:.3f} {'>=' if ok else '<'} {gates.min_auroc:.3f}")
+    ok = recall >= gates.min_recall - _EPS
+    check(ok, f"recall {recall:.3f} {'>=' if ok else '<'} {gates.min_recall:.3f}")
+    ok = fpr <= gates.max_fpr + _EPS
+    check(ok, f"FPR {fpr:.3f} {'<=' if ok else '>'} {gates.max_fpr:.3f}")
+    if champion_metrics is None:
+        reasons.append("first model: no champion, absolute gates only")
+    else:
+        for label, key, allowed in (("image AUROC", "image_auroc", gates.max_auroc_drop),
+                                    ("F1", "f1", gates.max_f1_drop)):
+            mine, theirs = metrics[key], champion_metrics[key]
+            drop = theirs - mine
+            if abs(drop) < 0.0005:  # equal at the precision shown
+                comparison = "matches"
+            else:
+                comparison = f"is {abs(drop):.3f} {'below' if drop > 0 else 'above'}"
+            check(drop <= allowed + _EPS,
+                  f"{label} {mine:.3f} {comparison} champion {theirs:.3f} (allowed drop {allowed:.3f})")
+    return Blessing(approved, tuple(reasons))
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict
+    champion_metrics: dict | None
+    blessing: Blessing
+    confusion_matrix: list  # [[tn, fp], [fn, tp]]: rows actual good/defect, columns predicted good/defect
+    roc_curve: dict = field(compare=False)  # {"fpr": [...], "tpr": [...], "thresholds": [...]}, <= 200 points
+    test_scores: np.ndarray = field(compare=False, repr=False)
+    model_dir: Path  # the judged model: out_dir/model
+
+
+def _scores_for(model: models.DefectModel, split: preprocess.Split, shard_spec: preprocess.PreprocessSpec,
+                dataset_dir: Path | None, model_dir: Path) -> np.ndarray:
+    """Scores of a split, re-decoding the raw images when the model expects another preprocessing."""
+    spec = model.metadata.preprocess
+    if spec == shard_spec:
+        return model.scores(split.images)
+    if dataset_dir is None:
+        raise ValueError(f"model {model_dir} expects preprocessing {spec.to_json()} but the shards were made with "
+                         f"{shard_spec.to_json()}; pass dataset_dir (the dataset artifact) so its raw images can "
+                         f"be decoded at the model's own spec")
+    log.info("re-decoding %d raw images from %s at %d px for %s", len(split.paths), dataset_dir,
+             spec.image_size, model_dir)
+    images = np.stack([preprocess.to_model_input((Path(dataset_dir) / path).read_bytes(), spec, name=path)
+                       for path in split.paths]) if split.paths else np.zeros((0, spec.image_size,
+                                                                                spec.image_size, 3), np.uint8)
+    return model.scores(images)
+
+
+def _judge(model: models.DefectModel, model_dir: Path, val: preprocess.Split, test: preprocess.Split,
+           shard_spec: preprocess.PreprocessSpec, dataset_dir: Path | None,
+           policy: ThresholdPolicy) -> tuple[dict, np.ndarray]:
+    """Threshold from validation, metrics on test."""
+    val_scores = _scores_for(model, val, shard_spec, dataset_dir, model_dir)
+    test_scores = _scores_for(model, test, shard_spec, dataset_dir, model_dir)
+    threshold = choose_threshold(val.labels, val_scores, policy)
+    metrics = {
+        "image_auroc": roc_auc(test.labels, test_scores),
+        **binary_metrics(test.labels, test_scores, threshold),
+        "threshold": threshold,
+        "threshold_policy": policy.to_json(),
+        "val_auroc": roc_auc(val.labels, val_scores),
+        "recall_by_defect_type": recall_by_class(test.class_names, test.labels, test_scores, threshold),
+        "n_test": int(test.labels.size),
+        "n_val": int(val.labels.size),
+        "architecture": model.metadata.architecture,
+        "image_size": model.metadata.preprocess.image_size,
+        "weights_sha256": model.metadata.weights_sha256,
+    }
+    return metrics, test_scores
+
+
+_DELTA_KEYS = ("image_auroc", "precision", "recall", "f1", "accuracy", "fpr")
+
+
+def _downsampled_roc(labels: np.ndarray, scores: np.ndarray) -> dict:
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    if fpr.size > MAX_ROC_POINTS:
+        keep = np.unique(np.linspace(0, fpr.size - 1, MAX_ROC_POINTS).round().astype(int))
+        fpr, tpr, thresholds = fpr[keep], tpr[keep], thresholds[keep]
+    # JSON (and KFP metrics) cannot hold infinity: just above the top score means the same, nothing flagged.
+    thresholds = thresholds.copy()
+    thresholds[0] = np.nextafter(float(scores.max()), np.inf)
+    return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thresholds.tolist()}
+
+
+def evaluate(model_dir: Path, preprocessed_dir: Path, out_dir: Path, *, policy: ThresholdPolicy = ThresholdPolicy(),
+             gates: Gates = Gates(), champion_dir: Path | None = None, dataset_dir: Path | None = None,
+             device: str = "auto") -> Evaluation:
+    """Score the candidate (and champion) on the preprocessed test split and decide whether to bless it.
+
+    Writes ``out_dir/model/`` (the candidate with its threshold and test
+    metrics), ``out_dir/metrics.json`` and ``out_dir/report.md``.
+    """
+    model_dir, preprocessed_dir, out_dir = Path(model_dir), Path(preprocessed_dir), Path(out_dir)
+    torch_device = models.resolve_device(device)
+    shard_spec = preprocess.read_spec(preprocessed_dir)
+    val = preprocess.load_split(preprocessed_dir, "val")
+    test = preprocess.load_split(preprocessed_dir, "test")
+    _require_both_classes(np.asarray(test.labels), f"evaluation on the test split of {preprocessed_dir}")
+
+    candidate = models.load_model(model_dir, torch_device)
+    metrics, test_scores = _judge(candidate, model_dir, val, test, shard_spec, dataset_dir, policy)
+    champion_metrics = None
+    if champion_dir is not None:
+        champion = models.load_model(Path(champion_dir), torch_device)
+        champion_metrics, _ = _judge(champion, Path(champion_dir), val, test, shard_spec, dataset_dir, policy)
+        metrics["deltas"] = {k: metrics[k] - champion_metrics[k] for k in _DELTA_KEYS}
+    blessing = bless(metrics, gates, champion_metrics)
+    confusion = [[metrics["tn"], metrics["fp"]], [metrics["fn"], metrics["tp"]]]
+    log.info("candidate %s: test AUROC %.4f F1 %.4f at threshold %.4f -> %s", model_dir, metrics["image_auroc"],
+             metrics["f1"], metrics["threshold"], "approved" if blessing.approved else "rejected")
+    for reason in blessing.reasons:
+        log.info("  %s", reason)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    judged_model_dir = _write_judged_model(model_dir, candidate.metadata, metrics, policy, out_dir / MODEL_SUBDIR)
+    record = {**metrics, "approved": blessing.approved, "reasons": list(blessing.reasons),
+              "champion": champion_metrics, "confusion_matrix": confusion, "gates": asdict(gates)}
+    (out_dir / METRICS_FILE).write_text(json.dumps(record, indent=1))
+    (out_dir / REPORT_FILE).write_text(render_report(metrics, champion_metrics, blessing, confusion))
+    return Evaluation(metrics, champion_metrics, blessing, confusion, _downsampled_roc(test.labels, test_scores),
+                      test_scores, judged_model_dir)
+
+
+_TEST_METRIC_KEYS = ("image_auroc", "precision", "recall", "f1", "accuracy", "fpr", "tp", "fp", "tn", "fn",
+                     "recall_by_defect_type", "n_test")
+
+
+def _write_judged_model(model_dir: Path, metadata: models.ModelMetadata, metrics: dict, policy: ThresholdPolicy,
+                        target: Path) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    # Copied byte for byte, so weights_sha256 (and the lineage it proves) stays valid.
+    shutil.copyfile(model_dir / models.WEIGHTS_FILE, target / models.WEIGHTS_FILE)
+    judged = replace(metadata, threshold=metrics["threshold"], threshold_policy=policy.to_json(),
+                     metrics={**metadata.metrics, "test": {k: metrics[k] for k in _TEST_METRIC_KEYS}})
+    (target / models.METADATA_FILE).write_text(json.dumps(judged.to_json(), indent=1))
+    return target
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def render_report(metrics: dict, champion_metrics: dict | None, blessing: Blessing, confusion: list) -> str:
+    """The evaluation as Markdown: verdict, metrics vs champion, per-defect recall, confusion matrix."""
+    verdict = "APPROVED" if blessing.approved else "REJECTED"
+    lines = [f"# Model evaluation: {verdict}", "",
+             f"Architecture `{metrics['architecture']}` at {metrics['image_size']} px, "
+             f"weights sha256 `{metrics['weights_sha256'][:12]}`; {metrics['n_test']} test images, "
+             f"threshold {metrics['threshold']:.4f} chosen on {metrics['n_val']} validation images "
+             f"by policy `{metrics['threshold_policy']['kind']}`.", "",
+             "## Verdict", ""]
+    lines += [f"- {reason}" for reason in blessing.reasons]
+    lines += ["", "## Test metrics", ""]
+    if champion_metrics is None:
+        lines += ["| metric | candidate |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(metrics[k])} |" for k in _DELTA_KEYS]
+        lines += [f"| threshold | {_fmt(metrics['threshold'])} |"]
+    else:
+        lines += ["| metric | candidate | champion | delta |", "|---|---|---|---|"]
+        lines += [f"| {k} | {_fmt(metrics[k])} | {_fmt(champion_metrics[k])} | {metrics['deltas'][k]:+.4f} |"
+                  for k in _DELTA_KEYS]
+        lines += [f"| threshold | {_fmt(metrics['threshold'])} | {_fmt(champion_metrics['threshold'])} | |"]
+    lines += ["", "## Recall per defect type", ""]
+    if champion_metrics is None:
+        lines += ["| defect type | recall |", "|---|---|"]
+        lines += [f"| {name} | {_fmt(r)} |" for name, r in metrics["recall_by_defect_type"].items()]
+    else:
+        lines += ["| defect type | candidate | champion |", "|---|---|---|"]
+        lines += [f"| {name} | {_fmt(r)} | {_fmt(champion_metrics['recall_by_defect_type'].get(name))} |"
+                  for name, r in metrics["recall_by_defect_type"].items()]
+    (tn, fp), (fn, tp) = confusion
+    lines += ["", "## Confusion matrix (test)", "",
+              "| actual \\ predicted | good | defect |", "|---|---|---|",
+              f"| {GOOD} | {tn} | {fp} |", f"| defect | {fn} | {tp} |", ""]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Pipeline definitions; the compiled YAML of each sits beside its source."""

@@ -1,0 +1,147 @@
+"""Every image a component runs on exists in images/ and carries what the component imports.
+
+There is no Docker engine here, so the Dockerfiles are checked statically and the
+imports are resolved against the installed package metadata of each extra.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.metadata as md
+import inspect
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+import defectkit
+from components import images
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPONENT_MODULES = sorted(p.stem for p in (ROOT / "components").glob("*.py") if p.stem not in ("__init__", "images"))
+LOCAL_PACKAGES = {"defectkit", "components", "pipelines"}
+
+
+def _components():
+    for name in COMPONENT_MODULES:
+        module = importlib.import_module(f"components.{name}")
+        yield name, getattr(module, name)
+
+
+def _image_name(component) -> str:
+    image = component.component_spec.implementation.container.image
+    registry, _, rest = image.rpartition("/")
+    assert registry == images.REGISTRY, image
+    name, _, tag = rest.partition(":")
+    assert tag == defectkit.__version__, f"{image}: tag must be the package version {defectkit.__version__}"
+    return name
+
+
+def _extra_of(dockerfile: str) -> str:
+    found = re.findall(r'pip install --constraint constraints\.txt "\.\[(\w+)\]"', dockerfile)
+    assert len(found) == 1, "each image installs exactly one extra, with the constraints"
+    return found[0]
+
+
+def test_versions_agree():
+    assert images.VERSION == defectkit.__version__
+
+
+@pytest.mark.parametrize("name", sorted(p.parent.name for p in (ROOT / "images").glob("*/Dockerfile")))
+def test_dockerfiles_are_pinned_and_non_root(name):
+    text = (ROOT / "images" / name / "Dockerfile").read_text()
+    bases = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert bases, "no FROM"
+    for base in bases:
+        assert ":" in base and not base.endswith(":latest"), f"{name}: base image {base} is not pinned"
+        assert re.search(r":\d+\.\d+\.\d+", base), f"{name}: base image {base} needs an exact version tag"
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0"), f"{name}: must end as a non-root user"
+    _extra_of(text)
+
+
+def _third_party_imports(module_name: str, seen: set[str]) -> set[str]:
+    """Top-level third-party modules imported anywhere (lazily too) by a local module and its local imports."""
+    if module_name in seen:
+        return set()
+    seen.add(module_name)
+    module = importlib.import_module(module_name)
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            top = name.split(".")[0]
+            if top in LOCAL_PACKAGES:
+                try:
+                    importlib.import_module(name)
+                except ImportError:
+                    continue
+                if inspect.ismodule(sys.modules.get(name)):
+                    found |= _third_party_imports(name, seen)
+            elif top not in sys.stdlib_module_names and top != "__future__":
+                found.add(top)
+    return found
+
+
+def _component_imports(component) -> set[str]:
+    found: set[str] = set()
+    seen: set[str] = set()
+    tree = ast.parse(inspect.getsource(component.python_func))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "defectkit":
+            for alias in node.names:
+                found |= _third_party_imports(f"defectkit.{alias.name}", seen)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] not in LOCAL_PACKAGES:
+            if node.module.split(".")[0] not in sys.stdlib_module_names:
+                found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names if a.name.split(".")[0] not in sys.stdlib_module_names}
+    return found
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _closure(extra: str) -> set[str]:
+    """Distributions installed by `pip install defectkit[extra]`, transitively."""
+    todo = []
+    for line in md.requires("defectkit") or []:
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"extra": extra}):
+            todo.append(req)
+    dists: set[str] = set()
+    while todo:
+        req = todo.pop()
+        name = _norm(req.name)
+        if name in dists or name == "defectkit":
+            continue
+        dists.add(name)
+        for line in md.requires(req.name) or []:
+            sub = Requirement(line)
+            if sub.marker is None or sub.marker.evaluate({"extra": ""}):
+                todo.append(sub)
+    return dists
+
+
+@pytest.mark.parametrize("name, component", list(_components()))
+def test_component_image_exists_and_its_extra_covers_its_imports(name, component):
+    image = _image_name(component)
+    dockerfile = ROOT / "images" / image / "Dockerfile"
+    assert dockerfile.is_file(), f"{name} runs on {image}, which has no images/{image}/Dockerfile"
+    installed = _closure(_extra_of(dockerfile.read_text()))
+    providers = md.packages_distributions()
+    missing = {}
+    for module in _component_imports(component):
+        dists = {_norm(d) for d in providers.get(module, [])}
+        assert dists, f"{name} imports {module}, which no installed distribution provides"
+        if not dists & installed:
+            missing[module] = sorted(dists)
+    assert not missing, f"{name} on image {image} imports modules its extra does not install: {missing}"

@@ -1,0 +1,265 @@
+"""Metrics against sklearn, threshold policies, gates, and evaluate() on a real tiny preprocessed sample."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from defectkit import models
+from defectkit.evaluation import (
+    MAX_ROC_POINTS,
+    Blessing,
+    Gates,
+    ThresholdPolicy,
+    binary_metrics,
+    bless,
+    choose_threshold,
+    evaluate,
+    recall_by_class,
+    roc_auc,
+    roc_curve,
+)
+from defectkit.preprocess import PreprocessSpec, load_split, preprocess_dataset
+from defectkit.train import TrainConfig, train
+
+
+def _random_case(seed: int, n: int = 300, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.4).astype(np.uint8)
+    scores = rng.normal(labels * 1.2, 1.0).astype(np.float32)
+    if ties:
+        scores = np.round(scores, 1)  # many exactly equal scores across both classes
+    return labels, scores
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("ties", [False, True])
+def test_roc_auc_and_curve_equal_sklearn(seed, ties):
+    labels, scores = _random_case(seed, ties=ties)
+    assert roc_auc(labels, scores) == pytest.approx(skm.roc_auc_score(labels, scores), abs=1e-12)
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    sk_fpr, sk_tpr, sk_thresholds = skm.roc_curve(labels, scores)
+    np.testing.assert_array_equal(fpr, sk_fpr)
+    np.testing.assert_array_equal(tpr, sk_tpr)
+    np.testing.assert_array_equal(thresholds, sk_thresholds)
+
+
+def test_roc_auc_extremes_and_single_class():
+    labels = np.array([0, 0, 1, 1])
+    assert roc_auc(labels, [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert roc_auc(labels, [0.9, 0.8, 0.2, 0.1]) == 0.0
+    assert roc_auc(labels, [0.5, 0.5, 0.5, 0.5]) == 0.5
+    with pytest.raises(ValueError, match="only one class"):
+        roc_auc([1, 1, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="only one class"):
+        roc_curve([0, 0], [0.1, 0.2])
+    with pytest.raises(ValueError, match="labels must be 0"):
+        roc_auc([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="NaN"):
+        roc_auc([0, 1], [0.1, float("nan")])
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.6, 1.5, 99.0])
+def test_binary_metrics_equal_sklearn(threshold):
+    labels, scores = _random_case(1)
+    got = binary_metrics(labels, scores, threshold)
+    predicted = (scores >= threshold).astype(int)
+    tn, fp, fn, tp = skm.confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
+    assert (got["tp"], got["fp"], got["tn"], got["fn"]) == (tp, fp, tn, fn)
+    assert got["precision"] == pytest.approx(skm.precision_score(labels, predicted, zero_division=0))
+    assert got["recall"] == pytest.approx(skm.recall_score(labels, predicted, zero_division=0))
+    assert got["f1"] == pytest.approx(skm.f1_score(labels, predicted, zero_division=0))
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(labels, predicted))
+    assert got["fpr"] == pytest.approx(fp / (fp + tn))
+
+
+def test_binary_metrics_zero_division_safe():
+    got = binary_metrics([0, 0, 0], [0.1, 0.2, 0.3], 0.5)
+    assert got == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "accuracy": 1.0, "fpr": 0.0,
+                   "tp": 0, "fp": 0, "tn": 3, "fn": 0}
+
+
+def test_recall_by_class_counts_only_defect_types():
+    names = ["good", "good", "scratch", "scratch", "hole", "hole", "hole", "stain"]
+    labels = [0, 0, 1, 1, 1, 1, 1, 1]
+    scores = [0.9, 0.1, 0.8, 0.2, 0.7, 0.6, 0.1, 0.5]
+    assert recall_by_class(names, labels, scores, 0.5) == {"hole": 2 / 3, "scratch": 0.5, "stain": 1.0}
+
+
+def _candidate_thresholds(scores: np.ndarray) -> np.ndarray:
+    unique = np.unique(scores)
+    return np.r_[unique, unique[-1] + 1.0]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_max_f1_threshold_maximises_f1(seed):
+    labels, scores = _random_case(seed, n=120, ties=seed % 2 == 0)
+    threshold = choose_threshold(labels, scores, ThresholdPolicy("max_f1"))
+    best = max(binary_metrics(labels, scores, t)["f1"] for t in _candidate_thresholds(scores))
+    assert binary_metrics(labels, scores, threshold)["f1"] == pytest.approx(best)
+
+
+@pytest.mark.parametrize("target", [0.0, 0.05, 0.2])
+@pytest.mark.parametrize("seed", range(4))
+def test_target_fpr_threshold_keeps_fpr_and_maximises_recall(seed, target):
+    labels, scores = _random_case(seed, n=200, ties=seed % 2 == 1)
+    threshold = choose_threshold(labels, scores, ThresholdPolicy("target_fpr", target_fpr=target))
+    chosen = binary_metrics(labels, scores, threshold)
+    assert chosen["fpr"] <= target
+    feasible = [binary_metrics(labels, scores, t) for t in _candidate_thresholds(scores)]
+    assert chosen["recall"] == max(m["recall"] for m in feasible if m["fpr"] <= target)
+
+
+def test_target_fpr_when_the_top_score_is_good():
+    threshold = choose_threshold([0, 1, 0, 1], [0.9, 0.8, 0.1, 0.2], ThresholdPolicy("target_fpr", target_fpr=0.0))
+    assert threshold > 0.9
+    assert binary_metrics([0, 1, 0, 1], [0.9, 0.8, 0.1, 0.2], threshold)["fpr"] == 0.0
+
+
+def test_threshold_lies_between_scores_on_separable_data():
+    threshold = choose_threshold([0, 0, 1, 1], [0.1, 0.3, 0.7, 0.9], ThresholdPolicy())
+    assert threshold == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"kind": "youden"}, "youden"),
+    ({"kind": "target_fpr", "target_fpr": 1.5}, "1.5"),
+    ({"target_fpr": -0.1}, "-0.1"),
+])
+def test_threshold_policy_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ThresholdPolicy(**kwargs)
+
+
+def test_gates_validation():
+    with pytest.raises(ValueError, match="min_auroc=1.2"):
+        Gates(min_auroc=1.2)
+    with pytest.raises(ValueError, match="max_f1_drop=-0.1"):
+        Gates(max_f1_drop=-0.1)
+
+
+_GOOD_RUN = {"image_auroc": 0.981, "recall": 0.95, "fpr": 0.03, "f1": 0.96}
+
+
+def test_first_model_uses_absolute_gates_only():
+    blessing = bless(_GOOD_RUN, Gates())
+    assert blessing == Blessing(True, ("image AUROC 0.981 >= 0.900", "recall 0.950 >= 0.000", "FPR 0.030 <= 1.000",
+                                       "first model: no champion, absolute gates only"))
+    rejected = bless({**_GOOD_RUN, "image_auroc": 0.85}, Gates())
+    assert not rejected.approved
+    assert "image AUROC 0.850 < 0.900" in rejected.reasons
+    assert not bless(_GOOD_RUN, Gates(min_recall=0.97)).approved
+    assert not bless(_GOOD_RUN, Gates(max_fpr=0.01)).approved
+
+
+def test_worse_candidate_than_champion_is_rejected_with_reason():
+    candidate = {**_GOOD_RUN, "f1": 0.91}
+    blessing = bless(candidate, Gates(), champion_metrics=_GOOD_RUN)
+    assert not blessing.approved
+    assert "F1 0.910 is 0.050 below champion 0.960 (allowed drop 0.020)" in blessing.reasons
+    assert "image AUROC 0.981 matches champion 0.981 (allowed drop 0.000)" in blessing.reasons
+    assert not any("first model" in reason for reason in blessing.reasons)
+    auroc_drop = bless({**_GOOD_RUN, "image_auroc": 0.975}, Gates(), champion_metrics=_GOOD_RUN)
+    assert not auroc_drop.approved
+    assert "image AUROC 0.975 is 0.006 below champion 0.981 (allowed drop 0.000)" in auroc_drop.reasons
+
+
+def test_better_or_equal_candidate_is_approved():
+    better = bless({**_GOOD_RUN, "image_auroc": 0.99, "f1": 0.97}, Gates(), champion_metrics=_GOOD_RUN)
+    assert better.approved
+    assert "F1 0.970 is 0.010 above champion 0.960 (allowed drop 0.020)" in better.reasons
+    assert bless(_GOOD_RUN, Gates(), champion_metrics=_GOOD_RUN).approved  # identical models never fail on rounding
+    within_allowance = bless({**_GOOD_RUN, "f1": 0.95}, Gates(), champion_metrics=_GOOD_RUN)
+    assert within_allowance.approved
+    assert "F1 0.950 is 0.010 below champion 0.960 (allowed drop 0.020)" in within_allowance.reasons
+
+
+# ---------------------------------------------------------------- end to end on real files
+
+
+@pytest.fixture(scope="module")
+def candidate_dir(preprocessed_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("candidate")
+    train(preprocessed_dir, out, TrainConfig(epochs=2, batch_size=16, device="cpu"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def champion_48px(dataset_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """A champion trained at another image size: (model dir, its own preprocessed dir)."""
+    preprocessed = tmp_path_factory.mktemp("preprocessed48")
+    preprocess_dataset(dataset_dir, preprocessed, PreprocessSpec(image_size=48), workers=1)
+    out = tmp_path_factory.mktemp("champion")
+    train(preprocessed, out, TrainConfig(epochs=1, batch_size=16, seed=1, device="cpu"))
+    return out, preprocessed
+
+
+def test_evaluate_writes_judged_model_metrics_and_report(candidate_dir, preprocessed_dir, tmp_path):
+    result = evaluate(candidate_dir, preprocessed_dir, tmp_path / "eval", device="cpu",
+                      policy=ThresholdPolicy("target_fpr", target_fpr=0.25), gates=Gates(min_auroc=0.0))
+    test = load_split(preprocessed_dir, "test")
+    m = result.metrics
+    assert result.blessing.approved and result.champion_metrics is None
+    assert "first model: no champion, absolute gates only" in result.blessing.reasons
+    assert m["image_auroc"] == pytest.approx(skm.roc_auc_score(test.labels, result.test_scores))
+    assert m["n_test"] == len(test.labels) == sum(map(sum, result.confusion_matrix))
+    (tn, fp), (fn, tp) = result.confusion_matrix
+    assert tp + fn == int(test.labels.sum()) and (tp, fp, tn, fn) == (m["tp"], m["fp"], m["tn"], m["fn"])
+    assert set(m["recall_by_defect_type"]) == {"crack", "hole", "scratch", "stain"}
+    assert len(result.roc_curve["fpr"]) <= MAX_ROC_POINTS
+    assert all(np.isfinite(result.roc_curve["thresholds"]))
+
+    judged = models.load_model(tmp_path / "eval" / "model")  # sha verified: the weights were copied unchanged
+    original = models.read_metadata(candidate_dir)
+    assert judged.metadata.weights_sha256 == original.weights_sha256
+    assert judged.metadata.threshold == m["threshold"]
+    assert judged.metadata.threshold_policy == {"kind": "target_fpr", "target_fpr": 0.25}
+    assert judged.metadata.metrics["test"]["f1"] == m["f1"]
+    assert judged.metadata.metrics["best_epoch"] == original.metrics["best_epoch"]
+    scores, labels = judged.predict(test.images)
+    np.testing.assert_allclose(scores, result.test_scores, rtol=1e-6)
+    assert int(labels.sum()) == tp + fp
+
+    record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for key in ("image_auroc", "precision", "recall", "f1", "threshold", "approved", "reasons"):
+        assert key in record
+    assert record["approved"] is True and record["champion"] is None
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert report.startswith("# Model evaluation: APPROVED")
+    assert "| image_auroc |" in report and "| scratch |" in report and "Confusion matrix" in report
+
+
+def test_champion_at_another_image_size_is_scored_from_raw_files(candidate_dir, champion_48px, preprocessed_dir,
+                                                                  dataset_dir, tmp_path):
+    champion_dir, champion_preprocessed = champion_48px
+    with pytest.raises(ValueError, match="dataset_dir"):
+        evaluate(candidate_dir, preprocessed_dir, tmp_path / "no-raw", champion_dir=champion_dir, device="cpu")
+
+    result = evaluate(candidate_dir, preprocessed_dir, tmp_path / "eval", champion_dir=champion_dir,
+                      dataset_dir=dataset_dir, device="cpu", gates=Gates(min_auroc=0.0, max_auroc_drop=1.0,
+                                                                            max_f1_drop=1.0))
+    # Re-decoding the raw test images at 48 px must give exactly what the champion's own shards hold.
+    own = evaluate(champion_dir, champion_preprocessed, tmp_path / "own", device="cpu")
+    assert result.champion_metrics["image_auroc"] == own.metrics["image_auroc"]
+    assert result.champion_metrics["threshold"] == own.metrics["threshold"]
+    assert result.champion_metrics["image_size"] == 48 and result.metrics["image_size"] == 32
+    assert result.blessing.approved
+    assert any("below champion" in r or "above champion" in r for r in result.blessing.reasons)
+    deltas = result.metrics["deltas"]
+    assert deltas["f1"] == pytest.approx(result.metrics["f1"] - result.champion_metrics["f1"])
+    record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert record["champion"]["image_auroc"] == result.champion_metrics["image_auroc"]
+    assert record["deltas"] == deltas
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| metric | candidate | champion | delta |" in report
+
+
+def test_candidate_identical_to_its_champion_is_approved(candidate_dir, preprocessed_dir, tmp_path):
+    result = evaluate(candidate_dir, preprocessed_dir, tmp_path / "eval", champion_dir=candidate_dir, device="cpu",
+                      gates=Gates(min_auroc=0.0))
+    assert result.blessing.approved
+    assert result.metrics["deltas"]["image_auroc"] == 0.0 and result.metrics["deltas"]["f1"] == 0.0

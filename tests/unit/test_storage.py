@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+from google.api_core import exceptions as gexc
+
+from defectkit import storage
+
+
+def test_local_and_file_uri_list_read_write(tmp_path: Path):
+    store = storage.Store(f"file://{tmp_path}")
+    store.write("train/good/a.bin", b"abc")
+    store.write("test/scratch/b.bin", b"xyz")
+    assert store.list() == ["test/scratch/b.bin", "train/good/a.bin"]
+    assert storage.Store(str(tmp_path)).read("train/good/a.bin") == b"abc"
+    assert not list(tmp_path.rglob(".*.tmp")), "atomic writes leave no temp files"
+
+
+def test_write_without_overwrite_refuses_existing(tmp_path: Path):
+    store = storage.Store(str(tmp_path))
+    store.write("a", b"1")
+    with pytest.raises(FileExistsError):
+        store.write("a", b"2", overwrite=False)
+    assert store.read("a") == b"1"
+
+
+def test_missing_root_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        storage.Store(str(tmp_path / "nope")).list()
+    with pytest.raises(ValueError, match="not a local path"):
+        storage.local_path("s3://bucket/x")
+
+
+def test_retry_recovers_from_transient_errors_only():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise gexc.ServiceUnavailable("try again")
+        return "ok"
+
+    policy = storage.RetryPolicy(attempts=4, initial_delay_s=0.001)
+    assert storage.retry(flaky, "flaky", policy) == "ok"
+    assert len(calls) == 3
+
+    def forbidden():
+        calls.append(1)
+        raise gexc.Forbidden("no")
+
+    calls.clear()
+    with pytest.raises(gexc.Forbidden):
+        storage.retry(forbidden, "forbidden", policy)
+    assert len(calls) == 1, "permanent errors are not retried"
+
+
+def test_retry_gives_up_after_attempts():
+    calls = []
+
+    def down():
+        calls.append(1)
+        raise gexc.ServiceUnavailable("down")
+
+    with pytest.raises(gexc.ServiceUnavailable):
+        storage.retry(down, "down", storage.RetryPolicy(attempts=3, initial_delay_s=0.001))
+    assert len(calls) == 3
+
+
+def test_fetch_file_local(tmp_path: Path):
+    (tmp_path / "w.safetensors").write_bytes(b"w")
+    assert storage.fetch_file(str(tmp_path / "w.safetensors"), tmp_path) == tmp_path / "w.safetensors"
+    with pytest.raises(FileNotFoundError):
+        storage.fetch_file(str(tmp_path / "missing"), tmp_path)

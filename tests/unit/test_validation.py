@@ -1,0 +1,259 @@
+import io
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from defectkit.data import MANIFEST_FILE, Manifest
+from defectkit.sample import generate_sample
+from defectkit.validation import (
+    QUARANTINE_FILE,
+    ValidationConfig,
+    ValidationFailed,
+    validate_dataset,
+)
+
+# The 60-image sample has 2 images of some defect classes in test.
+CONFIG = ValidationConfig(min_images_per_class=2)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pristine") / "data"
+    generate_sample(root, count=60, size=64, seed=1)
+    return root
+
+
+@pytest.fixture
+def source(pristine, tmp_path) -> Path:
+    root = tmp_path / "source"
+    shutil.copytree(pristine, root)
+    return root
+
+
+def encode(fmt: str, size: tuple[int, int] = (64, 64)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (90, 120, 150)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height, with a valid header checksum."""
+    data = bytearray(encode("PNG"))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data[16:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    return bytes(data)
+
+
+def put(root: Path, rel: str, data: bytes) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_clean_sample_passes_and_becomes_a_dataset_artifact(source, tmp_path):
+    out, quarantine = tmp_path / "dataset", tmp_path / "quarantine"
+
+    report = validate_dataset(str(source), out, CONFIG, quarantine_dir=quarantine)
+
+    assert report.passed and report.checks_passed, report.failure_message()
+    assert report.quarantined == () and report.quarantine_fraction == 0.0
+    assert report.failure_message() == ""
+    assert report.total_files == 60 + 30
+    written = tree(out)
+    assert written.pop(MANIFEST_FILE)
+    assert written == tree(source)  # every image and mask, byte for byte
+    manifest = Manifest.read(out)
+    assert manifest == report.manifest and manifest.source == str(source)
+    assert len(manifest.entries) == 60
+    assert {e.split for e in manifest.entries} == {"train", "val", "test"}
+    assert sum(e.mask is not None for e in manifest.entries) == 30
+    entry = manifest.entries[0]
+    assert (entry.width, entry.height, entry.mode) == (64, 64, "RGB")
+    assert json.loads((quarantine / QUARANTINE_FILE).read_text()) == []
+    assert {c.name for c in report.checks} >= {"has_images", "width_between", "height_between", "mode_in_set",
+                                               "min_images_per_class", "no_train_test_leakage", "path_not_null",
+                                               "sha256_not_null"}
+    record = json.loads(json.dumps(report.to_json()))
+    assert record["passed"] is True and record["dataset_fingerprint"] == manifest.fingerprint
+    page = report.to_html()
+    assert "PASSED" in page and "No file was quarantined" in page and "no_train_test_leakage" in page
+
+
+def test_same_source_gives_the_same_artifact_whatever_the_thread_count(source, tmp_path):
+    one = validate_dataset(str(source), tmp_path / "one", CONFIG, workers=1)
+    many = validate_dataset(str(source), tmp_path / "many", CONFIG, workers=8)
+    assert (tmp_path / "one" / MANIFEST_FILE).read_bytes() == (tmp_path / "many" / MANIFEST_FILE).read_bytes()
+    assert one.manifest.fingerprint == many.manifest.fingerprint
+
+
+def test_every_kind_of_bad_file_is_quarantined_with_its_reason(source, tmp_path):
+    jpeg = (source / "train/good/0000.jpg").read_bytes()
+    bad = {
+        "train/good/corrupt.jpg": (b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, "corrupt"),
+        "train/good/truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
+        "train/good/empty.jpg": (b"", "empty"),
+        "train/good/animation.gif": (encode("GIF"), "unsupported_format"),
+        "train/good/notes.png": (b"not an image at all\n", "unsupported_format"),
+        "train/good/bomb.png": (png_claiming(9000, 9000), "too_large"),
+        "train/good/wide.png": (encode("PNG", (160, 40)), "too_large"),
+        "train/good/renamed.jpg": (encode("PNG"), "extension_mismatch"),
+        "train/good/tiny.png": (encode("PNG", (16, 16)), "too_small"),
+        "train/stray.jpg": (jpeg, "unexpected_location"),
+        "README <b>&.txt": (b"hello", "unexpected_location"),
+        "ground_truth/crack/9999_mask.png": (encode("PNG"), "unexpected_location"),
+    }
+    for rel, (data, _) in bad.items():
+        put(source, rel, data)
+    # A mask of the wrong size: its image stays, without the mask.
+    mismatched = next(source.glob("ground_truth/stain/*_mask.png"))
+    mismatched.write_bytes(encode("PNG", (32, 32)))
+    # A defect image that is damaged: its mask is set aside with it.
+    damaged = next(source.glob("test/scratch/*.jpg"))
+    damaged.write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)
+    expected = {rel: reason for rel, (_, reason) in bad.items()}
+    expected[mismatched.relative_to(source).as_posix()] = "mask_mismatch"
+    expected[damaged.relative_to(source).as_posix()] = "corrupt"
+    expected[f"ground_truth/scratch/{damaged.stem}_mask.png"] = "image_quarantined"
+    originals = tree(source)
+    out, quarantine = tmp_path / "dataset", tmp_path / "quarantine"
+    config = ValidationConfig(min_images_per_class=2, max_side=128, max_quarantine_fraction=0.5)
+
+    report = validate_dataset(str(source), out, config, quarantine_dir=quarantine)
+
+    assert report.passed, report.failure_message()
+    assert {q.path: q.reason for q in report.quarantined} == expected
+    assert report.total_files == 60 + 30 + len(bad)
+    assert report.quarantine_fraction == pytest.approx(len(expected) / report.total_files)
+    assert all(q.detail for q in report.quarantined)
+    listed = json.loads((quarantine / QUARANTINE_FILE).read_text())
+    assert [(q["path"], q["reason"]) for q in listed] == sorted(expected.items())
+    for rel in expected:
+        assert (quarantine / "files" / rel).read_bytes() == originals[rel], rel
+        assert not (out / rel).exists(), rel
+    manifest = Manifest.read(out)
+    paths = {e.path for e in manifest.entries}
+    assert len(paths) == 60 - 1 and damaged.relative_to(source).as_posix() not in paths
+    stain_image = f"{mismatched.parent.name}/{mismatched.stem.removesuffix('_mask')}.jpg"
+    (stain_entry,) = [e for e in manifest.entries if e.path.endswith(stain_image)]
+    assert stain_entry.mask is None
+    page = report.to_html()
+    assert "README &lt;b&gt;&amp;.txt" in page and "<b>&" not in page
+    assert "extension_mismatch" in page and "truncated" in page
+
+
+def test_too_many_bad_files_fail_after_everything_was_written(source, tmp_path):
+    for i in range(12):
+        put(source, f"train/good/broken{i}.jpg", b"\xff\xd8\xff" + bytes(40))
+    out, quarantine = tmp_path / "dataset", tmp_path / "quarantine"
+
+    with pytest.raises(ValidationFailed) as failure:
+        validate_dataset(str(source), out, CONFIG, quarantine_dir=quarantine)
+
+    report = failure.value.report
+    assert not report.passed and report.checks_passed
+    message = str(failure.value)
+    assert message == report.failure_message()
+    assert "12 of 102 files were quarantined (fraction 0.118)" in message
+    assert "max_quarantine_fraction=0.1" in message
+    assert "corrupt 12" in message
+    assert len(Manifest.read(out).entries) == 60
+    assert len(json.loads((quarantine / QUARANTINE_FILE).read_text())) == 12
+    assert len(list((quarantine / "files" / "train" / "good").iterdir())) == 12
+    assert "FAILED" in report.to_html()
+
+
+def test_the_caller_may_decide_instead_of_an_exception(source, tmp_path):
+    put(source, "train/good/broken.jpg", b"\xff\xd8\xff" + bytes(40))
+    config = ValidationConfig(min_images_per_class=2, max_quarantine_fraction=0.0)
+    report = validate_dataset(str(source), tmp_path / "dataset", config, raise_on_failure=False)
+    assert not report.passed
+    assert "max_quarantine_fraction=0.0" in report.failure_message()
+
+
+def test_identical_content_in_train_and_test_is_named(source, tmp_path):
+    shutil.copy(source / "train/good/0000.jpg", source / "test/good/copy.jpg")
+    shutil.copy(source / "train/good/0001.jpg", source / "train/good/same-side-copy.jpg")  # not leakage
+
+    report = validate_dataset(str(source), tmp_path / "dataset", CONFIG, raise_on_failure=False)
+
+    failed = [c for c in report.checks if not c.success]
+    assert [c.name for c in failed] == ["no_train_test_leakage"]
+    assert "test/good/copy.jpg = train/good/0000.jpg" in failed[0].detail
+    assert "same-side-copy" not in failed[0].detail
+    message = report.failure_message()
+    assert "no_train_test_leakage" in message and "test/good/copy.jpg" in message
+    assert report.quarantined == ()
+
+
+def test_classes_below_the_minimum_are_caught_even_when_absent_from_a_split(source, tmp_path):
+    shutil.rmtree(source / "test" / "crack")
+    config = ValidationConfig(min_images_per_class=3)
+
+    with pytest.raises(ValidationFailed) as failure:
+        validate_dataset(str(source), tmp_path / "dataset", config)
+
+    (check,) = [c for c in failure.value.report.checks if not c.success]
+    assert check.name == "min_images_per_class"
+    assert "test/crack has 0" in check.detail
+    assert "test/hole has 2" in check.detail and "test/stain has 2" in check.detail
+    assert "train/" not in check.detail
+    assert "lower min_images_per_class" in str(failure.value)
+
+
+def test_classes_outside_allowed_classes_are_caught(source, tmp_path):
+    config = ValidationConfig(min_images_per_class=2, allowed_classes=("good", "scratch", "hole", "stain"))
+    report = validate_dataset(str(source), tmp_path / "dataset", config, raise_on_failure=False)
+    (check,) = [c for c in report.checks if not c.success]
+    assert check.name == "class_allowed"
+    assert "class='crack'" in check.detail
+
+
+def test_an_empty_source_fails_with_a_clear_message(tmp_path):
+    (tmp_path / "source").mkdir()
+    report = validate_dataset(str(tmp_path / "source"), tmp_path / "dataset", CONFIG, raise_on_failure=False)
+    assert not report.passed
+    assert "has_images failed: no image passed decoding" in report.failure_message()
+
+
+def test_output_directories_must_be_fresh_and_separate(source, tmp_path):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "old.jpg").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        validate_dataset(str(source), tmp_path / "used", CONFIG)
+    with pytest.raises(ValueError, match="must not contain each other"):
+        validate_dataset(str(source), tmp_path / "out", CONFIG, quarantine_dir=tmp_path / "out" / "q")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_quarantine_fraction": 1.5}, "max_quarantine_fraction must be in \\[0, 1\\], got 1.5"),
+        ({"val_fraction": 1.0}, "val_fraction must be in \\[0, 1\\), got 1.0"),
+        ({"seed": -2}, "got -2"),
+        ({"min_side": 0}, "min_side must be at least 1 px, got 0"),
+        ({"min_side": 64, "max_side": 32}, "max_side \\(32\\) must not be below min_side \\(64\\)"),
+        ({"max_pixels": 10}, "max_pixels \\(10\\)"),
+        ({"min_images_per_class": -1}, "got -1"),
+        ({"allowed_classes": ("good", "a/b")}, "'a/b'"),
+        ({"allowed_classes": ("good", "good")}, "duplicates"),
+    ],
+)
+def test_config_names_the_bad_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ValidationConfig(**kwargs)
+
+
+def test_config_accepts_a_list_of_classes():
+    config = ValidationConfig(allowed_classes=["good", "scratch"])
+    assert config.allowed_classes == ("good", "scratch")
+    assert hash(config) == hash(ValidationConfig(allowed_classes=("good", "scratch")))
