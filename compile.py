@@ -47,6 +47,8 @@ TARGETS = (
     Target("components.preprocess_images", "preprocess_images"),
     Target("components.train_model", "train_model"),
     Target("components.evaluate_model", "evaluate_model"),
+    Target("components.resolve_champion", "resolve_champion"),
+    Target("components.register_model", "register_model"),
 )
 
 

@@ -17,7 +17,7 @@ def evaluate_model(
     metrics: Output[Metrics],
     classification: Output[ClassificationMetrics],
     report: Output[Markdown],
-    champion_uri: str = "",
+    champion: Input[Model],
     threshold_policy: str = "max_f1",
     target_fpr: float = 0.05,
     min_auroc: float = 0.9,
@@ -34,7 +34,7 @@ def evaluate_model(
         preprocessed: Shards from preprocess_images (validation and test splits).
         dataset: Validated dataset, used to re-decode raw files for a champion trained at another input size.
         dataset_fingerprint: Fingerprint of the dataset the model is judged on.
-        champion_uri: Current champion model directory (local path or gs:// URI); empty on a first run, which then applies absolute gates only.
+        champion: Current champion from resolve_champion; an empty artifact (first run) applies absolute gates only.
         threshold_policy: max_f1 (maximise F1 on validation) or target_fpr (highest recall with validation false positive rate at most target_fpr).
         target_fpr: False positive rate for the target_fpr policy.
         min_auroc: Absolute gate: lowest accepted test image AUROC.
@@ -50,11 +50,10 @@ def evaluate_model(
     import tempfile
     from pathlib import Path
 
-    from defectkit import evaluation, storage
+    from defectkit import evaluation
 
     logging.basicConfig(level=logging.INFO, force=True)
     with tempfile.TemporaryDirectory() as scratch:
-        champion = storage.download_tree(champion_uri, Path(scratch) / "champion") if champion_uri else None
         result = evaluation.evaluate(
             Path(model.path),
             Path(preprocessed.path),
@@ -67,7 +66,7 @@ def evaluate_model(
                 max_auroc_drop=max_auroc_drop,
                 max_f1_drop=max_f1_drop,
             ),
-            champion_dir=champion,
+            champion_dir=Path(champion.path) if (Path(champion.path) / "model.json").is_file() else None,
             dataset_dir=Path(dataset.path),
             device=device,
         )

@@ -8,7 +8,6 @@ are parsed. Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field, replace
@@ -21,23 +20,26 @@ import torch
 import torchvision
 
 from defectkit import __version__
+from defectkit.artifact import (  # noqa: F401 - ModelIntegrityError is re-exported
+    METADATA_FILE,
+    MODEL_FORMAT,
+    WEIGHTS_FILE,
+    ModelIntegrityError,
+    check_weights,
+    read_model_json,
+    sha256_bytes,
+    sha256_file,
+)
 from defectkit.data import GOOD
 from defectkit.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
-MODEL_FORMAT = "defectkit.model/v1"
-WEIGHTS_FILE = "model.safetensors"
-METADATA_FILE = "model.json"
 OUTPUT = "defect_logit"
 DEFAULT_BATCH_SIZE = 64
 
 # Their auxiliary classifiers change the training-mode output type; a single logit is all we need.
 _NO_AUX_LOGITS = {"googlenet", "inception_v3"}
-
-
-class ModelIntegrityError(ValueError):
-    """The weights file does not match the sha256 recorded in model.json."""
 
 
 def supported_architectures() -> list[str]:
@@ -154,14 +156,6 @@ class ModelMetadata:
         )
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The original module behind a torch.compile wrapper, whose state dict keys are unprefixed."""
     return getattr(module, "_orig_mod", module)
@@ -178,29 +172,22 @@ def save_model(module: torch.nn.Module, metadata: ModelMetadata, out_dir: Path) 
     # processes, and identical weights must give an identical file (and sha256).
     safetensors.torch.save_file(state, weights, metadata={"format": "pt"})
     created = metadata.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
-    record = replace(metadata, weights_sha256=_sha256_file(weights), created=created)
+    record = replace(metadata, weights_sha256=sha256_file(weights), created=created)
     (out_dir / METADATA_FILE).write_text(json.dumps(record.to_json(), indent=1))
     return out_dir
 
 
 def read_metadata(model_dir: Path) -> ModelMetadata:
-    path = Path(model_dir) / METADATA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {model_dir} is not a defectkit model artifact")
-    return ModelMetadata.from_json(json.loads(path.read_text()))
+    return ModelMetadata.from_json(read_model_json(Path(model_dir)))
 
 
 def load_model(model_dir: Path, device: str | torch.device = "cpu") -> DefectModel:
     """Load a model artifact after checking its weights against the sha256 in model.json."""
     model_dir = Path(model_dir)
-    metadata = read_metadata(model_dir)
-    weights = model_dir / WEIGHTS_FILE
-    data = weights.read_bytes()  # hashed and parsed from the same bytes, so nothing can change in between
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != metadata.weights_sha256:
-        raise ModelIntegrityError(f"{weights}: sha256 {actual} does not match weights_sha256 "
-                                  f"{metadata.weights_sha256} in {METADATA_FILE}; the weights were modified or "
-                                  f"corrupted, re-export the model")
+    record = read_model_json(model_dir)
+    metadata = ModelMetadata.from_json(record)
+    data = (model_dir / WEIGHTS_FILE).read_bytes()  # hashed and parsed from the same bytes: nothing changes between
+    check_weights(sha256_bytes(data), record, where=str(model_dir))
     module = build_model(metadata.architecture)
     module.load_state_dict(safetensors.torch.load(data), strict=True)
     return DefectModel(module, metadata, resolve_device(device))

@@ -7,6 +7,8 @@ from kfp.dsl import Artifact, Model
 
 from components.evaluate_model import evaluate_model
 from components.preprocess_images import preprocess_images
+from components.register_model import register_model
+from components.resolve_champion import resolve_champion
 from components.train_model import train_model
 from components.validate_images import validate_images
 
@@ -42,6 +44,8 @@ def training_pipeline(
     target_fpr: float = 0.05,
     min_auroc: float = 0.9,
     champion_uri: str = "",
+    tracking_uri: str = "",
+    model_name: str = "defectkit",
     pretrained_weights_uri: str = "",
 ) -> TrainingOutputs:
     """Images to a judged defect model.
@@ -60,7 +64,9 @@ def training_pipeline(
         threshold_policy: max_f1 or target_fpr.
         target_fpr: False positive rate for the target_fpr policy.
         min_auroc: Lowest test image AUROC that can be approved.
-        champion_uri: Current champion model to compare against on the same test set; empty on a first run.
+        champion_uri: Model to judge the candidate against on the same test set (models:/..., path or gs://); empty uses the registry's champion alias.
+        tracking_uri: MLflow tracking URI of the model registry; an approved model is registered there. Empty skips registration.
+        model_name: Registered model name in MLflow.
         pretrained_weights_uri: Optional starting weights (local path or gs://).
     """
     # Reads mutable data at a URI: never served from cache. No task retry: storage
@@ -95,19 +101,35 @@ def training_pipeline(
     kubernetes.add_toleration(train, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
     train.set_retry(1, backoff_duration="60s")
 
-    # The champion behind champion_uri can change between runs: never cached.
+    # The registry's champion can change between runs: never cached.
+    champion = resolve_champion(
+        champion_uri=champion_uri, tracking_uri=tracking_uri, model_name=model_name
+    ).set_caching_options(False)
+    champion.set_retry(2, backoff_duration="30s")
+
     evaluate = evaluate_model(
         model=train.outputs["model"],
         preprocessed=preprocess.outputs["preprocessed"],
         dataset=validate.outputs["dataset"],
         dataset_fingerprint=fingerprint,
-        champion_uri=champion_uri,
+        champion=champion.outputs["champion"],
         threshold_policy=threshold_policy,
         target_fpr=target_fpr,
         min_auroc=min_auroc,
         device=device,
     ).set_caching_options(False)
     evaluate.set_cpu_limit("4").set_memory_limit("16G").set_retry(2, backoff_duration="30s")
+
+    with dsl.If(evaluate.outputs["approved"] == True, name="approved"):  # noqa: E712 - a KFP condition, not Python
+        with dsl.If(tracking_uri != "", name="registry-configured"):
+            # Writes to the registry: never cached.
+            register_model(
+                model=evaluate.outputs["judged_model"],
+                tracking_uri=tracking_uri,
+                model_name=model_name,
+                dataset_fingerprint=fingerprint,
+                kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            ).set_caching_options(False)
 
     return TrainingOutputs(
         evaluate.outputs["judged_model"],

@@ -10,6 +10,7 @@ from kfp.dsl import Dataset, Model
 
 from components.evaluate_model import evaluate_model
 from components.preprocess_images import preprocess_images
+from components.resolve_champion import resolve_champion
 from components.train_model import train_model
 from components.validate_images import validate_images
 from defectkit.data import Manifest
@@ -56,8 +57,10 @@ def test_preprocess_then_train_then_evaluate(dataset_dir, tmp_path):
         pre = preprocess_images(dataset=dataset.output, dataset_fingerprint=fingerprint, image_size=TINY_IMAGE_SIZE)
         trained = train_model(preprocessed=pre.outputs["preprocessed"], dataset_fingerprint=fingerprint, epochs=1,
                               batch_size=16, device="cpu")
+        no_champion = resolve_champion()
         judged = evaluate_model(model=trained.outputs["model"], preprocessed=pre.outputs["preprocessed"],
-                                dataset=dataset.output, dataset_fingerprint=fingerprint, min_auroc=0.0, device="cpu")
+                                dataset=dataset.output, dataset_fingerprint=fingerprint,
+                                champion=no_champion.outputs["champion"], min_auroc=0.0, device="cpu")
         return judged.outputs["judged_model"]
 
     task = chain(dataset_uri=str(dataset_dir), fingerprint=fingerprint)

@@ -114,7 +114,7 @@ def test_save_load_round_trip(saved):
     module, model_dir = saved
     assert sorted(p.name for p in model_dir.iterdir()) == ["model.json", "model.safetensors"]
     record = json.loads((model_dir / "model.json").read_text())
-    assert record["weights_sha256"] == models._sha256_file(model_dir / "model.safetensors")
+    assert record["weights_sha256"] == models.sha256_file(model_dir / "model.safetensors")
     assert record["code_version"] and record["created"]
     loaded = load_model(model_dir)
     assert loaded.metadata == dataclasses.replace(_metadata(), weights_sha256=record["weights_sha256"],
@@ -137,7 +137,8 @@ def test_tampered_weights_are_rejected_before_loading(saved, tmp_path):
     with pytest.raises(ModelIntegrityError) as error:
         load_model(tmp_path)
     message = str(error.value)
-    assert str(weights) in message and expected in message and models._sha256_file(weights) in message
+    assert str(tmp_path) in message and "model.safetensors" in message
+    assert expected in message and models.sha256_file(weights) in message
 
 
 def test_predict_needs_a_threshold_and_checks_input(saved):
