@@ -1,0 +1,393 @@
+"""Manifest: the KServe InferenceService that serves a defectkit model, and the patches that move its canary.
+
+The predictor is a custom container running ``defectkit serve``. KServe's storage
+initializer downloads the model named by the container's ``STORAGE_URI`` variable into
+``/mnt/models`` before the server starts (KServe's documented mechanism for custom
+predictors), so the same image serves every model version and changing the URI is
+what creates a new revision for a canary.
+
+Patches are JSON merge patches (RFC 7386, ``application/merge-patch+json``). A merge
+patch replaces lists whole, so the canary patch carries the complete container list,
+taken from the live object with only ``STORAGE_URI`` changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import logging
+import re
+import sys
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Callable, Mapping
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "serving.kserve.io/v1beta1"
+KIND = "InferenceService"
+PLURAL = "inferenceservices"
+# KServe mounts the storage initializer's volume into the container with this name only.
+CONTAINER_NAME = "kserve-container"
+MODEL_MOUNT = "/mnt/models"
+STORAGE_URI_ENV = "STORAGE_URI"
+METRICS_PATH = "/metrics"
+# Knative answers on the tag URL (latest-<name>-predictor...) only with tag routing on;
+# the delivery probe needs it to reach the candidate before it gets any traffic.
+TAG_ROUTING_ANNOTATION = "serving.kserve.io/enable-tag-routing"
+PROMETHEUS_ANNOTATION = "serving.kserve.io/enable-prometheus-scraping"
+
+# KServe's webhook requires a DNS-1035 label (starts with a letter). Knative then builds
+# the revision name <name>-predictor-00001 and the tag host label latest-<name>-predictor,
+# both of which must stay within the 63-character DNS label limit.
+MAX_NAME_LENGTH = 63 - len("latest-") - len("-predictor")
+_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_GCS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+# The Kubernetes resource.Quantity grammar, as the CRD's pattern states it (sign excluded:
+# negative resources are never valid).
+_QUANTITY = re.compile(
+    r"^(?P<number>([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(?P<suffix>([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+_BINARY_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL_SUFFIX = {"n": "1e-9", "u": "1e-6", "m": "1e-3", "": "1", "k": "1e3", "M": "1e6", "G": "1e9",
+                   "T": "1e12", "P": "1e15", "E": "1e18"}
+# Knative reserves these ports for its queue-proxy sidecar.
+_KNATIVE_RESERVED_PORTS = frozenset({8012, 8013, 8022, 9090, 9091})
+GPU_RESOURCE = "nvidia.com/gpu"
+# Runs deliveries other than a kserve dry run; owns the options it needs (add_arguments).
+CONTROLLER_MODULE = "defectkit.delivery.controller"
+
+
+def parse_quantity(value: str) -> Decimal:
+    """The numeric value of a Kubernetes quantity such as ``500m``, ``2Gi`` or ``1e3``."""
+    match = _QUANTITY.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity; use e.g. '500m', '2', '512Mi' or '4Gi'")
+    number = Decimal(match["number"])
+    suffix = match["suffix"] or ""
+    if suffix in _BINARY_SUFFIX:
+        return number * _BINARY_SUFFIX[suffix]
+    if suffix in _DECIMAL_SUFFIX:
+        return number * Decimal(_DECIMAL_SUFFIX[suffix])
+    return number * Decimal("1" + suffix.lower())
+
+
+def validate_name(value: str, what: str = "InferenceService name") -> str:
+    if len(value) > MAX_NAME_LENGTH or not _DNS1035_LABEL.match(value):
+        raise ValueError(
+            f"{what} {value!r} is invalid: use at most {MAX_NAME_LENGTH} lower-case letters, digits or '-', "
+            "starting with a letter and ending with a letter or digit"
+        )
+    return value
+
+
+def validate_storage_uri(value: str) -> str:
+    """A ``gs://bucket[/prefix]`` URI KServe's storage initializer can download."""
+    if not value.startswith("gs://"):
+        raise ValueError(
+            f"storage URI {value!r} must be a gs://bucket/prefix URI holding model.json and model.safetensors"
+        )
+    bucket, _, prefix = value[len("gs://"):].partition("/")
+    if not _GCS_BUCKET.match(bucket) or ".." in bucket:
+        raise ValueError(f"storage URI {value!r} names an invalid bucket {bucket!r}")
+    if "//" in prefix or prefix.startswith("/"):
+        raise ValueError(f"storage URI {value!r} has an empty path segment")
+    return value
+
+
+def validate_percent(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+        raise ValueError(f"canary traffic percent {value!r} must be an integer from 0 to 100")
+    return value
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What to serve and how big: everything ``build_inference_service`` turns into a manifest.
+
+    ``image`` is the serve image (``components.images.SERVE_IMAGE`` in this project).
+    ``env`` holds extra container variables as (name, value) pairs.
+    """
+
+    name: str
+    namespace: str
+    image: str
+    storage_uri: str
+    canary_traffic_percent: int | None = None
+    model_name: str = "defectkit"
+    cpu_request: str = "1"
+    memory_request: str = "2Gi"
+    cpu_limit: str = "2"
+    memory_limit: str = "4Gi"
+    gpu: int = 0
+    min_replicas: int = 1
+    max_replicas: int = 3
+    port: int = 8080
+    prometheus_scraping: bool = True
+    tag_routing: bool = True
+    service_account: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        if len(self.namespace) > 63 or not _DNS1123_LABEL.match(self.namespace):
+            raise ValueError(f"namespace {self.namespace!r} is not a DNS-1123 label (lower-case letters, digits, '-')")
+        pinned = "@" in self.image or ":" in self.image.rsplit("/", 1)[-1]
+        if not pinned or any(c.isspace() for c in self.image):
+            raise ValueError(
+                f"image {self.image!r} must be a reference with an explicit tag or digest, e.g. registry/serve:0.1.0"
+            )
+        if self.image.endswith(":latest"):
+            raise ValueError(f"image {self.image!r} uses :latest; pin the version tag so revisions are reproducible")
+        validate_storage_uri(self.storage_uri)
+        if self.canary_traffic_percent is not None:
+            validate_percent(self.canary_traffic_percent)
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", self.model_name):
+            raise ValueError(
+                f"model name {self.model_name!r} must be letters, digits, '_', '.' or '-' (it is part of the URL path)"
+            )
+        pairs = (("cpu", self.cpu_request, self.cpu_limit), ("memory", self.memory_request, self.memory_limit))
+        for what, request, limit in pairs:
+            if parse_quantity(request) > parse_quantity(limit):
+                raise ValueError(
+                    f"{what} request {request!r} exceeds its limit {limit!r}; Kubernetes rejects such pods"
+                )
+        if isinstance(self.gpu, bool) or self.gpu < 0:
+            raise ValueError(f"gpu {self.gpu!r} must be a whole number of GPUs, 0 or more")
+        if self.min_replicas < 0 or self.max_replicas < 1 or self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"replicas min={self.min_replicas} max={self.max_replicas}: need 0 <= min <= max and max >= 1 "
+                "(min 0 lets KServe scale to zero)"
+            )
+        if not 1 <= self.port <= 65535 or self.port in _KNATIVE_RESERVED_PORTS:
+            raise ValueError(
+                f"port {self.port} must be 1-65535 and not one Knative reserves {sorted(_KNATIVE_RESERVED_PORTS)}"
+            )
+        if self.service_account is not None and (
+            len(self.service_account) > 253 or not _DNS1123_SUBDOMAIN.match(self.service_account)
+        ):
+            raise ValueError(f"service account {self.service_account!r} is not a valid Kubernetes name")
+        names = [name for name, _ in self.env]
+        for name in names:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"environment variable name {name!r} must match [A-Za-z_][A-Za-z0-9_]*")
+        if STORAGE_URI_ENV in names:
+            raise ValueError(f"set the model location with storage_uri, not the {STORAGE_URI_ENV} variable")
+        if len(set(names)) != len(names):
+            raise ValueError(f"environment variables {names} repeat a name")
+
+
+def _labels() -> dict[str, str]:
+    return {"app.kubernetes.io/name": "defectkit", "app.kubernetes.io/component": "predictor"}
+
+
+def build_inference_service(config: ServiceConfig) -> dict[str, Any]:
+    """The InferenceService for ``config`` as the JSON-ready dict the Kubernetes API takes (camelCase)."""
+    # kserve takes seconds to import; only manifest building needs it.
+    from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
+    from kubernetes.client import (
+        ApiClient,
+        V1Container,
+        V1ContainerPort,
+        V1EnvVar,
+        V1HTTPGetAction,
+        V1ObjectMeta,
+        V1Probe,
+        V1ResourceRequirements,
+        V1SecurityContext,
+    )
+
+    limits = {"cpu": config.cpu_limit, "memory": config.memory_limit}
+    if config.gpu:
+        # Extended resources take their request from the limit.
+        limits[GPU_RESOURCE] = str(config.gpu)
+    container = V1Container(
+        name=CONTAINER_NAME,
+        image=config.image,
+        command=["defectkit", "serve"],
+        args=["--model", MODEL_MOUNT, "--port", str(config.port), "--host", "0.0.0.0", "--name", config.model_name],
+        env=[V1EnvVar(name=STORAGE_URI_ENV, value=config.storage_uri)]
+        + [V1EnvVar(name=name, value=value) for name, value in config.env],
+        ports=[V1ContainerPort(container_port=config.port, name="http1", protocol="TCP")],
+        resources=V1ResourceRequirements(
+            requests={"cpu": config.cpu_request, "memory": config.memory_request}, limits=limits
+        ),
+        # Knative routes traffic to a revision only once this passes: the model is loaded, not just the process up.
+        readiness_probe=V1Probe(
+            http_get=V1HTTPGetAction(path=f"/v2/models/{config.model_name}/ready", port=config.port),
+            period_seconds=5,
+        ),
+        security_context=V1SecurityContext(run_as_non_root=True, allow_privilege_escalation=False),
+    )
+    annotations: dict[str, str] = {}
+    pod_annotations: dict[str, str] | None = None
+    if config.tag_routing:
+        annotations[TAG_ROUTING_ANNOTATION] = "true"
+    if config.prometheus_scraping:
+        annotations[PROMETHEUS_ANNOTATION] = "true"
+        annotations["prometheus.kserve.io/port"] = str(config.port)
+        annotations["prometheus.kserve.io/path"] = METRICS_PATH
+        # Plain annotation-based scrape configs read these from the pod.
+        pod_annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(config.port),
+                           "prometheus.io/path": METRICS_PATH}
+    service = V1beta1InferenceService(
+        api_version=API_VERSION,
+        kind=KIND,
+        metadata=V1ObjectMeta(
+            name=config.name, namespace=config.namespace, labels=_labels(), annotations=annotations or None
+        ),
+        spec=V1beta1InferenceServiceSpec(
+            predictor=V1beta1PredictorSpec(
+                containers=[container],
+                min_replicas=config.min_replicas,
+                max_replicas=config.max_replicas,
+                canary_traffic_percent=config.canary_traffic_percent,
+                service_account_name=config.service_account,
+                annotations=pod_annotations,
+                labels=_labels(),
+            )
+        ),
+    )
+    return ApiClient().sanitize_for_serialization(service)
+
+
+def storage_uri_of(service: Mapping[str, Any]) -> str | None:
+    """The model URI the predictor container of a (live) InferenceService serves."""
+    for container in service.get("spec", {}).get("predictor", {}).get("containers") or []:
+        if container.get("name") == CONTAINER_NAME:
+            for var in container.get("env") or []:
+                if var.get("name") == STORAGE_URI_ENV:
+                    return var.get("value")
+    return None
+
+
+def patch_for_canary(live: Mapping[str, Any], storage_uri: str, percent: int = 0) -> dict[str, Any]:
+    """Merge patch that points the predictor at ``storage_uri`` with ``percent`` of traffic on the new revision.
+
+    ``live`` is the InferenceService as last read; its containers are kept as they are
+    except for ``STORAGE_URI``, and its resourceVersion makes the API server refuse the
+    patch (409 Conflict) if someone changed the object since.
+    """
+    validate_storage_uri(storage_uri)
+    validate_percent(percent)
+    containers = copy.deepcopy(live.get("spec", {}).get("predictor", {}).get("containers") or [])
+    target = next((c for c in containers if c.get("name") == CONTAINER_NAME), None)
+    if target is None:
+        name = live.get("metadata", {}).get("name")
+        raise ValueError(
+            f"InferenceService {name!r} has no predictor container named {CONTAINER_NAME!r}; "
+            "create it with build_inference_service (defectkit deploy --backend kserve --dry-run shows one)"
+        )
+    env = [var for var in target.get("env") or [] if var.get("name") != STORAGE_URI_ENV]
+    target["env"] = [{"name": STORAGE_URI_ENV, "value": storage_uri}, *env]
+    patch: dict[str, Any] = {"spec": {"predictor": {"containers": containers, "canaryTrafficPercent": percent}}}
+    resource_version = live.get("metadata", {}).get("resourceVersion")
+    if resource_version:
+        patch["metadata"] = {"resourceVersion": resource_version}
+    return patch
+
+
+def patch_for_traffic(percent: int) -> dict[str, Any]:
+    """Merge patch sending ``percent`` of traffic to the latest revision, the rest to the last rolled-out one."""
+    return {"spec": {"predictor": {"canaryTrafficPercent": validate_percent(percent)}}}
+
+
+def patch_for_promotion() -> dict[str, Any]:
+    """Merge patch that removes canaryTrafficPercent: KServe then routes 100% to the latest revision."""
+    return {"spec": {"predictor": {"canaryTrafficPercent": None}}}
+
+
+def patch_for_rollback() -> dict[str, Any]:
+    """Merge patch that sends all traffic back to the last rolled-out revision (canary at 0%)."""
+    return patch_for_traffic(0)
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--env {text!r} must be NAME=VALUE")
+    return name, value
+
+
+def _controller_hook(attribute: str) -> Callable[..., Any] | None:
+    """``attribute`` of the delivery controller module, or None where that module or attribute is absent."""
+    try:
+        module = importlib.import_module(CONTROLLER_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != CONTROLLER_MODULE:
+            raise
+        return None
+    return getattr(module, attribute, None)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    if args.backend == "kserve" and args.dry_run:
+        missing = [flag for flag, value in (("--storage-uri", args.storage_uri), ("--image", args.image)) if not value]
+        if missing:
+            raise ValueError(f"defectkit deploy --backend kserve --dry-run needs {' and '.join(missing)}")
+        config = ServiceConfig(
+            name=args.name,
+            namespace=args.namespace,
+            image=args.image,
+            storage_uri=args.storage_uri,
+            canary_traffic_percent=args.canary_percent,
+            model_name=args.model_name,
+            cpu_request=args.cpu,
+            memory_request=args.memory,
+            cpu_limit=args.cpu_limit,
+            memory_limit=args.memory_limit,
+            gpu=args.gpu,
+            min_replicas=args.min_replicas,
+            max_replicas=args.max_replicas,
+            service_account=args.service_account,
+            env=tuple(args.env),
+        )
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(build_inference_service(config), sort_keys=False))
+        return 0
+    run_from_args = _controller_hook("run_from_args")
+    if run_from_args is None:
+        log.error(
+            "defectkit deploy --backend %s%s needs defectkit.delivery.controller.run_from_args, which this "
+            "installation lacks; --backend kserve --dry-run still prints the manifest",
+            args.backend, " --dry-run" if args.dry_run else "",
+        )
+        return 2
+    return run_from_args(args)
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Register ``defectkit deploy``; the delivery controller may add its own options through ``add_arguments``."""
+    deploy = commands.add_parser(
+        "deploy",
+        help="ship a model through a canary (local servers or a KServe InferenceService)",
+        description="With --backend kserve --dry-run, print the InferenceService manifest and change nothing.",
+    )
+    deploy.add_argument("--backend", choices=("kserve", "local"), default="local", help="default %(default)s")
+    deploy.add_argument("--dry-run", action="store_true", help="print what would be applied, change nothing")
+    deploy.add_argument("--name", default="defectkit", help="InferenceService name (default %(default)s)")
+    deploy.add_argument("--namespace", default="default", help="Kubernetes namespace (default %(default)s)")
+    deploy.add_argument("--storage-uri", help="gs:// URI of the model directory (model.json + model.safetensors)")
+    deploy.add_argument("--image", help="serve image with an explicit tag, e.g. ghcr.io/defectkit/serve:0.1.0")
+    deploy.add_argument("--canary-percent", type=int, help="initial canaryTrafficPercent (0-100)")
+    deploy.add_argument("--model-name", default="defectkit", help="model name in the /v2/models/<name> routes")
+    deploy.add_argument("--cpu", default=ServiceConfig.cpu_request, help="CPU request (default %(default)s)")
+    deploy.add_argument("--memory", default=ServiceConfig.memory_request, help="memory request (default %(default)s)")
+    deploy.add_argument("--cpu-limit", default=ServiceConfig.cpu_limit, help="CPU limit (default %(default)s)")
+    deploy.add_argument("--memory-limit", default=ServiceConfig.memory_limit, help="memory limit (default %(default)s)")
+    deploy.add_argument("--gpu", type=int, default=0, help="NVIDIA GPUs per replica (default %(default)s)")
+    deploy.add_argument("--min-replicas", type=int, default=ServiceConfig.min_replicas, help="0 allows scale to zero")
+    deploy.add_argument("--max-replicas", type=int, default=ServiceConfig.max_replicas)
+    deploy.add_argument("--service-account", help="service account with read access to the model bucket")
+    deploy.add_argument("--env", type=_env_pair, action="append", default=[], metavar="NAME=VALUE",
+                        help="extra container environment variable (repeatable)")
+    deploy.set_defaults(func=cmd_deploy)
+    add_arguments = _controller_hook("add_arguments")
+    if add_arguments is not None:
+        add_arguments(deploy)

@@ -1,0 +1,290 @@
+"""InferenceService manifests and canary patches, checked against the KServe CRD as strictly as kubectl would."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import logging
+import sys
+
+import pytest
+import yaml
+
+from defectkit.delivery.manifest import (
+    CONTAINER_NAME,
+    MAX_NAME_LENGTH,
+    STORAGE_URI_ENV,
+    ServiceConfig,
+    add_commands,
+    build_inference_service,
+    parse_quantity,
+    patch_for_canary,
+    patch_for_promotion,
+    patch_for_rollback,
+    patch_for_traffic,
+    storage_uri_of,
+)
+from tests.crd import assert_valid, crd_schema, object_problems, patch_problems, schema_errors, unknown_fields
+from tests.kube_api import merge_patch
+
+IMAGE = "ghcr.io/defectkit/serve:0.1.0"
+STABLE_URI = "gs://defectkit-models/defect/1"
+CANDIDATE_URI = "gs://defectkit-models/defect/2"
+
+
+def config(**overrides) -> ServiceConfig:
+    return ServiceConfig(**{"name": "defect", "namespace": "ml", "image": IMAGE, "storage_uri": STABLE_URI,
+                            **overrides})
+
+
+def as_stored(manifest: dict) -> dict:
+    """The manifest as the API server returns it once created."""
+    stored = copy.deepcopy(manifest)
+    stored["metadata"] |= {"uid": "4f0c", "generation": 1, "resourceVersion": "1001",
+                           "creationTimestamp": "2026-01-01T00:00:00Z"}
+    return stored
+
+
+def predictor(obj: dict) -> dict:
+    return obj["spec"]["predictor"]
+
+
+def container(obj: dict) -> dict:
+    (only,) = predictor(obj)["containers"]
+    return only
+
+
+OPTIONS = list(itertools.product(
+    (None, 0, 30),                                   # canary traffic percent
+    (0, 2),                                          # GPUs
+    (None, "defectkit-serve"),                       # service account
+    ((), (("LOG_LEVEL", "debug"), ("OMP_NUM_THREADS", "2"))),  # extra env
+    (0, 1),                                          # min replicas (0: scale to zero)
+))
+
+
+@pytest.mark.parametrize(("canary", "gpu", "service_account", "env", "min_replicas"), OPTIONS)
+def test_every_manifest_and_patch_result_is_valid(canary, gpu, service_account, env, min_replicas):
+    cfg = config(canary_traffic_percent=canary, gpu=gpu, service_account=service_account, env=env,
+                 min_replicas=min_replicas)
+    manifest = build_inference_service(cfg)
+    assert_valid(manifest)
+
+    spec = predictor(manifest)
+    assert ("canaryTrafficPercent" in spec) == (canary is not None)
+    assert spec.get("canaryTrafficPercent") == canary
+    assert spec["minReplicas"] == min_replicas and spec["maxReplicas"] == cfg.max_replicas
+    assert spec.get("serviceAccountName") == service_account
+    serving = container(manifest)
+    assert serving["name"] == CONTAINER_NAME
+    assert serving["command"] + serving["args"] == [
+        "defectkit", "serve", "--model", "/mnt/models", "--port", "8080", "--host", "0.0.0.0", "--name", "defectkit"]
+    assert serving["env"] == [{"name": STORAGE_URI_ENV, "value": STABLE_URI}] + [
+        {"name": k, "value": v} for k, v in env]
+    assert serving["resources"]["limits"].get("nvidia.com/gpu") == (str(gpu) if gpu else None)
+    assert storage_uri_of(manifest) == STABLE_URI
+
+    live = as_stored(manifest)
+    for patch in (patch_for_canary(live, CANDIDATE_URI, 0), patch_for_canary(live, CANDIDATE_URI, 10),
+                  patch_for_traffic(50), patch_for_promotion(), patch_for_rollback()):
+        unknown, errors = patch_problems(patch)
+        assert not unknown and not errors, (patch, unknown, errors)
+        assert_valid(merge_patch(live, patch))
+
+    canaried = merge_patch(live, patch_for_canary(live, CANDIDATE_URI, 10))
+    assert storage_uri_of(canaried) == CANDIDATE_URI
+    assert predictor(canaried)["canaryTrafficPercent"] == 10
+    # Only the model moves: the rest of the container (image, env, resources) is kept as it was.
+    assert {k: v for k, v in container(canaried).items() if k != "env"} == \
+        {k: v for k, v in serving.items() if k != "env"}
+    assert container(canaried)["env"][1:] == serving["env"][1:]
+    promoted = merge_patch(canaried, patch_for_promotion())
+    assert "canaryTrafficPercent" not in predictor(promoted)
+    assert predictor(merge_patch(canaried, patch_for_rollback()))["canaryTrafficPercent"] == 0
+
+
+@pytest.mark.parametrize("prometheus", [True, False])
+@pytest.mark.parametrize("tag_routing", [True, False])
+def test_annotations_for_scraping_and_tag_routing(prometheus, tag_routing):
+    manifest = build_inference_service(config(prometheus_scraping=prometheus, tag_routing=tag_routing, port=9000))
+    assert_valid(manifest)
+    annotations = manifest["metadata"].get("annotations", {})
+    pod_annotations = predictor(manifest).get("annotations", {})
+    assert (annotations.get("serving.kserve.io/enable-tag-routing") == "true") == tag_routing
+    if prometheus:
+        assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
+        assert pod_annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "9000",
+                                   "prometheus.io/path": "/metrics"}
+    else:
+        assert "serving.kserve.io/enable-prometheus-scraping" not in annotations and not pod_annotations
+    assert container(manifest)["ports"] == [{"containerPort": 9000, "name": "http1", "protocol": "TCP"}]
+    assert container(manifest)["readinessProbe"]["httpGet"] == {"path": "/v2/models/defectkit/ready", "port": 9000}
+
+
+def test_manifest_is_camel_case_json():
+    manifest = build_inference_service(config())
+    text = yaml.safe_dump(manifest)
+    for snake in ("canary_traffic_percent", "min_replicas", "container_port", "api_version", "service_account"):
+        assert snake not in text
+    assert manifest["apiVersion"] == "serving.kserve.io/v1beta1" and manifest["kind"] == "InferenceService"
+
+
+@pytest.mark.parametrize(("path", "typo"), [
+    (("spec", "predictor"), "canaryTrafficPercentt"),
+    (("spec", "predictor", "containers", 0), "envv"),
+    (("spec", "predictor", "containers", 0, "resources"), "limit"),
+    (("spec",), "predicter"),
+    (("metadata",), "annotation"),
+])
+def test_strict_check_catches_typos_that_the_schema_alone_lets_through(path, typo):
+    manifest = build_inference_service(config())
+    node = manifest
+    for key in path:
+        node = node[key]
+    node[typo] = 10
+    unknown, errors = object_problems(manifest)
+    dotted = ".".join(f"[{k}]" if isinstance(k, int) else k for k in path).replace(".[", "[")
+    assert unknown == [f"{dotted}.{typo}"]
+    # The CRD leaves additionalProperties unset, so jsonschema on its own accepts the typo.
+    assert schema_errors({k: v for k, v in manifest.items() if k != "metadata"}, crd_schema()) == []
+    assert errors == []
+
+
+def test_strict_check_catches_typos_in_patches():
+    unknown, _ = patch_problems({"spec": {"predictor": {"canaryTrafficPercentt": None, "canaryTrafficPercnt": 5}}})
+    assert unknown == ["spec.predictor.canaryTrafficPercnt"]
+
+
+def test_strict_walker_honours_open_schemas():
+    schema = crd_schema()
+    status = {"observedGeneration": 2, "anythingTheControllerAdds": {"x": 1},
+              "components": {"predictor": {"traffic": [{"revisionName": "r", "percent": 5}]}}}
+    # status preserves unknown fields; components is a map (additionalProperties) of declared objects.
+    assert unknown_fields({"status": status}, schema) == []
+    # The preserve flag is not inherited: declared objects below it are still pruned, as by the API server.
+    status["components"]["predictor"]["trafic"] = []
+    assert unknown_fields({"status": status}, schema) == ["status.components.predictor.trafic"]
+    resources = {"limits": {"cpu": 2, "example.com/fpga": "1"}}
+    limits = {"spec": {"predictor": {"containers": [{"name": "c", "resources": resources}]}}}
+    assert unknown_fields(limits, schema) == []  # int-or-string quantities in an open map
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: predictor(m).update(canaryTrafficPercent="10"), "is not of type 'integer'"),
+    (lambda m: container(m).pop("name"), "'name' is a required property"),
+    (lambda m: container(m)["resources"]["limits"].update(memory="4 GB"), "does not match"),
+    (lambda m: predictor(m).update(scaleMetric="gpu"), "is not one of"),
+    (lambda m: m["metadata"]["labels"].update(tier=3), "is not of type 'string'"),
+])
+def test_schema_violations_are_reported(edit, message):
+    manifest = build_inference_service(config())
+    edit(manifest)
+    unknown, errors = object_problems(manifest)
+    assert unknown == []
+    assert any(message in e for e in errors), errors
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"name": "Defect"}, "InferenceService name"),
+    ({"name": "1defect"}, "starting with a letter"),
+    ({"name": "d" * (MAX_NAME_LENGTH + 1)}, f"at most {MAX_NAME_LENGTH}"),
+    ({"namespace": "ML_team"}, "namespace"),
+    ({"image": "ghcr.io/defectkit/serve"}, "explicit tag"),
+    ({"image": "ghcr.io/defectkit/serve:latest"}, ":latest"),
+    ({"image": "localhost:5000/serve"}, "explicit tag"),
+    ({"storage_uri": "s3://bucket/model"}, "gs://"),
+    ({"storage_uri": "gs://AB/model"}, "invalid bucket"),
+    ({"storage_uri": "gs://bucket//model"}, "empty path segment"),
+    ({"canary_traffic_percent": 101}, "0 to 100"),
+    ({"canary_traffic_percent": -1}, "0 to 100"),
+    ({"canary_traffic_percent": True}, "0 to 100"),
+    ({"cpu_request": "4", "cpu_limit": "2"}, "exceeds its limit"),
+    ({"memory_request": "3Gi", "memory_limit": "3000Mi"}, "exceeds its limit"),
+    ({"memory_limit": "lots"}, "not a Kubernetes quantity"),
+    ({"gpu": -1}, "gpu"),
+    ({"min_replicas": 3, "max_replicas": 2}, "min <= max"),
+    ({"max_replicas": 0, "min_replicas": 0}, "max >= 1"),
+    ({"port": 8012}, "Knative reserves"),
+    ({"service_account": "Serve_Account"}, "service account"),
+    ({"env": (("STORAGE_URI", "gs://x/y"),)}, "storage_uri"),
+    ({"env": (("A", "1"), ("A", "2"))}, "repeat"),
+    ({"env": (("1A", "x"),)}, "environment variable name"),
+    ({"model_name": "de fect"}, "model name"),
+])
+def test_config_refuses_what_the_cluster_would(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config(**overrides)
+
+
+def test_config_accepts_digests_and_registry_ports():
+    config(image="localhost:5000/serve:0.1.0")
+    config(image="ghcr.io/defectkit/serve@sha256:" + "a" * 64)
+    config(storage_uri="gs://defectkit-models")
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("500m", 0.5), ("2", 2), ("1.5", 1.5), ("2Gi", 2 * 2**30), ("3000Mi", 3000 * 2**20), ("1k", 1000),
+    ("1e3", 1000), ("100n", 1e-7), (".5", 0.5),
+])
+def test_parse_quantity(text, value):
+    assert float(parse_quantity(text)) == pytest.approx(value)
+
+
+def test_patches_refuse_bad_input():
+    live = as_stored(build_inference_service(config()))
+    with pytest.raises(ValueError, match="gs://"):
+        patch_for_canary(live, "/tmp/model", 0)
+    with pytest.raises(ValueError, match="0 to 100"):
+        patch_for_traffic(150)
+    del live["spec"]["predictor"]["containers"][0]["name"]
+    with pytest.raises(ValueError, match=CONTAINER_NAME):
+        patch_for_canary(live, CANDIDATE_URI, 0)
+
+
+def test_canary_patch_carries_the_resource_version_precondition():
+    live = as_stored(build_inference_service(config()))
+    assert patch_for_canary(live, CANDIDATE_URI)["metadata"] == {"resourceVersion": "1001"}
+    assert "metadata" not in patch_for_canary(build_inference_service(config()), CANDIDATE_URI)
+
+
+def _deploy_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="defectkit")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_deploy_dry_run_prints_the_manifest(capsys):
+    args = _deploy_parser().parse_args([
+        "deploy", "--backend", "kserve", "--dry-run", "--name", "defect", "--namespace", "ml",
+        "--storage-uri", CANDIDATE_URI, "--canary-percent", "10", "--image", IMAGE, "--gpu", "1",
+        "--min-replicas", "0", "--service-account", "defectkit-serve", "--env", "LOG_LEVEL=debug",
+    ])
+    assert args.func(args) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert_valid(printed)
+    assert printed == build_inference_service(config(
+        storage_uri=CANDIDATE_URI, canary_traffic_percent=10, gpu=1, min_replicas=0,
+        service_account="defectkit-serve", env=(("LOG_LEVEL", "debug"),),
+    ))
+
+
+def test_deploy_dry_run_names_what_is_missing():
+    args = _deploy_parser().parse_args(["deploy", "--backend", "kserve", "--dry-run", "--storage-uri", CANDIDATE_URI])
+    with pytest.raises(ValueError, match="--image"):
+        args.func(args)
+    with pytest.raises(SystemExit):
+        _deploy_parser().parse_args(["deploy", "--env", "NOVALUE"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["deploy", "--backend", "local"],
+    ["deploy", "--backend", "kserve", "--storage-uri", CANDIDATE_URI, "--image", IMAGE],
+])
+def test_deploy_without_a_controller_exits_2(argv, monkeypatch, caplog):
+    # As on an installation without the delivery controller: the import finds no module.
+    monkeypatch.setitem(sys.modules, "defectkit.delivery.controller", None)
+    args = _deploy_parser().parse_args(argv)
+    with caplog.at_level(logging.ERROR):
+        assert args.func(args) == 2
+    assert "defectkit.delivery.controller.run_from_args" in caplog.text
