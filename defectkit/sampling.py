@@ -1,0 +1,287 @@
+"""Production sampling: a share of served images, with their answers, kept for drift checks and retraining.
+
+The model server offers every answered request to a :class:`Sampler`; a
+seeded draw keeps each image with probability ``rate``. Kept images go on a
+bounded queue and a background thread writes them, so a request never waits
+for storage: when the queue is full the image is dropped and counted. Layout
+under the root (a local directory, ``file://`` or ``gs://`` URI)::
+
+    date=YYYY-MM-DD/HH/<id>.<ext>    the image file as it was sent (pixels inputs as PNG)
+    date=YYYY-MM-DD/HH/<id>.json     {"image", "score", "label", "model_version", "time"}
+
+Date and hour are UTC. :func:`read_window` lists the samples of a time
+window; :func:`window_to_dataset` turns them into the ``current`` directory
+:func:`defectkit.drift.detect_artifact_drift` reads.
+
+GPU-safe: numpy, Pillow and defectkit's storage only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import queue
+import random
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from defectkit import image, preprocess, storage
+
+log = logging.getLogger(__name__)
+
+SIDECAR_SUFFIX = ".json"
+SAMPLES_FILE = "samples.jsonl"
+IMAGES_DIR = "images"
+EMBEDDINGS_FILE = "embeddings.npy"
+# Leading bytes of the formats the server accepts, so a sample keeps its real extension without decoding it.
+_MAGIC = ((b"\x89PNG", "png"), (b"\xff\xd8", "jpg"), (b"BM", "bmp"), (b"II*\x00", "tif"), (b"MM\x00*", "tif"))
+_DROP_LOG_EVERY = 1000
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Which share of served images is kept (``rate``, drawn with ``seed``), where, and how much may wait."""
+
+    rate: float = 0.0
+    uri: str = ""
+    seed: int = 0
+    queue_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.rate, (int, float)) and 0.0 <= self.rate <= 1.0):
+            raise ValueError(f"sample rate {self.rate!r} must be a share between 0 and 1")
+        if self.rate > 0 and not self.uri:
+            raise ValueError(f"sample rate {self.rate} needs a storage URI to write the samples to (--sample-uri)")
+        if not isinstance(self.queue_size, int) or self.queue_size < 1:
+            raise ValueError(f"queue_size={self.queue_size!r} must be a positive integer")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled image: ``image`` is its path relative to the sampling root."""
+
+    image: str
+    score: float
+    label: str
+    model_version: str
+    time: float
+
+    def to_json(self) -> dict:
+        return {"image": self.image, "score": self.score, "label": self.label,
+                "model_version": self.model_version, "time": self.time}
+
+    @classmethod
+    def from_json(cls, record: dict) -> Sample:
+        return cls(str(record["image"]), float(record["score"]), str(record["label"]),
+                   str(record["model_version"]), float(record["time"]))
+
+
+def partition(at: float) -> str:
+    """The ``date=YYYY-MM-DD/HH`` folder of a UNIX time (UTC)."""
+    moment = datetime.fromtimestamp(at, timezone.utc)
+    return f"date={moment:%Y-%m-%d}/{moment:%H}"
+
+
+def extension(data: bytes) -> str:
+    for magic, ext in _MAGIC:
+        if data.startswith(magic):
+            return ext
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "bin"
+
+
+class Sampler:
+    """Keeps a seeded share of offered images and writes them on its own thread; :meth:`offer` never blocks."""
+
+    def __init__(self, config: SamplingConfig) -> None:
+        if not config.enabled:
+            raise ValueError("sampling is off (rate 0); create a Sampler only for a positive rate")
+        self.config = config
+        self._store = storage.Store(config.uri)
+        self._draw = random.Random(config.seed)
+        self._queue: queue.Queue = queue.Queue(config.queue_size)
+        self._lock = threading.Lock()
+        self.offered = self.sampled = self.dropped = self.written = self.failed = 0
+        self._thread = threading.Thread(target=self._write_loop, name="sampler", daemon=True)
+        self._thread.start()
+
+    def offer(self, images: Sequence[bytes] | np.ndarray, scores: Sequence[float], labels: Sequence[str],
+              model_version: str, at: float | None = None) -> None:
+        """Consider one request's images (encoded files, or (N, S, S, 3) pixels) with their answers."""
+        at = time.time() if at is None else at
+        with self._lock:
+            for i in range(len(scores)):
+                self.offered += 1
+                if self._draw.random() >= self.config.rate:
+                    continue
+                self.sampled += 1
+                item = (images[i], float(scores[i]), str(labels[i]), model_version, at)
+                try:
+                    self._queue.put_nowait(item)
+                except queue.Full:
+                    self.dropped += 1
+                    if self.dropped % _DROP_LOG_EVERY == 1:
+                        log.warning("sampling queue full (%d): %d samples dropped so far; storage at %s is slower "
+                                    "than the sample rate %g needs", self.config.queue_size, self.dropped,
+                                    self.config.uri, self.config.rate)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"offered": self.offered, "sampled": self.sampled, "dropped": self.dropped,
+                    "written": self.written, "failed": self.failed}
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every queued sample is written; False if that took longer than ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is queued (up to ``timeout_s``), then stop the writer thread."""
+        self.flush(timeout_s)
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self._write(*item)
+                with self._lock:
+                    self.written += 1
+            except Exception:  # noqa: BLE001 - a storage failure loses one sample, never the writer
+                with self._lock:
+                    self.failed += 1
+                log.exception("could not write a sample to %s", self.config.uri)
+            finally:
+                self._queue.task_done()
+
+    def _write(self, data: bytes | np.ndarray, score: float, label: str, model_version: str, at: float) -> None:
+        if isinstance(data, np.ndarray):
+            buffer = io.BytesIO()
+            Image.fromarray(np.clip(data, 0, 255).astype(np.uint8)).save(buffer, "PNG")
+            data = buffer.getvalue()
+        stem = f"{partition(at)}/{uuid.uuid4().hex}"
+        rel = f"{stem}.{extension(data)}"
+        self._store.write(rel, bytes(data))
+        # Sidecar last: a reader that sees it can rely on the image being there.
+        sample = Sample(rel, score, label, model_version, at)
+        self._store.write(stem + SIDECAR_SUFFIX, json.dumps(sample.to_json()).encode())
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _days(since: float, until: float) -> list[str]:
+    day = datetime.fromtimestamp(since, timezone.utc).date()
+    last = datetime.fromtimestamp(until, timezone.utc).date()
+    days = []
+    while day <= last:
+        days.append(f"date={day:%Y-%m-%d}")
+        day += timedelta(days=1)
+    return days
+
+
+def read_window(root: str | Path, since: float, until: float) -> list[Sample]:
+    """Samples taken at ``since <= time < until`` (UNIX seconds), oldest first; only their days are listed."""
+    if until <= since:
+        raise ValueError(f"window end {until} must be after its start {since}")
+    root = str(root).rstrip("/")
+    samples = []
+    for day in _days(since, until):
+        store = storage.Store(f"{root}/{day}")
+        try:
+            names = store.list()
+        except FileNotFoundError:
+            continue  # no request was sampled that day
+        for name in names:
+            if not name.endswith(SIDECAR_SUFFIX):
+                continue
+            sample = Sample.from_json(json.loads(store.read(name)))
+            if since <= sample.time < until:
+                samples.append(sample)
+    samples.sort(key=lambda s: (s.time, s.image))
+    return samples
+
+
+@dataclass(frozen=True)
+class WindowDataset:
+    """What :func:`window_to_dataset` wrote: ``images`` usable samples, ``rejected`` that no longer decode."""
+
+    path: Path
+    images: int
+    rejected: int
+    embeddings: bool
+
+
+def window_to_dataset(root: str | Path, since: float, until: float, out_dir: Path, *,
+                      model_dir: Path | None = None, spec: preprocess.PreprocessSpec | None = None) -> WindowDataset:
+    """Write a window's samples as the ``current`` side of a drift check.
+
+    ``out_dir/images/<file>`` (the sampled files), ``samples.jsonl`` (one
+    :class:`Sample` per line, ``image`` now relative to out_dir),
+    ``features.csv`` (path, then preprocess.FEATURE_NAMES, computed on
+    ``preprocess.to_model_input`` at the model's input size, as for the
+    reference) and, with ``model_dir``, ``embeddings.npy`` (the model's
+    penultimate-layer embeddings, float32). Give ``model_dir`` or ``spec``.
+    """
+    if model_dir is None and spec is None:
+        raise ValueError("give model_dir (the served model) or spec (its preprocessing): features are computed "
+                         "at the model's input size")
+    model = None
+    if model_dir is not None:
+        from defectkit import models
+
+        model = models.load_model(Path(model_dir), "cpu")
+        spec = model.metadata.preprocess
+    out_dir = Path(out_dir)
+    (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    root = str(root).rstrip("/")
+    store = storage.Store(root)
+    pixels, rows, rejected = [], [], 0
+    with (out_dir / SAMPLES_FILE).open("w") as lines:
+        for sample in read_window(root, since, until):
+            data = store.read(sample.image)
+            name = Path(sample.image).name
+            try:
+                array = preprocess.to_model_input(data, spec, name=name)
+            except image.ImageRejected as exc:
+                rejected += 1
+                log.warning("sample %s skipped (%s): %s", sample.image, exc.reason, exc.detail)
+                continue
+            rel = f"{IMAGES_DIR}/{name}"
+            (out_dir / rel).write_bytes(data)
+            lines.write(json.dumps({**sample.to_json(), "image": rel}) + "\n")
+            pixels.append(array)
+            rows.append({"path": rel, **preprocess.image_features(array)})
+    with (out_dir / preprocess.FEATURES_FILE).open("w", newline="") as table:
+        writer = csv.DictWriter(table, ["path", *preprocess.FEATURE_NAMES])
+        writer.writeheader()
+        writer.writerows(rows)
+    if model is not None:
+        stacked = np.stack(pixels) if pixels else np.zeros((0, spec.image_size, spec.image_size, 3), np.uint8)
+        np.save(out_dir / EMBEDDINGS_FILE, model.embeddings(stacked).astype(np.float32))
+    log.info("window %s .. %s of %s: %d images (%d rejected) in %s",
+             datetime.fromtimestamp(since, timezone.utc).isoformat(),
+             datetime.fromtimestamp(until, timezone.utc).isoformat(), root, len(rows), rejected, out_dir)
+    return WindowDataset(out_dir, len(rows), rejected, model is not None)

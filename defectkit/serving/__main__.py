@@ -1,0 +1,3 @@
+from defectkit.serving.server import main
+
+raise SystemExit(main())

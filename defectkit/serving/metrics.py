@@ -1,0 +1,66 @@
+"""Prometheus metrics of the model server, every one labelled with the model version that answered.
+
+They live in prometheus_client's default registry, which KServe's model
+server exposes at ``GET /metrics``; the delivery controller compares a
+canary with the stable version on them (error rate, latency percentiles,
+score distribution and defect rate).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import Counter, Gauge, Histogram
+
+from defectkit.serving.breaker import CLOSED, HALF_OPEN, OPEN
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
+SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+BREAKER_STATE_VALUES = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
+
+REQUESTS = Counter("defectkit_requests", "Inference requests by HTTP status code", ["model_version", "status"])
+LATENCY = Histogram("defectkit_request_latency_seconds", "Inference request latency, body received to response",
+                    ["model_version"], buckets=LATENCY_BUCKETS)
+SCORES = Histogram("defectkit_score", "Defect scores returned", ["model_version"], buckets=SCORE_BUCKETS)
+PREDICTIONS = Counter("defectkit_predictions", "Images labelled, by label (defect rate = defect / all)",
+                      ["model_version", "label"])
+BATCH_SIZE = Histogram("defectkit_batch_size", "Images per model forward (micro-batching)", ["model_version"],
+                       buckets=BATCH_BUCKETS)
+MODEL_FAILURES = Counter("defectkit_model_failures", "Model calls that raised or timed out",
+                         ["model_version", "kind"])
+BREAKER_STATE = Gauge("defectkit_breaker_state", "Circuit breaker of the primary model: 0 closed, 1 open, 2 half-open",
+                      ["model_version"])
+MODEL_INFO = Gauge("defectkit_model_info", "Models loaded by this server (value 1)",
+                   ["model_version", "role", "architecture", "image_size", "weights_sha256"])
+
+
+def request_done(model_version: str, status: int, seconds: float) -> None:
+    REQUESTS.labels(model_version, str(status)).inc()
+    LATENCY.labels(model_version).observe(seconds)
+
+
+def predictions(model_version: str, scores: np.ndarray, defect: np.ndarray) -> None:
+    histogram = SCORES.labels(model_version)
+    for score in scores.tolist():
+        histogram.observe(score)
+    n_defect = int(np.count_nonzero(defect))
+    if n_defect:
+        PREDICTIONS.labels(model_version, "defect").inc(n_defect)
+    if n_defect < len(scores):
+        PREDICTIONS.labels(model_version, "good").inc(len(scores) - n_defect)
+
+
+def batch(model_version: str, size: int) -> None:
+    BATCH_SIZE.labels(model_version).observe(size)
+
+
+def model_failure(model_version: str, kind: str) -> None:
+    MODEL_FAILURES.labels(model_version, kind).inc()
+
+
+def breaker_state(model_version: str, state: str) -> None:
+    BREAKER_STATE.labels(model_version).set(BREAKER_STATE_VALUES[state])
+
+
+def model_loaded(model_version: str, role: str, architecture: str, image_size: int, weights_sha256: str) -> None:
+    MODEL_INFO.labels(model_version, role, architecture, str(image_size), weights_sha256).set(1)

@@ -1,0 +1,103 @@
+"""Benchmark: request latency with production sampling of every image (rate 1.0) against sampling off.
+
+Two in-process DefectPredictors on the same model (resnet18, 64 px, random
+weights) answer the same single-image JPEG requests from 8 concurrent
+clients, through the same micro-batching path the server uses; one samples
+every image to a temporary directory, the other samples nothing. Rounds
+alternate (off, on, off, on) so both see the same machine state. The target
+is met when the p50 latency with sampling is within 5% of the p50 without:
+``ratio = p50_off / p50_on >= 0.95``. Run from the project root::
+
+    PYTHONPATH=. .venv/bin/python -m tests.bench.run sampling
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SIZE = 64
+CLIENTS = 8
+REQUESTS_PER_ROUND = 400
+ROUNDS = 2
+TARGET = 0.95
+
+
+def _images(count: int = 32) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    files = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)).save(buffer, "JPEG")
+        files.append(buffer.getvalue())
+    return files
+
+
+def _latencies(predictor, files: list[bytes]) -> list[float]:
+    from kserve import InferInput, InferRequest
+
+    def request(data: bytes) -> InferRequest:
+        infer_input = InferInput("image", [1], "BYTES")
+        infer_input.set_data_from_numpy(np.array([data], dtype=object), binary_data=True)
+        return InferRequest("defectkit", [infer_input])
+
+    async def client(k: int, out: list[float]) -> None:
+        for i in range(k, REQUESTS_PER_ROUND, CLIENTS):
+            started = time.perf_counter()
+            await predictor.predict(request(files[i % len(files)]))
+            out.append(time.perf_counter() - started)
+
+    async def scenario() -> list[float]:
+        out: list[float] = []
+        await asyncio.gather(*(client(k, out) for k in range(CLIENTS)))
+        return out
+
+    return asyncio.run(scenario())
+
+
+def run() -> dict:
+    import torch
+
+    from defectkit.models import ModelMetadata, build_model, save_model
+    from defectkit.preprocess import PreprocessSpec
+    from defectkit.sampling import SamplingConfig
+    from defectkit.serving.server import import_kserve
+
+    import_kserve()
+    from defectkit.serving.predictor import DefectPredictor, ServingConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        model_dir = save_model(build_model("resnet18"), ModelMetadata(
+            architecture="resnet18", classes=("good", "scratch"), preprocess=PreprocessSpec(image_size=IMAGE_SIZE),
+            threshold=0.5), Path(tmp) / "model")
+        files = _images()
+        predictors = {
+            "off": DefectPredictor("defectkit", model_dir, config=ServingConfig(device="cpu")),
+            "on": DefectPredictor("defectkit", model_dir, config=ServingConfig(
+                device="cpu", sampling=SamplingConfig(rate=1.0, uri=str(Path(tmp) / "samples"), queue_size=4096))),
+        }
+        for predictor in predictors.values():
+            predictor.load()
+            _latencies(predictor, files[:CLIENTS])  # warm-up
+        measured: dict[str, list[float]] = {"off": [], "on": []}
+        for _ in range(ROUNDS):
+            for name, predictor in predictors.items():
+                measured[name] += _latencies(predictor, files)
+        stats = predictors["on"].sampler.stats()
+        for predictor in predictors.values():
+            predictor.stop()
+    p50_off = float(np.median(measured["off"]) * 1000)
+    p50_on = float(np.median(measured["on"]) * 1000)
+    return {"name": "sampling", "value": p50_on, "baseline": p50_off, "ratio": p50_off / p50_on, "target": TARGET,
+            "unit": "ms p50", "p50_on_ms": p50_on, "p50_off_ms": p50_off,
+            "p99_on_ms": float(np.percentile(measured["on"], 99) * 1000),
+            "p99_off_ms": float(np.percentile(measured["off"], 99) * 1000),
+            "samples_written": stats["written"], "samples_dropped": stats["dropped"],
+            "clients": CLIENTS, "requests": REQUESTS_PER_ROUND * ROUNDS}
