@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 WORK ?= runs
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test compile check bench images constraints clean
+.PHONY: run demo-rollback test compile check bench images constraints clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 
 run: $(STAMP)
 	$(PY) -m defectkit demo --work $(WORK)
+
+# Ships a deliberately broken candidate against the champion of `make run`.
+demo-rollback: $(STAMP)
+	test -f $(WORK)/mlflow.db || $(PY) -m defectkit demo --work $(WORK)
+	$(PY) -m defectkit demo-rollback --work $(WORK)
 
 test: $(STAMP)
 	mkdir -p $(WORK)/tmp

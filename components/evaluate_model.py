@@ -17,6 +17,7 @@ def evaluate_model(
     metrics: Output[Metrics],
     classification: Output[ClassificationMetrics],
     report: Output[Markdown],
+    golden: Output[Artifact],
     champion: Input[Model],
     threshold_policy: str = "max_f1",
     target_fpr: float = 0.05,
@@ -51,6 +52,7 @@ def evaluate_model(
     from pathlib import Path
 
     from defectkit import evaluation
+    from defectkit.golden import build_golden
 
     logging.basicConfig(level=logging.INFO, force=True)
     with tempfile.TemporaryDirectory() as scratch:
@@ -71,6 +73,8 @@ def evaluate_model(
             device=device,
         )
         shutil.copytree(Path(scratch) / "out" / "model", judged_model.path)
+        # Scores a served candidate must reproduce before it gets traffic.
+        build_golden(Path(dataset.path), Path(judged_model.path), Path(golden.path), device=device)
         shutil.copyfile(Path(scratch) / "out" / "metrics.json", verdict.path)
         shutil.copyfile(Path(scratch) / "out" / "report.md", report.path)
     for name, value in result.metrics.items():

@@ -32,7 +32,7 @@ def preprocess_images(
 
     logging.basicConfig(level=logging.INFO, force=True)
     started = time.perf_counter()
-    result = preprocess.preprocess_dataset(
+    preprocess.preprocess_dataset(
         Path(dataset.path), Path(preprocessed.path), preprocess.PreprocessSpec(image_size=image_size), workers=workers or None
     )
     info = preprocess.read_info(Path(preprocessed.path))

@@ -4,6 +4,8 @@
     defectkit train   --data URI --out DIR [--epochs --image-size --arch --device]
     defectkit demo    [--work DIR]          (what `make run` does)
     defectkit submit  --host URL [--param k=v ...]
+    defectkit serve   --model DIR|models:/name@alias --port P   |   serve --stop
+    defectkit deploy  --backend local|kserve [--dry-run] ...
 
 ``train``, ``demo`` and ``submit`` run the committed compiled pipeline YAML,
 locally through kfp.local or on a cluster through the KFP API.
@@ -17,22 +19,11 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from defectkit.demo import DemoDefaults
+
 log = logging.getLogger("defectkit")
-
-
-@dataclass(frozen=True)
-class DemoDefaults:
-    """Embedded defaults of `make run`: a sample dataset small enough for 2 CPU cores."""
-
-    count: int = 400
-    sample_size: int = 256
-    image_size: int = 128
-    epochs: int = 8
-    batch_size: int = 32
-    seed: int = 0
 
 
 def _training_package() -> Path:
@@ -118,34 +109,56 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
-    defaults = DemoDefaults()
-    work = Path(args.work).resolve()
-    data = work / "data"
-    if not (data / "train").is_dir():
-        from defectkit.sample import generate_sample
+    from defectkit import demo
 
-        generate_sample(data, count=defaults.count, size=defaults.sample_size, seed=defaults.seed)
-    champion = work / "champion"
-    arguments = {
-        "source_uri": str(data),
-        "image_size": defaults.image_size,
-        "epochs": defaults.epochs,
-        "batch_size": defaults.batch_size,
-        "seed": defaults.seed,
-        "champion_uri": str(champion) if (champion / "model.json").is_file() else "",
-    }
-    run = _run_training(arguments, work / "runs" / time.strftime("%Y%m%d-%H%M%S"))
+    started = time.perf_counter()
+    work = Path(args.work).resolve()
+    try:
+        run = demo.train_and_ship(work)
+    except RuntimeError as exc:
+        raise PipelineFailed(f"{exc} The failing step's log is above; its artifacts are kept under {work}.") from exc
     verdict = _collect(run, None)
-    if verdict["approved"]:
-        # The approved model becomes the champion the next run is judged against.
-        staged = work / "champion.new"
-        shutil.rmtree(staged, ignore_errors=True)
-        shutil.copytree(run.path("model"), staged)
-        shutil.rmtree(champion, ignore_errors=True)
-        staged.rename(champion)
-    print(_summary(run, verdict, started=started, model_dir=champion if verdict["approved"] else None))
+    print(_summary(run, verdict, started=started) + _serving_summary(work))
     return 0
+
+
+def cmd_demo_rollback(args: argparse.Namespace) -> int:
+    from defectkit import demo
+
+    work = Path(args.work).resolve()
+    record = demo.ship_broken_candidate(work)
+    print(_delivery_lines(record, title="broken candidate (calls every image defective)")
+          + _serving_summary(work, last_delivery=False))
+    return 0 if record.get("verdict") == "rolled_back" else 1
+
+
+def _delivery_lines(record: dict | None, *, title: str) -> str:
+    if not record:
+        return "\ndelivery     none (not approved, or no registry)"
+    candidate = record["candidate"]
+    lines = ["", f"canary       {title}, version {candidate.get('version')}: {record['verdict'].upper()} "
+                 f"after {record.get('duration_s')} s, candidate at {record['final_weight']}% traffic"]
+    if record.get("reason"):
+        lines.append(f"  why        {record['reason']}")
+    for entry in record.get("analyses", []):
+        lines.append(f"  step {entry['step']} at {entry['weight']}%: {entry['verdict']}: {entry['explanation']}")
+    return "\n".join(lines)
+
+
+def _serving_summary(work: Path, *, last_delivery: bool = True) -> str:
+    from defectkit import demo
+    from defectkit.delivery.local import read_stack
+
+    lines = [_delivery_lines(demo.delivery_outcome(work), title="last delivery")] if last_delivery else [""]
+    stack = read_stack(work)
+    if stack is not None and stack.router is not None:
+        lines += [
+            f"serving      champion at {stack.router.url}/v2/models/{demo.DemoDefaults.model_name}/infer "
+            f"(Open Inference Protocol v2)",
+            f"             stop it with: .venv/bin/defectkit serve --stop --work {work}",
+        ]
+    lines.append(f"registry     {demo.tracking_uri(work)}")
+    return "\n".join(lines) + "\n"
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -181,9 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--champion", help="champion model directory to judge against")
     train.set_defaults(func=cmd_train)
 
-    demo = commands.add_parser("demo", help="sample data, train, judge: the main job on embedded defaults")
+    demo = commands.add_parser("demo", help="sample data, train, judge, register and canary-ship: the main job "
+                               "on embedded defaults")
     demo.add_argument("--work", default="runs", help="work directory (default %(default)s)")
     demo.set_defaults(func=cmd_demo)
+
+    rollback = commands.add_parser("demo-rollback", help="ship a deliberately broken candidate against the "
+                                   "champion of `demo` and show it rolled back")
+    rollback.add_argument("--work", default="runs", help="work directory of `demo` (default %(default)s)")
+    rollback.set_defaults(func=cmd_demo_rollback)
 
     submit = commands.add_parser("submit", help="create a run of the compiled pipeline on a Kubeflow Pipelines cluster")
     submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
@@ -193,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--run-name")
     submit.add_argument("--namespace")
     submit.set_defaults(func=cmd_submit)
+
+    # Each of these imports nothing heavy until its command runs.
+    from defectkit.delivery import manifest
+    from defectkit.serving import add_commands as add_serve_commands
+
+    add_serve_commands(commands)
+    manifest.add_commands(commands)
     return parser
 
 
@@ -203,9 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per replayed request otherwise
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PipelineFailed) as exc:
+    except (ValueError, LookupError, FileNotFoundError, PipelineFailed, RuntimeError) as exc:
         log.error("%s", exc)
         return 2
 

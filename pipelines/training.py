@@ -7,10 +7,10 @@ from kfp.dsl import Artifact, Model
 
 from components.evaluate_model import evaluate_model
 from components.preprocess_images import preprocess_images
-from components.register_model import register_model
 from components.resolve_champion import resolve_champion
 from components.train_model import train_model
 from components.validate_images import validate_images
+from pipelines.shipping import release_if_approved
 
 NAME = "defectkit-training"
 
@@ -28,7 +28,11 @@ TrainingOutputs = NamedTuple(
 )
 
 
-@dsl.pipeline(name=NAME, description="Validate images, preprocess, train a defect classifier and judge it against the champion.")
+@dsl.pipeline(
+    name=NAME,
+    description="Validate images, train a defect classifier, judge it against the champion, register it and ship it "
+    "through a canary.",
+)
 def training_pipeline(
     source_uri: str,
     image_size: int = 224,
@@ -47,6 +51,19 @@ def training_pipeline(
     tracking_uri: str = "",
     model_name: str = "defectkit",
     pretrained_weights_uri: str = "",
+    deploy_backend: str = "local",
+    serving_work_dir: str = "runs",
+    canary_steps: str = "10,25,50,100",
+    canary_interval_s: float = 30.0,
+    canary_failure_threshold: int = 2,
+    canary_max_error_rate: float = 0.01,
+    canary_max_p99_latency_s: float = 0.5,
+    canary_max_score_shift: float = 0.2,
+    canary_min_requests: int = 50,
+    kserve_namespace: str = "default",
+    kserve_service: str = "defectkit",
+    prometheus_url: str = "",
+    kube_api_url: str = "",
 ) -> TrainingOutputs:
     """Images to a judged defect model.
 
@@ -68,6 +85,19 @@ def training_pipeline(
         tracking_uri: MLflow tracking URI of the model registry; an approved model is registered there. Empty skips registration.
         model_name: Registered model name in MLflow.
         pretrained_weights_uri: Optional starting weights (local path or gs://).
+        deploy_backend: Where an approved, registered model is shipped: local (model servers on 127.0.0.1) or kserve (an InferenceService).
+        serving_work_dir: Directory of the local serving stack and the delivery state; must outlive the run (a volume or /gcs/ mount on a cluster).
+        canary_steps: Comma-separated canary traffic percents; a final 100 is the promotion.
+        canary_interval_s: Seconds each canary step is held and analysed.
+        canary_failure_threshold: Failed analyses that roll the candidate back.
+        canary_max_error_rate: Highest accepted share of 5xx answers from the candidate.
+        canary_max_p99_latency_s: Highest accepted p99 latency of the candidate, in seconds.
+        canary_max_score_shift: Highest accepted Kolmogorov-Smirnov statistic between candidate and stable defect scores.
+        canary_min_requests: Candidate requests an analysis window needs to be judged.
+        kserve_namespace: Namespace of the InferenceService (kserve backend).
+        kserve_service: InferenceService name (kserve backend).
+        prometheus_url: Prometheus scraping the predictor pods (kserve backend).
+        kube_api_url: Kubernetes API URL (kserve backend); empty uses in-cluster credentials.
     """
     # Reads mutable data at a URI: never served from cache. No task retry: storage
     # I/O retries inside with backoff, and a failed validation is a verdict, not a fault.
@@ -120,16 +150,27 @@ def training_pipeline(
     ).set_caching_options(False)
     evaluate.set_cpu_limit("4").set_memory_limit("16G").set_retry(2, backoff_duration="30s")
 
-    with dsl.If(evaluate.outputs["approved"] == True, name="approved"):  # noqa: E712 - a KFP condition, not Python
-        with dsl.If(tracking_uri != "", name="registry-configured"):
-            # Writes to the registry: never cached.
-            register_model(
-                model=evaluate.outputs["judged_model"],
-                tracking_uri=tracking_uri,
-                model_name=model_name,
-                dataset_fingerprint=fingerprint,
-                kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            ).set_caching_options(False)
+    release_if_approved(
+        approved=evaluate.outputs["approved"],
+        model=evaluate.outputs["judged_model"],
+        golden=evaluate.outputs["golden"],
+        tracking_uri=tracking_uri,
+        model_name=model_name,
+        dataset_fingerprint=fingerprint,
+        deploy_backend=deploy_backend,
+        serving_work_dir=serving_work_dir,
+        canary_steps=canary_steps,
+        canary_interval_s=canary_interval_s,
+        canary_failure_threshold=canary_failure_threshold,
+        canary_max_error_rate=canary_max_error_rate,
+        canary_max_p99_latency_s=canary_max_p99_latency_s,
+        canary_max_score_shift=canary_max_score_shift,
+        canary_min_requests=canary_min_requests,
+        kserve_namespace=kserve_namespace,
+        kserve_service=kserve_service,
+        prometheus_url=prometheus_url,
+        kube_api_url=kube_api_url,
+    )
 
     return TrainingOutputs(
         evaluate.outputs["judged_model"],

@@ -1,0 +1,108 @@
+from typing import Optional
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Markdown, Metrics, Model, Output
+
+from components.images import DEPLOY_IMAGE
+
+
+@dsl.component(base_image=DEPLOY_IMAGE, install_kfp_package=False)
+def deploy_canary(
+    model: Input[Model],
+    tracking_uri: str,
+    model_version: str,
+    decision_record: Output[Markdown],
+    decision_record_json: Output[Artifact],
+    metrics: Output[Metrics],
+    golden: Optional[Input[Artifact]] = None,
+    model_name: str = "defectkit",
+    backend: str = "local",
+    steps: str = "10,25,50,100",
+    interval_s: float = 30.0,
+    failure_threshold: int = 2,
+    max_error_rate: float = 0.01,
+    max_p99_latency_s: float = 0.5,
+    max_score_shift: float = 0.2,
+    min_requests: int = 50,
+    work_dir: str = "runs",
+    namespace: str = "default",
+    service_name: str = "defectkit",
+    prometheus_url: str = "",
+    storage_uri: str = "",
+    kube_api_url: str = "",
+) -> bool:
+    """Ship the registered model through a canary: probe, step traffic, analyse, then promote or roll back.
+
+    Promotion moves the registry alias champion to model_version; a rollback leaves it and
+    tags the version canary=rolled_back. A rolled-back canary is an outcome, not a failure:
+    the step succeeds and returns False. Writes to the registry and the serving platform,
+    so pipelines must turn caching off for this task (task.set_caching_options(False)).
+    Pair it with restore_traffic in the pipeline's exit handler.
+
+    Args:
+        model: Judged model registered as model_version; the kserve backend serves its gs:// URI unless storage_uri is given, the local one serves the registered copy.
+        tracking_uri: MLflow tracking URI of the registry: a tracking server (http://...) or sqlite:///<dir>/mlflow.db.
+        model_version: Registry version of the model (register_model's version output).
+        golden: Golden set (golden.json and images: test images with their offline scores); the candidate must reproduce the scores before it gets traffic. Without it the probe is skipped.
+        model_name: Registered model name in MLflow.
+        backend: local (model servers on 127.0.0.1 behind a weighted router, in work_dir) or kserve (an InferenceService).
+        steps: Comma-separated canary traffic percents held in turn; a final 100 is the promotion itself.
+        interval_s: Seconds each step is held before its metrics are analysed.
+        failure_threshold: Failed analyses that roll the candidate back.
+        max_error_rate: Highest accepted share of 5xx answers from the candidate.
+        max_p99_latency_s: Highest accepted p99 latency of the candidate, in seconds.
+        max_score_shift: Highest accepted Kolmogorov-Smirnov statistic between candidate and stable defect scores (counted only when significant at alpha 0.01).
+        min_requests: Candidate requests a window needs to be judged; fewer make it inconclusive.
+        work_dir: Directory holding the local serving stack and the delivery state; it must outlive this step for a crashed delivery to be resumed or restored (a volume or /gcs/ mount on a cluster).
+        namespace: Kubernetes namespace of the InferenceService (kserve backend).
+        service_name: InferenceService name (kserve backend).
+        prometheus_url: Prometheus scraping the predictor pods (kserve backend).
+        storage_uri: gs:// directory of the model for KServe's storage initializer (kserve backend); empty means the model artifact's own gs:// URI.
+        kube_api_url: Kubernetes API URL (kserve backend); empty means in-cluster credentials or the kubeconfig.
+    """
+    import json
+    import logging
+    from pathlib import Path
+
+    from defectkit.delivery import controller, record
+    from defectkit.delivery.analysis import CanaryPolicy, parse_steps
+
+    logging.basicConfig(level=logging.INFO, force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if backend == "kserve":
+        candidate = storage_uri or model.uri
+    else:
+        # The registry copy outlives this run's artifacts, so the stack can restart its servers from it.
+        candidate = f"models:/{model_name}/{model_version}"
+    config = controller.DeliveryConfig(
+        model=candidate,
+        backend=backend,
+        version=model_version,
+        policy=CanaryPolicy(steps=parse_steps(steps), interval_s=interval_s,
+                            failure_threshold=failure_threshold, max_error_rate=max_error_rate,
+                            max_p99_latency_s=max_p99_latency_s, max_score_shift=max_score_shift,
+                            min_requests=min_requests),
+        work_dir=work_dir,
+        golden_dir=golden.path if golden is not None else None,
+        tracking_uri=tracking_uri,
+        registered_model=model_name,
+        namespace=namespace,
+        service_name=service_name,
+        prometheus_url=prometheus_url or None,
+        api_url=kube_api_url or None,
+    )
+    state = controller.deliver(config)
+    built = record.build_record(state)
+    Path(decision_record.path).write_text(record.render_markdown(built))
+    Path(decision_record_json.path).write_text(json.dumps(built, indent=2))
+    decision_record_json.metadata.update({"verdict": built["verdict"], "reason": built["reason"]})
+    promoted = state.phase == "promoted"
+    metrics.log_metric("promoted", 1.0 if promoted else 0.0)
+    metrics.log_metric("analyses", float(len(state.analyses)))
+    metrics.log_metric("failed_checks", float(state.failed_checks))
+    metrics.log_metric("final_traffic_percent", float(state.weight))
+    if built["duration_s"] is not None:
+        metrics.log_metric("duration_s", float(built["duration_s"]))
+    if state.phase not in ("promoted", "rolled_back"):
+        raise RuntimeError(f"the delivery did not finish: {state.reason}")
+    return promoted

@@ -1,0 +1,769 @@
+"""The delivery controller: deploy -> probe -> step traffic -> analyse -> promote | roll back.
+
+    defectkit deploy --model DIR|models:/<name>/<version> [--backend local|kserve] [--work DIR] ...
+    defectkit deploy --restore [--work DIR]      (the pipeline's exit handler: stable traffic back)
+
+Phases, each persisted (:mod:`defectkit.delivery.state`) before the next begins:
+
+1. ``deploying``: the candidate starts beside the stable version at 0% traffic.
+2. ``probing``: the candidate scores the golden images (a few test-set files with the scores
+   offline evaluation gave them); any score off by more than ``probe_tolerance`` means
+   serving and evaluation disagree, and the candidate is rolled back before any traffic.
+3. ``stepping`` / ``analysing``: traffic moves through the policy's steps; each is held
+   for ``interval_s`` and the window is then analysed (:mod:`defectkit.delivery.analysis`).
+   A pass moves to the next step; a failure counts towards ``failure_threshold``, and the
+   step is held for another interval; an inconclusive window (too little traffic) holds it
+   too, up to ``max_inconclusive`` times in a row.
+4. ``promoting`` -> ``promoted``: the candidate gets all traffic and ``on_promote`` runs
+   (the registry moves alias ``champion``); or ``rolling_back`` -> ``rolled_back``: all
+   traffic back to the stable version, ``on_rollback`` runs, ``champion`` stays.
+
+Resuming (``Controller.run`` on a state file of an unfinished delivery of the same
+candidate) continues from the persisted phase, with these rules:
+
+- ``deploying``, ``probing``, ``promoting``, ``rolling_back``: the phase is repeated (every
+  backend call is idempotent).
+- ``stepping`` (a traffic change was requested, maybe not made): the change is made again
+  whatever the backend reports, then confirmed.
+- ``analysing`` (the outcome of the analysis in progress is unknown): recorded and actual
+  traffic are made to agree first (the recorded weight is restored if they differ). Then
+  the candidate's health is judged at once: the golden probe again (where there is a
+  golden set) and an analysis of the interval just past, which covers the traffic that
+  flowed while the controller was down. A candidate that fails the probe or cannot be
+  reached is rolled back; a failed analysis counts towards the failure threshold as
+  usual; otherwise the step goes on.
+
+- ``failed`` with a traffic change pending (``target_weight`` set: a promotion or a
+  rollback broke off): that change is made again, then the delivery finishes.
+
+Any unexpected error rolls the candidate back (phase ``failed`` if even that fails), so a
+delivery never ends with traffic stranded on a candidate nobody watches; the exception is
+a promotion that broke off, which is finished by running the delivery again rather than
+undone, since every analysis had passed (and KServe cannot send traffic back from a
+revision once it had all of it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from defectkit.delivery import analysis, record
+from defectkit.delivery.analysis import CanaryPolicy
+from defectkit.delivery.backend import (
+    CANARY,
+    EMPTY,
+    STABLE,
+    Backend,
+    BackendError,
+    VariantMetrics,
+    metrics_by_variant,
+)
+from defectkit.delivery.state import (
+    ANALYSING,
+    DEPLOYING,
+    FAILED,
+    PROBING,
+    PROMOTED,
+    PROMOTING,
+    ROLLED_BACK,
+    ROLLING_BACK,
+    STEPPING,
+    RolloutState,
+    StateStore,
+    iso,
+)
+from defectkit.golden import Golden, read_golden
+
+log = logging.getLogger(__name__)
+
+DELIVERY_DIR = "delivery"
+STATE_FILE = "state.json"
+CANARY_TAG = "canary"
+EXIT_PROMOTED, EXIT_ERROR, EXIT_ROLLED_BACK = 0, 2, 3
+_MODEL_VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)/?$")
+_MODEL_ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
+
+Hook = Callable[[RolloutState], None]
+
+
+class RolloutInProgress(ValueError):
+    """Another candidate's delivery is unfinished in the same state file (the request conflicts with it)."""
+
+
+# --------------------------------------------------------------------------- golden images
+
+
+# --------------------------------------------------------------------------- the state machine
+
+
+class Controller:
+    """Delivers ``candidate`` through ``backend`` under ``policy``, persisting every step in ``state_path``.
+
+    ``on_promote`` / ``on_rollback`` run once the traffic has moved (the registry's aliases
+    and tags); they must be idempotent, as a resumed delivery may run them again.
+    ``record_dir`` receives the decision record whenever the delivery stops.
+    """
+
+    def __init__(self, backend: Backend, policy: CanaryPolicy, state_path: Path, *, candidate: str,
+                 candidate_version: str | None = None, stable: str | None = None, backend_name: str = "local",
+                 golden: Golden | None = None, on_promote: Hook | None = None, on_rollback: Hook | None = None,
+                 record_dir: Path | None = None, clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.backend = backend
+        self.policy = policy
+        self.store = StateStore(Path(state_path))
+        self.candidate = candidate
+        self.candidate_version = candidate_version
+        self.stable = stable
+        self.backend_name = backend_name
+        self.golden = golden
+        self.on_promote = on_promote
+        self.on_rollback = on_rollback
+        self.record_dir = None if record_dir is None else Path(record_dir)
+        self._clock = clock
+        self._sleep = sleep
+
+    # ------------------------------------------------------------------ entry point
+
+    def run(self) -> RolloutState:
+        """Deliver the candidate, or resume its unfinished delivery; returns the final state."""
+        state, resuming = self._load_or_create()
+        handlers = {DEPLOYING: self._deploy, PROBING: self._probe, STEPPING: self._step, ANALYSING: self._analyse,
+                    PROMOTING: self._promote, ROLLING_BACK: self._roll_back}
+        try:
+            if resuming:
+                self._resume(state)
+            while not state.terminal:
+                try:
+                    handlers[state.phase](state)
+                except BackendError as exc:
+                    if state.phase in (ROLLING_BACK, PROMOTING):
+                        raise
+                    log.error("%s failed: %s", state.phase, exc)
+                    self._begin_rollback(state, f"the backend failed during {state.phase}: {exc}", error=str(exc))
+        except (KeyboardInterrupt, SystemExit):
+            log.warning("delivery of %s interrupted in phase %s at %d%%; run it again to resume, or restore stable "
+                        "traffic (defectkit deploy --restore)", self.candidate, state.phase, state.weight)
+            raise
+        except Exception as exc:
+            self._fail_safe(state, exc)
+        finally:
+            self._write_record(state)
+        return state
+
+    def _load_or_create(self) -> tuple[RolloutState, bool]:
+        """(state, whether it is an unfinished delivery to resume)."""
+        state = self.store.load()
+        if state is not None and state.candidate == self.candidate:
+            if state.phase == FAILED and state.target_weight is not None:
+                # It failed half-way through a promotion or a rollback: that transition is finished now.
+                state.phase = PROMOTING if state.target_weight == 100 else ROLLING_BACK
+                state.error = None  # kept in the timeline's "delivery failed" event
+                return state, True
+            if state.terminal:
+                log.info("delivery of %s already finished: %s (%s); a finished delivery is not repeated (a retried "
+                         "step must not ship twice): to deliver it again, move %s away", self.candidate, state.phase,
+                         state.reason, self.store.path)
+            return state, not state.terminal
+        if state is not None and (not state.terminal or state.target_weight is not None):
+            raise RolloutInProgress(
+                f"{self.store.path} holds an unfinished delivery of {state.candidate} (phase {state.phase}, "
+                f"{state.weight}% traffic); resume it by delivering that model again, or roll it back with "
+                f"defectkit deploy --restore, before delivering {self.candidate}")
+        state = RolloutState(candidate=self.candidate, candidate_version=self.candidate_version, stable=self.stable,
+                             backend=self.backend_name, policy=self.policy.to_json())
+        state.event("delivery started", steps=",".join(map(str, self.policy.analysed_steps)) + ",promote")
+        self.store.save(state)
+        log.info("delivering %s (stable %s) through steps %s, %g s each", self.candidate, self.stable,
+                 list(self.policy.analysed_steps), self.policy.interval_s)
+        return state, False
+
+    def _resume(self, state: RolloutState) -> None:
+        policy = CanaryPolicy.from_json(state.policy)
+        if policy != self.policy:
+            log.warning("resuming with the policy the delivery started with, not the one given now")
+            self.policy = policy
+        state.event("resumed after an interruption", interrupted_phase=state.phase)
+        log.warning("resuming the delivery of %s from phase %s at %d%% (step %d)", state.candidate, state.phase,
+                    state.weight, state.step_index)
+        if state.phase == STEPPING and state.target_weight is not None:
+            state.event("a traffic change was under way; making it again", actual=self.backend.traffic(),
+                        target=state.target_weight)
+        if state.phase == ANALYSING:
+            actual = self.backend.traffic()
+            if actual != state.weight:
+                state.event("actual traffic differs from the recorded weight; restoring the recorded weight",
+                            actual=actual)
+                state.target_weight = state.weight
+                self.store.save(state)
+                self.backend.set_traffic(state.weight)
+                state.target_weight = None
+            if self.golden is not None and not self._golden_ok(state, "resumed mid-analysis: "):
+                return
+            # The interrupted analysis is judged now, over the interval just past.
+            state.next_analysis_at = self._clock()
+        self.store.save(state)
+
+    # ------------------------------------------------------------------ phases
+
+    def _deploy(self, state: RolloutState) -> None:
+        log.info("deploying candidate %s", self.candidate)
+        self.backend.deploy_candidate(self.candidate)
+        state.phase = PROBING
+        state.event("candidate deployed at 0% traffic")
+        self.store.save(state)
+
+    def _probe(self, state: RolloutState) -> None:
+        if self.golden is None:
+            state.probe = {"skipped": "no golden images given"}
+            state.event("golden probe skipped: no golden images given")
+        elif not self._golden_ok(state, ""):
+            return
+        state.phase, state.step_index = STEPPING, 0
+        self.store.save(state)
+
+    def _golden_ok(self, state: RolloutState, context: str) -> bool:
+        """Probe the golden images; on a mismatch start the rollback and return False."""
+        golden = self.golden
+        try:
+            scores = self.backend.probe(list(golden.images))
+        except BackendError as exc:
+            self._begin_rollback(state, f"{context}the candidate could not be probed: {exc}", error=str(exc))
+            return False
+        diffs = [abs(a - b) for a, b in zip(scores, golden.scores)]
+        worst = max(range(len(diffs)), key=diffs.__getitem__) if diffs else None
+        state.probe = {"images": len(golden.images), "max_abs_diff": max(diffs, default=0.0),
+                       "tolerance": self.policy.probe_tolerance,
+                       "scores": [round(s, 6) for s in scores], "expected": list(golden.scores)}
+        if len(scores) != len(golden.scores) or (worst is not None and diffs[worst] > self.policy.probe_tolerance):
+            what = (f"{len(scores)} scores for {len(golden.scores)} images" if len(scores) != len(golden.scores)
+                    else f"golden image {golden.names[worst]} scored {scores[worst]:.6f} by the candidate but "
+                         f"{golden.scores[worst]:.6f} in offline evaluation (|diff| {diffs[worst]:.2g} > "
+                         f"tolerance {self.policy.probe_tolerance:g})")
+            self._begin_rollback(state, f"{context}golden probe failed: {what}; serving and evaluation disagree")
+            return False
+        state.event("golden probe passed", images=len(golden.images), max_abs_diff=state.probe["max_abs_diff"])
+        return True
+
+    def _step(self, state: RolloutState) -> None:
+        steps = self.policy.analysed_steps
+        if state.step_index >= len(steps):
+            state.phase = PROMOTING
+            state.event("every step passed; promoting")
+            self.store.save(state)
+            return
+        target = steps[state.step_index]
+        # Intent first: if we die inside set_traffic, a restart knows the split may already have changed.
+        state.target_weight = target
+        state.event("setting candidate traffic", target=target)
+        self.store.save(state)
+        self.backend.set_traffic(target)
+        now = self._clock()
+        state.weight, state.target_weight = target, None
+        state.phase, state.inconclusive = ANALYSING, 0
+        state.hold_started_at, state.next_analysis_at = now, now + self.policy.interval_s
+        state.event("candidate traffic set", step=state.step_index + 1)
+        self.store.save(state)
+        log.info("step %d/%d: candidate at %d%% for %g s", state.step_index + 1, len(steps), target,
+                 self.policy.interval_s)
+
+    def _analyse(self, state: RolloutState) -> None:
+        policy = self.policy
+        wait = state.next_analysis_at - self._clock()
+        if wait > 0:
+            self._sleep(wait)
+        now = self._clock()
+        stable, canary, result, reference = self._judge(state)
+        entry = {"t": now, "at": iso(now), "step": state.step_index + 1, "weight": state.weight,
+                 "window_s": policy.interval_s, "verdict": result.verdict, "explanation": result.explain(),
+                 "skipped_reason": result.skipped_reason, "checks": [c.to_json() for c in result.checks],
+                 "canary": canary.summary(), "stable": stable.summary(), "stable_reference": reference}
+        state.analyses.append(entry)
+        log.info("analysis at %d%%: %s", state.weight, result.explain())
+        if result.verdict == analysis.PASS:
+            state.step_index += 1
+            state.phase = STEPPING
+            state.event("analysis passed", analysis=len(state.analyses))
+        elif result.verdict == analysis.FAIL:
+            state.failed_checks += 1
+            state.event("analysis failed", analysis=len(state.analyses), failed_checks=state.failed_checks)
+            if state.failed_checks >= policy.failure_threshold:
+                failures = [a["explanation"] for a in state.analyses if a["verdict"] == analysis.FAIL]
+                self._begin_rollback(state, f"{state.failed_checks} failed analyses reached the failure threshold "
+                                            f"of {policy.failure_threshold}: " + " | ".join(failures))
+                return
+        else:
+            state.inconclusive += 1
+            state.event("analysis inconclusive", analysis=len(state.analyses), inconclusive=state.inconclusive)
+            if state.inconclusive >= policy.max_inconclusive:
+                self._begin_rollback(state, f"{state.inconclusive} inconclusive analyses in a row at "
+                                            f"{state.weight}%: {result.skipped_reason}; too little traffic to judge "
+                                            f"the candidate")
+                return
+        if state.phase == ANALYSING:
+            # A fixed cadence; after a long stall (a slow backend, a suspended process) start a fresh interval.
+            state.next_analysis_at = max(state.next_analysis_at + policy.interval_s, now + policy.interval_s / 2)
+        self.store.save(state)
+
+    def _judge(self, state: RolloutState) -> tuple[VariantMetrics, VariantMetrics, analysis.Analysis, bool]:
+        """(stable, canary, analysis, whether a reference stable window was used) for the window just past."""
+        policy = self.policy
+        try:
+            metrics = metrics_by_variant(self.backend.metrics(policy.interval_s))
+        except BackendError as exc:
+            check = analysis.Check("metrics", None, None, False, f"metrics unavailable: {exc}")
+            return EMPTY, EMPTY, analysis.Analysis(False, (check,)), False
+        stable, canary = metrics[STABLE], metrics[CANARY]
+        reference = False
+        if stable.requests >= policy.min_requests:
+            state.reference_stable = stable.to_json()
+        elif state.reference_stable is not None:
+            # At high canary weights the stable version sees too little traffic; compare with its last good window.
+            stable, reference = VariantMetrics.from_json(state.reference_stable), True
+        return stable, canary, analysis.analyse(stable, canary, policy), reference
+
+    def _promote(self, state: RolloutState) -> None:
+        state.target_weight = 100
+        self.store.save(state)
+        self.backend.promote()
+        # target_weight stays until the hook has run too: a failure in between is resumed as a promotion.
+        state.weight = 100
+        state.event("candidate promoted: it serves all traffic")
+        self.store.save(state)
+        if self.on_promote is not None:
+            self.on_promote(state)
+        state.target_weight = None
+        passed = sum(1 for a in state.analyses if a["verdict"] == analysis.PASS)
+        probe = "passed the golden probe" if state.probe and "max_abs_diff" in state.probe else \
+            "had no golden probe"
+        steps = ", ".join(f"{s}%" for s in self.policy.analysed_steps)
+        state.phase = PROMOTED
+        state.reason = (
+            f"the candidate {probe} and passed {passed} analyses through steps {steps} with "
+            f"{state.failed_checks} failed (threshold {self.policy.failure_threshold})"
+            if self.policy.analysed_steps else f"the candidate {probe}; the policy has no analysed steps")
+        state.event("delivery finished: promoted")
+        self.store.save(state)
+        log.info("PROMOTED %s: %s", self.candidate, state.reason)
+
+    def _begin_rollback(self, state: RolloutState, reason: str, *, error: str | None = None) -> None:
+        state.phase, state.reason = ROLLING_BACK, reason
+        if error is not None:
+            state.error = error
+        state.event("rolling back", reason=reason)
+        self.store.save(state)
+        log.warning("rolling back %s: %s", self.candidate, reason)
+
+    def _roll_back(self, state: RolloutState) -> None:
+        roll_back(self.backend, self.store, state, self.on_rollback)
+
+    def _fail_safe(self, state: RolloutState, exc: Exception) -> None:
+        log.exception("delivery of %s failed in phase %s", self.candidate, state.phase)
+        error = f"{type(exc).__name__}: {exc}"
+        # A promotion is not undone half-way (KServe cannot send traffic back from a rolled-out revision):
+        # it was decided on every analysis passing, and running the delivery again finishes it.
+        if state.phase not in (ROLLING_BACK, PROMOTING, PROMOTED, ROLLED_BACK, FAILED):
+            self._begin_rollback(state, f"the delivery failed in phase {state.phase}: {error}", error=error)
+            try:
+                self._roll_back(state)
+                return
+            except Exception as second:  # noqa: BLE001 - reported in the state; restore_stable can retry
+                log.exception("rollback failed too")
+                error = f"{error}; rollback failed: {type(second).__name__}: {second}"
+        promoting = state.phase == PROMOTING
+        state.phase, state.error = FAILED, error
+        remedy = "run the delivery again to finish the promotion" if promoting else \
+            "restore stable traffic with defectkit deploy --restore"
+        state.reason = f"{state.reason or 'the delivery failed'} (could not finish: {error}; {remedy})"
+        state.event("delivery failed", error=error)
+        self.store.save(state)
+
+    def _write_record(self, state: RolloutState) -> None:
+        if self.record_dir is not None:
+            record.write_record(state, self.record_dir)
+
+
+def roll_back(backend: Backend, store: StateStore, state: RolloutState, on_rollback: Hook | None) -> None:
+    """All traffic to the stable version, recorded as intent first and confirmed after."""
+    state.target_weight = 0
+    store.save(state)
+    backend.rollback()
+    # target_weight stays until the hook has run too: a failure in between is resumed as a rollback.
+    state.weight = 0
+    state.event("traffic back on the stable version")
+    store.save(state)
+    if on_rollback is not None:
+        on_rollback(state)
+    state.target_weight = None
+    state.phase = ROLLED_BACK
+    state.event("delivery finished: rolled back")
+    store.save(state)
+    log.warning("ROLLED BACK %s: %s", state.candidate, state.reason)
+
+
+def restore_stable(backend: Backend, state_path: Path, *, reason: str = "restored by request",
+                   on_rollback: Hook | None = None, record_dir: Path | None = None) -> bool:
+    """Roll back an unfinished (or failed) delivery recorded in ``state_path``; True if traffic was moved back.
+
+    For the pipeline's exit handler: after a run that died mid-rollout, the candidate must
+    not keep its traffic share. A finished delivery (promoted or rolled back), or none at
+    all, is left alone.
+    """
+    store = StateStore(Path(state_path))
+    state = store.load()
+    if state is None:
+        log.info("no delivery recorded in %s; nothing to restore", state_path)
+        return False
+    if state.phase in (PROMOTED, ROLLED_BACK):
+        log.info("the delivery of %s finished (%s); nothing to restore", state.candidate, state.phase)
+        return False
+    if state.phase == PROMOTING or (state.phase == FAILED and state.target_weight == 100):
+        log.warning("the delivery of %s passed every analysis and was being promoted; not undoing that: run the "
+                    "delivery again to finish the promotion", state.candidate)
+        return False
+    state.phase, state.reason = ROLLING_BACK, f"{reason} (the delivery stopped in phase {state.phase} at " \
+                                              f"{state.weight}% traffic)"
+    state.event("restoring stable traffic", reason=reason)
+    store.save(state)
+    roll_back(backend, store, state, on_rollback)
+    if record_dir is not None:
+        record.write_record(state, record_dir)
+    return True
+
+
+# --------------------------------------------------------------------------- deliveries as configured
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """One delivery, as ``defectkit deploy`` and the deploy_canary component describe it.
+
+    ``model`` is the candidate: a model directory or ``models:/<name>/<version>`` (an alias
+    is pinned to its version) for the local backend, a ``gs://`` storage URI for kserve.
+    ``version`` is its registry version, for the registry hooks and the decision record's
+    run. ``stable`` is what a local stack that is not running starts with (default: the
+    registry's champion; with none, the delivery is a first deployment). The state file
+    and the decision record default to ``work_dir/delivery/``; for the kserve backend
+    ``work_dir`` must outlive the step running the delivery (a volume, a /gcs/ mount) for a
+    crash to be resumed or restored.
+    """
+
+    model: str = ""
+    backend: str = "local"
+    version: str | None = None
+    policy: CanaryPolicy = CanaryPolicy()
+    work_dir: str = "runs"
+    state_path: str | None = None
+    record_dir: str | None = None
+    golden_dir: str | None = None
+    tracking_uri: str | None = None
+    registered_model: str = "defectkit"
+    stable: str | None = None
+    model_name: str = "defectkit"
+    router_port: int = 0
+    server_args: tuple[str, ...] = ()
+    candidate_args: tuple[str, ...] = ()
+    scrape_interval_s: float = 1.0
+    namespace: str = "default"
+    service_name: str = "defectkit"
+    api_url: str | None = None
+    prometheus_url: str | None = None
+    probe_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("local", "kserve"):
+            raise ValueError(f"backend {self.backend!r} must be 'local' or 'kserve'")
+        if self.backend == "kserve" and not self.prometheus_url:
+            raise ValueError("the kserve backend needs prometheus_url (--prometheus-url): canary analysis reads "
+                             "the predictor pods' metrics from Prometheus")
+
+    @property
+    def state_file(self) -> Path:
+        return Path(self.state_path) if self.state_path else Path(self.work_dir) / DELIVERY_DIR / STATE_FILE
+
+    @property
+    def record_path(self) -> Path:
+        return Path(self.record_dir) if self.record_dir else Path(self.work_dir) / DELIVERY_DIR
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DeliveryConfig:
+        return cls(
+            model=(args.storage_uri if args.backend == "kserve" else args.model) or "", backend=args.backend,
+            version=args.version, policy=policy_from_args(args), work_dir=args.work, state_path=args.state,
+            record_dir=args.record_dir, golden_dir=args.golden, tracking_uri=args.tracking_uri,
+            registered_model=args.registered_model, stable=args.stable, model_name=args.model_name,
+            router_port=args.router_port, server_args=tuple(args.serve_arg),
+            candidate_args=tuple(args.candidate_serve_arg), scrape_interval_s=args.scrape_interval_s,
+            namespace=args.namespace, service_name=args.name, api_url=args.api_url,
+            prometheus_url=args.prometheus_url, probe_url=args.probe_url)
+
+
+def make_backend(config: DeliveryConfig):
+    """The LocalBackend or KServeBackend ``config`` names; close() it when done (a LocalBackend scrapes)."""
+    if config.backend == "local":
+        from defectkit.delivery.local import LocalBackend, StackOptions
+
+        return LocalBackend(Path(config.work_dir), StackOptions(
+            model_name=config.model_name, tracking_uri=config.tracking_uri, router_port=config.router_port,
+            server_args=config.server_args, candidate_args=config.candidate_args,
+            scrape_interval_s=config.scrape_interval_s))
+    from defectkit.delivery.kserve import KServeBackend, KubeApi
+
+    api = KubeApi(config.api_url) if config.api_url else KubeApi.from_kubeconfig()
+    return KServeBackend(api, config.namespace, config.service_name, config.prometheus_url,
+                         model_name=config.model_name, probe_url=config.probe_url)
+
+
+def deliver(config: DeliveryConfig) -> RolloutState:
+    """Run (or resume) the delivery ``config`` describes; writes the decision record and, with a registry
+    and a version, moves the aliases and logs the record to the candidate's run."""
+    candidate, version = _pinned(config.model, config.tracking_uri, config.backend)
+    version = config.version or version
+    golden = read_golden(Path(config.golden_dir)) if config.golden_dir else None
+    if golden is not None and golden.weights_sha256 and (Path(candidate) / "model.json").is_file():
+        weights = json.loads((Path(candidate) / "model.json").read_text()).get("weights_sha256")
+        if weights != golden.weights_sha256:
+            raise ValueError(f"the golden set in {config.golden_dir} was scored by weights {golden.weights_sha256[:12]}"
+                             f" but the candidate {candidate} has weights {str(weights)[:12]}; build the golden set "
+                             f"with the candidate model")
+    on_promote, on_rollback = _hooks(config, version)
+    backend = make_backend(config)
+    try:
+        if config.backend == "local":
+            stable = _stable_for_stack(config)
+            if backend.stack() is None and stable is None:
+                state = _first_deployment(backend, config.state_file, candidate, version, config.policy, on_promote)
+            else:
+                stable = backend.ensure_stack(stable).stable.model
+                state = None
+        else:
+            stable, state = None, None
+        if state is None:
+            state = Controller(backend, config.policy, config.state_file, candidate=candidate,
+                               candidate_version=version, stable=stable, backend_name=config.backend, golden=golden,
+                               on_promote=on_promote, on_rollback=on_rollback).run()
+    finally:
+        _close(backend)
+    record.write_record(state, config.record_path)
+    if config.tracking_uri and version:
+        log_record(config.tracking_uri, config.registered_model, version, state)
+    return state
+
+
+def restore(config: DeliveryConfig, reason: str = "restore requested") -> bool:
+    """``restore_stable`` for the delivery recorded under ``config`` (the pipeline's exit handler)."""
+    state = StateStore(config.state_file).load()
+    if state is None:
+        log.info("no delivery recorded in %s; nothing to restore", config.state_file)
+        return False
+    _, on_rollback = _hooks(config, state.candidate_version)
+    backend = make_backend(config)
+    try:
+        restored = restore_stable(backend, config.state_file, reason=reason, on_rollback=on_rollback,
+                                  record_dir=config.record_path)
+    finally:
+        _close(backend)
+    if restored and config.tracking_uri and state.candidate_version:
+        log_record(config.tracking_uri, config.registered_model, state.candidate_version,
+                   StateStore(config.state_file).load())
+    return restored
+
+
+def _close(backend) -> None:
+    close = getattr(backend, "close", None)  # a LocalBackend's scraper thread; KServeBackend holds nothing
+    if close is not None:
+        close()
+
+
+def _hooks(config: DeliveryConfig, version: str | None) -> tuple[Hook | None, Hook | None]:
+    if not (config.tracking_uri and version):
+        return None, None
+    return registry_hooks(config.tracking_uri, config.registered_model, version)
+
+
+def _pinned(uri: str, tracking_uri: str | None, backend: str) -> tuple[str, str | None]:
+    """(candidate URI, registry version): an alias is pinned to the version it points to now."""
+    if not uri:
+        raise ValueError("no candidate given: pass --model (local backend: a model directory or models:/ URI) or "
+                         "--storage-uri (kserve backend: the gs:// model directory)")
+    match = _MODEL_VERSION_URI.match(uri)
+    if match:
+        return uri, match["version"]
+    match = _MODEL_ALIAS_URI.match(uri)
+    if match:
+        if not tracking_uri:
+            raise ValueError(f"{uri} is a registry URI: give the registry with --tracking-uri")
+        from defectkit import registry
+
+        ref = registry.version_for_alias(registry.RegistryConfig.for_uri(tracking_uri, model_name=match["name"]),
+                                         match["alias"])
+        if ref is None:
+            raise LookupError(f"{uri}: no such alias in {tracking_uri}")
+        return ref.uri, ref.version
+    if backend == "kserve":
+        from defectkit.delivery.manifest import validate_storage_uri
+
+        return validate_storage_uri(uri), None
+    if "://" in uri:
+        return uri, None
+    path = Path(uri).resolve()
+    if not (path / "model.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no model.json); give the judged model")
+    return str(path), None
+
+
+def _stable_for_stack(config: DeliveryConfig) -> str | None:
+    if config.stable:
+        return _pinned(config.stable, config.tracking_uri, "local")[0]
+    if config.tracking_uri:
+        from defectkit import registry
+
+        ref = registry.champion(registry.RegistryConfig.for_uri(config.tracking_uri,
+                                                                model_name=config.registered_model))
+        return ref.uri if ref is not None else None
+    return None
+
+
+def _first_deployment(backend, state_path: Path, candidate: str, version: str | None, policy: CanaryPolicy,
+                      on_promote: Hook | None) -> RolloutState:
+    """Nothing serves yet: the candidate becomes the stable version of a new stack, with nothing to compare."""
+    store = StateStore(state_path)
+    state = RolloutState(candidate=candidate, candidate_version=version, backend="local", policy=policy.to_json())
+    state.event("first deployment: no stable version serves yet")
+    state.target_weight = 100
+    store.save(state)
+    backend.ensure_stack(candidate, first_deployment=True)
+    state.weight, state.target_weight = 100, None
+    state.event("candidate serves all traffic")
+    store.save(state)
+    if on_promote is not None:
+        on_promote(state)
+    state.phase = PROMOTED
+    state.reason = "first deployment: no stable version served, so there was nothing to compare the candidate with"
+    state.event("delivery finished: promoted")
+    store.save(state)
+    return state
+
+
+# --------------------------------------------------------------------------- registry hooks
+
+
+def registry_hooks(tracking_uri: str, model_name: str, version: str) -> tuple[Hook, Hook]:
+    """on_promote (alias champion -> version) and on_rollback (tag canary=rolled_back, champion kept)."""
+    from defectkit import registry
+
+    config = registry.RegistryConfig.for_uri(tracking_uri, model_name=model_name)
+
+    def promoted(state: RolloutState) -> None:
+        registry.promote(config, version)
+        registry.mark(config, version, CANARY_TAG, PROMOTED)
+
+    def rolled_back(state: RolloutState) -> None:
+        registry.mark(config, version, CANARY_TAG, ROLLED_BACK)
+
+    return promoted, rolled_back
+
+
+def log_record(tracking_uri: str, model_name: str, version: str, state: RolloutState) -> None:
+    """Attach the decision record to the run of the registered ``version``."""
+    from mlflow import MlflowClient
+
+    from defectkit import registry
+
+    config = registry.RegistryConfig.for_uri(tracking_uri, model_name=model_name)
+    run_id = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri) \
+        .get_model_version(model_name, version).run_id
+    built = record.build_record(state)
+    registry.log_decision_record(config, run_id, built, record.render_markdown(built))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``defectkit deploy`` beyond the manifest's (which defectkit.delivery.manifest registers)."""
+    defaults = CanaryPolicy()
+    parser.add_argument("--model", help="candidate model: a model directory or models:/<name>/<version> "
+                        "(local backend; the kserve backend takes --storage-uri)")
+    parser.add_argument("--work", default="runs", help="work directory: the local serving stack and the delivery "
+                        "state live under it (default %(default)s)")
+    parser.add_argument("--restore", action="store_true",
+                        help="roll back an unfinished delivery recorded in the work directory, then stop")
+    parser.add_argument("--tracking-uri", help="MLflow registry: promotion moves alias champion, and the decision "
+                        "record is logged to the candidate's run")
+    parser.add_argument("--registered-model", default="defectkit", help="registered model name (default %(default)s)")
+    parser.add_argument("--version", help="registry version of the candidate (implied by models:/<name>/<version>)")
+    parser.add_argument("--stable", help="model the local stack starts with when it is not running "
+                        "(default: the registry's champion; none means a first deployment)")
+    parser.add_argument("--golden", help="golden set directory (golden.json + images) probed before any traffic")
+    parser.add_argument("--record-dir", help="where the decision record goes (default WORK/delivery)")
+    parser.add_argument("--state", help="rollout state file (default WORK/delivery/state.json)")
+    policy = parser.add_argument_group("canary policy")
+    policy.add_argument("--steps", default=",".join(map(str, defaults.steps)),
+                        help="canary traffic percents; a final 100 is the promotion (default %(default)s)")
+    policy.add_argument("--interval-s", type=float, default=defaults.interval_s, help="(default %(default)s)")
+    policy.add_argument("--failure-threshold", type=int, default=defaults.failure_threshold,
+                        help="failed analyses that roll back (default %(default)s)")
+    policy.add_argument("--max-error-rate", type=float, default=defaults.max_error_rate, help="(default %(default)s)")
+    policy.add_argument("--max-p99-latency-s", type=float, default=defaults.max_p99_latency_s,
+                        help="absolute p99 limit, 0 for none (default %(default)s)")
+    policy.add_argument("--max-p99-ratio", type=float, default=0.0,
+                        help="limit of canary p99 / stable p99, 0 for none (default none)")
+    policy.add_argument("--max-score-shift", type=float, default=defaults.max_score_shift,
+                        help="KS statistic limit on the score distribution (default %(default)s)")
+    policy.add_argument("--alpha", type=float, default=defaults.alpha, help="KS significance (default %(default)s)")
+    policy.add_argument("--min-requests", type=int, default=defaults.min_requests,
+                        help="canary requests a window needs to be judged (default %(default)s)")
+    policy.add_argument("--probe-tolerance", type=float, default=defaults.probe_tolerance, help="(default %(default)s)")
+    policy.add_argument("--max-inconclusive", type=int, default=defaults.max_inconclusive,
+                        help="inconclusive windows in a row that roll back (default %(default)s)")
+    local = parser.add_argument_group("local backend")
+    local.add_argument("--router-port", type=int, default=0, help="router port (default: a free one, then kept)")
+    local.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                       help="argument for every model server, e.g. --serve-arg=--threads=1 (repeatable)")
+    local.add_argument("--candidate-serve-arg", action="append", default=[], metavar="ARG",
+                       help="argument for the candidate's server only, e.g. "
+                            "--candidate-serve-arg=--fault-error-rate=0.5 to rehearse a rollback (repeatable)")
+    local.add_argument("--scrape-interval-s", type=float, default=1.0, help="(default %(default)s)")
+    kube = parser.add_argument_group("kserve backend")
+    kube.add_argument("--api-url", help="Kubernetes API URL (default: kubeconfig, or in-cluster credentials)")
+    kube.add_argument("--prometheus-url", help="Prometheus scraping the predictor pods")
+    kube.add_argument("--probe-url", help="the candidate's own URL (default: its tag URL from the status)")
+
+
+def policy_from_args(args: argparse.Namespace) -> CanaryPolicy:
+    return CanaryPolicy(
+        steps=analysis.parse_steps(args.steps), interval_s=args.interval_s, failure_threshold=args.failure_threshold,
+        max_error_rate=args.max_error_rate, max_p99_latency_s=args.max_p99_latency_s or None,
+        max_p99_ratio=args.max_p99_ratio or None, max_score_shift=args.max_score_shift, alpha=args.alpha,
+        min_requests=args.min_requests, probe_tolerance=args.probe_tolerance, max_inconclusive=args.max_inconclusive)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """``defectkit deploy`` (all but a kserve dry run, which only prints the manifest).
+
+    Exit status: 0 promoted, 3 rolled back, 2 failed.
+    """
+    # One line per scrape and router call otherwise.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    config = DeliveryConfig.from_args(args)
+    if args.restore:
+        restored = restore(config, reason="restore requested (defectkit deploy --restore)")
+        print("stable traffic restored" if restored else "nothing to restore")
+        return 0
+    if args.dry_run:
+        candidate, version = _pinned(config.model, config.tracking_uri, config.backend)
+        print(json.dumps({"backend": config.backend, "candidate": candidate, "version": config.version or version,
+                          "policy": config.policy.to_json(), "golden": config.golden_dir,
+                          "state": str(config.state_file)}, indent=2))
+        return 0
+    state = deliver(config)
+    print(f"{state.phase.upper()}: {state.reason}\ndecision record: {config.record_path / record.MARKDOWN_NAME}")
+    return {PROMOTED: EXIT_PROMOTED, ROLLED_BACK: EXIT_ROLLED_BACK}.get(state.phase, EXIT_ERROR)

@@ -1,0 +1,171 @@
+"""Shipping pipeline: register a judged model, then canary it (promote or roll back).
+
+Used inside the training pipeline for an approved model, and on its own to
+ship a model that was judged elsewhere. ExitHandler must sit at a pipeline's
+outermost scope, so the approval gate is a pipeline of its own around it.
+"""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Model
+
+from components.deploy_canary import deploy_canary
+from components.register_model import register_model
+from components.restore_traffic import restore_traffic
+
+NAME = "defectkit-shipping"
+
+
+@dsl.pipeline(name=NAME, description="Register a judged defect model and ship it through an automated canary.")
+def ship_model(
+    model: Input[Model],
+    golden: Input[Artifact],
+    tracking_uri: str,
+    model_name: str = "defectkit",
+    dataset_fingerprint: str = "",
+    deploy_backend: str = "local",
+    serving_work_dir: str = "runs",
+    canary_steps: str = "10,25,50,100",
+    canary_interval_s: float = 30.0,
+    canary_failure_threshold: int = 2,
+    canary_max_error_rate: float = 0.01,
+    canary_max_p99_latency_s: float = 0.5,
+    canary_max_score_shift: float = 0.2,
+    canary_min_requests: int = 50,
+    kserve_namespace: str = "default",
+    kserve_service: str = "defectkit",
+    prometheus_url: str = "",
+    kube_api_url: str = "",
+):
+    """Judged model to champion, through a canary.
+
+    Args:
+        model: Judged model (threshold set) from evaluate_model.
+        golden: Golden set from evaluate_model: test images with their offline scores.
+        tracking_uri: MLflow tracking URI of the model registry.
+        model_name: Registered model name in MLflow.
+        dataset_fingerprint: Fingerprint of the training dataset, tagged for lineage.
+        deploy_backend: local (model servers on 127.0.0.1) or kserve (an InferenceService).
+        serving_work_dir: Directory of the local serving stack and the delivery state; must outlive the run (a volume or /gcs/ mount on a cluster).
+        canary_steps: Comma-separated canary traffic percents; a final 100 is the promotion.
+        canary_interval_s: Seconds each canary step is held and analysed.
+        canary_failure_threshold: Failed analyses that roll the candidate back.
+        canary_max_error_rate: Highest accepted share of 5xx answers from the candidate.
+        canary_max_p99_latency_s: Highest accepted p99 latency of the candidate, in seconds.
+        canary_max_score_shift: Highest accepted Kolmogorov-Smirnov statistic between candidate and stable defect scores.
+        canary_min_requests: Candidate requests an analysis window needs to be judged.
+        kserve_namespace: Namespace of the InferenceService (kserve backend).
+        kserve_service: InferenceService name (kserve backend).
+        prometheus_url: Prometheus scraping the predictor pods (kserve backend).
+        kube_api_url: Kubernetes API URL (kserve backend); empty uses in-cluster credentials.
+    """
+    # Whatever fails from here on, stable traffic is restored: a delivery cut off
+    # half-way is rolled back, a finished one is left alone.
+    restore = restore_traffic(
+        tracking_uri=tracking_uri,
+        model_name=model_name,
+        backend=deploy_backend,
+        work_dir=serving_work_dir,
+        namespace=kserve_namespace,
+        service_name=kserve_service,
+        prometheus_url=prometheus_url,
+        kube_api_url=kube_api_url,
+    ).set_caching_options(False)
+    with dsl.ExitHandler(restore, name="restore-stable-on-exit"):
+        # Both write to the registry or the serving platform: never cached.
+        register = register_model(
+            model=model,
+            tracking_uri=tracking_uri,
+            model_name=model_name,
+            dataset_fingerprint=dataset_fingerprint,
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        ).set_caching_options(False)
+        register.set_retry(2, backoff_duration="30s")
+        deploy_canary(
+            model=model,
+            golden=golden,
+            tracking_uri=tracking_uri,
+            model_version=register.outputs["version"],
+            model_name=model_name,
+            backend=deploy_backend,
+            steps=canary_steps,
+            interval_s=canary_interval_s,
+            failure_threshold=canary_failure_threshold,
+            max_error_rate=canary_max_error_rate,
+            max_p99_latency_s=canary_max_p99_latency_s,
+            max_score_shift=canary_max_score_shift,
+            min_requests=canary_min_requests,
+            work_dir=serving_work_dir,
+            namespace=kserve_namespace,
+            service_name=kserve_service,
+            prometheus_url=prometheus_url,
+            kube_api_url=kube_api_url,
+        ).set_caching_options(False)
+
+
+@dsl.pipeline(name="defectkit-release", description="Ship a judged model only when it was approved and a registry is configured.")
+def release_if_approved(
+    approved: bool,
+    model: Input[Model],
+    golden: Input[Artifact],
+    tracking_uri: str,
+    model_name: str = "defectkit",
+    dataset_fingerprint: str = "",
+    deploy_backend: str = "local",
+    serving_work_dir: str = "runs",
+    canary_steps: str = "10,25,50,100",
+    canary_interval_s: float = 30.0,
+    canary_failure_threshold: int = 2,
+    canary_max_error_rate: float = 0.01,
+    canary_max_p99_latency_s: float = 0.5,
+    canary_max_score_shift: float = 0.2,
+    canary_min_requests: int = 50,
+    kserve_namespace: str = "default",
+    kserve_service: str = "defectkit",
+    prometheus_url: str = "",
+    kube_api_url: str = "",
+):
+    """The blessing gates the shipping: an unapproved model, or a run without a registry, ships nothing.
+
+    Args:
+        approved: evaluate_model's verdict.
+        model: Judged model (threshold set) from evaluate_model.
+        golden: Golden set from evaluate_model: test images with their offline scores.
+        tracking_uri: MLflow tracking URI of the model registry.
+        model_name: Registered model name in MLflow.
+        dataset_fingerprint: Fingerprint of the training dataset, tagged for lineage.
+        deploy_backend: local (model servers on 127.0.0.1) or kserve (an InferenceService).
+        serving_work_dir: Directory of the local serving stack and the delivery state; must outlive the run (a volume or /gcs/ mount on a cluster).
+        canary_steps: Comma-separated canary traffic percents; a final 100 is the promotion.
+        canary_interval_s: Seconds each canary step is held and analysed.
+        canary_failure_threshold: Failed analyses that roll the candidate back.
+        canary_max_error_rate: Highest accepted share of 5xx answers from the candidate.
+        canary_max_p99_latency_s: Highest accepted p99 latency of the candidate, in seconds.
+        canary_max_score_shift: Highest accepted Kolmogorov-Smirnov statistic between candidate and stable defect scores.
+        canary_min_requests: Candidate requests an analysis window needs to be judged.
+        kserve_namespace: Namespace of the InferenceService (kserve backend).
+        kserve_service: InferenceService name (kserve backend).
+        prometheus_url: Prometheus scraping the predictor pods (kserve backend).
+        kube_api_url: Kubernetes API URL (kserve backend); empty uses in-cluster credentials.
+    """
+    with dsl.If(approved == True, name="approved"):  # noqa: E712 - a KFP condition, not Python
+        with dsl.If(tracking_uri != "", name="registry-configured"):
+            ship_model(
+                model=model,
+                golden=golden,
+                tracking_uri=tracking_uri,
+                model_name=model_name,
+                dataset_fingerprint=dataset_fingerprint,
+                deploy_backend=deploy_backend,
+                serving_work_dir=serving_work_dir,
+                canary_steps=canary_steps,
+                canary_interval_s=canary_interval_s,
+                canary_failure_threshold=canary_failure_threshold,
+                canary_max_error_rate=canary_max_error_rate,
+                canary_max_p99_latency_s=canary_max_p99_latency_s,
+                canary_max_score_shift=canary_max_score_shift,
+                canary_min_requests=canary_min_requests,
+                kserve_namespace=kserve_namespace,
+                kserve_service=kserve_service,
+                prometheus_url=prometheus_url,
+                kube_api_url=kube_api_url,
+            )

@@ -1,0 +1,149 @@
+"""Canary analysis: the policy's validation and each check's verdict on known figures."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from defectkit.delivery.analysis import FAIL, INCONCLUSIVE, PASS, CanaryPolicy, analyse, parse_steps
+from defectkit.delivery.backend import VariantMetrics, from_stats
+from defectkit.delivery.prometheus import VariantStats
+
+POLICY = CanaryPolicy(min_requests=50, max_error_rate=0.01, max_p99_latency_s=0.5, max_score_shift=0.2, alpha=0.01)
+
+
+def variant(requests=200, errors=0, p99=0.05, scores=None, seed=0) -> VariantMetrics:
+    if scores is None:
+        scores = np.random.default_rng(seed).beta(2, 5, size=int(requests))
+    return VariantMetrics(requests=float(requests), errors=float(errors), p50_latency_s=p99 / 2, p99_latency_s=p99,
+                          scores=tuple(float(s) for s in scores))
+
+
+def checks(result) -> dict:
+    return {c.name: c for c in result.checks}
+
+
+def test_a_healthy_canary_passes_every_check():
+    result = analyse(variant(seed=1), variant(seed=2), POLICY)
+    assert result.verdict == PASS and result.passed
+    assert set(checks(result)) == {"error_rate", "p99_latency", "score_shift"}
+    assert all(c.passed for c in result.checks)
+    assert "passed" in result.explain()
+
+
+def test_error_rate_above_the_limit_fails():
+    result = analyse(variant(), variant(requests=200, errors=3), POLICY)
+    check = checks(result)["error_rate"]
+    assert result.verdict == FAIL
+    assert check.value == pytest.approx(0.015) and check.limit == 0.01 and not check.passed
+    assert "1.50%" in check.detail
+    # Exactly at the limit is still acceptable.
+    assert checks(analyse(variant(), variant(requests=200, errors=2), POLICY))["error_rate"].passed
+
+
+def test_absolute_p99_latency():
+    result = analyse(variant(), variant(p99=0.74), POLICY)
+    assert result.verdict == FAIL
+    assert checks(result)["p99_latency"].value == pytest.approx(0.74)
+    assert [c.name for c in result.failed_checks] == ["p99_latency"]
+
+
+def test_p99_ratio_against_stable():
+    policy = CanaryPolicy(max_p99_latency_s=None, max_p99_ratio=1.5, min_requests=50)
+    assert analyse(variant(p99=0.10), variant(p99=0.14), policy).passed
+    slow = analyse(variant(p99=0.10), variant(p99=0.20), policy)
+    assert not slow.passed and checks(slow)["p99_ratio"].value == pytest.approx(2.0)
+
+
+def test_comparisons_are_skipped_without_enough_stable_traffic():
+    policy = CanaryPolicy(max_p99_ratio=1.5, min_requests=50)
+    result = analyse(variant(requests=10), variant(requests=200), policy)
+    assert result.passed
+    for name in ("p99_ratio", "score_shift"):
+        assert checks(result)[name].value is None and "not evaluated" in checks(result)[name].detail
+
+
+def test_shifted_scores_fail_the_ks_check_with_scipys_statistic():
+    rng = np.random.default_rng(3)
+    stable_scores, canary_scores = rng.beta(2, 5, 400), np.clip(rng.beta(2, 5, 400) + 0.4, 0, 1)
+    result = analyse(variant(scores=stable_scores, requests=400), variant(scores=canary_scores, requests=400), POLICY)
+    check = checks(result)["score_shift"]
+    expected = stats.ks_2samp(canary_scores, stable_scores)
+    assert result.verdict == FAIL and not check.passed
+    assert check.value == pytest.approx(expected.statistic) and check.value > 0.2
+    assert "KS D=" in check.detail
+
+
+def test_everything_called_defective_is_a_shift():
+    result = analyse(variant(), variant(scores=[1.0] * 200), POLICY)
+    assert checks(result)["score_shift"].value == pytest.approx(1.0)
+    assert result.verdict == FAIL
+
+
+def test_a_small_but_significant_shift_is_tolerated():
+    rng = np.random.default_rng(4)
+    base = rng.beta(2, 5, 20000)
+    shifted = np.clip(rng.beta(2, 5, 20000) + 0.03, 0, 1)
+    d, p = stats.ks_2samp(shifted, base)
+    assert p < 0.01 and d < 0.2  # significant with this many scores, yet small
+    result = analyse(variant(scores=base, requests=20000), variant(scores=shifted, requests=20000), POLICY)
+    assert checks(result)["score_shift"].passed
+
+
+def test_a_large_but_insignificant_difference_is_tolerated():
+    # Five scores each: D is large by chance, the p-value says so.
+    policy = CanaryPolicy(min_requests=5)
+    result = analyse(variant(requests=5, scores=[0.1, 0.2, 0.3, 0.4, 0.5]),
+                     variant(requests=5, scores=[0.35, 0.45, 0.55, 0.6, 0.7]), policy)
+    check = checks(result)["score_shift"]
+    assert check.value > 0.2 and check.passed
+
+
+def test_too_few_canary_requests_is_inconclusive():
+    result = analyse(variant(), variant(requests=49, errors=49), POLICY)
+    assert result.verdict == INCONCLUSIVE
+    assert not result.passed and result.checks == ()
+    assert "49 requests" in result.skipped_reason and "min_requests=50" in result.skipped_reason
+
+
+def test_unknown_latency_fails_the_latency_check():
+    canary = VariantMetrics(requests=100.0, errors=0.0, p50_latency_s=None, p99_latency_s=None, scores=())
+    result = analyse(variant(), canary, POLICY)
+    assert not checks(result)["p99_latency"].passed
+    assert checks(result)["score_shift"].passed  # no canary scores: not evaluated
+
+
+def test_kserve_variant_stats_convert():
+    stats_ = VariantStats(requests=12.5, errors=0.5, p50_latency_s=0.01, p99_latency_s=None, scores=(0.1, 0.2))
+    converted = from_stats(stats_)
+    assert converted == VariantMetrics(12.5, 0.5, 0.01, None, (0.1, 0.2))
+    assert converted.error_rate == pytest.approx(0.04)
+    with pytest.raises(TypeError, match="lacks 'errors'"):
+        from_stats(object.__new__(type("Partial", (), {"requests": 1})))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"steps": ()}, "non-empty"),
+    ({"steps": (10, 10, 50)}, "increase strictly"),
+    ({"steps": (0, 50)}, "from 1 to 100"),
+    ({"steps": (10, 150)}, "from 1 to 100"),
+    ({"interval_s": 0}, "interval_s"),
+    ({"failure_threshold": 0}, "failure_threshold"),
+    ({"max_error_rate": 1.5}, "max_error_rate"),
+    ({"max_p99_latency_s": None, "max_p99_ratio": None}, "latency must be checked"),
+    ({"max_score_shift": 0}, "max_score_shift"),
+    ({"alpha": 1.0}, "alpha"),
+    ({"min_requests": 0}, "min_requests"),
+    ({"probe_tolerance": -1}, "probe_tolerance"),
+])
+def test_policy_validation_names_the_bad_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CanaryPolicy(**kwargs)
+
+
+def test_policy_round_trips_and_a_final_100_is_the_promotion():
+    policy = CanaryPolicy(steps=parse_steps("5, 20,100"), interval_s=2.5, max_p99_ratio=2.0)
+    assert policy.steps == (5, 20, 100) and policy.analysed_steps == (5, 20)
+    assert CanaryPolicy.from_json(policy.to_json()) == policy
+    assert CanaryPolicy(steps=(10, 50)).analysed_steps == (10, 50)
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_steps("10;20")
