@@ -43,12 +43,19 @@ class Target:
 
 TARGETS = (
     Target("pipelines.training", "training_pipeline"),
+    Target("pipelines.shipping", "ship_model"),
+    Target("pipelines.monitor", "monitor_pipeline"),
     Target("components.validate_images", "validate_images"),
     Target("components.preprocess_images", "preprocess_images"),
     Target("components.train_model", "train_model"),
     Target("components.evaluate_model", "evaluate_model"),
     Target("components.resolve_champion", "resolve_champion"),
     Target("components.register_model", "register_model"),
+    Target("components.deploy_canary", "deploy_canary"),
+    Target("components.restore_traffic", "restore_traffic"),
+    Target("components.detect_drift", "detect_drift"),
+    Target("components.collect_window", "collect_window"),
+    Target("components.decide_retraining", "decide_retraining"),
 )
 
 

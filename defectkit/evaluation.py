@@ -3,11 +3,15 @@
 GPU-safe (torch, numpy and defectkit's GPU-safe modules only). The metric
 functions are plain numpy. ``evaluate`` scores the candidate, and the champion
 when one is given, on the same frozen test split in the same run; the
-threshold is chosen on the validation split, never on test.
+threshold is chosen on the validation split, never on test. The judged model
+carries the drift reference of its training data (``model/reference/``), so
+drift checks compare production with what the model learned from without
+reading the training set again.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from defectkit import models, preprocess
+from defectkit.reference import Reference, embedding_names
 from defectkit.data import GOOD
 
 log = logging.getLogger(__name__)
@@ -27,6 +32,11 @@ MAX_ROC_POINTS = 200
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 MODEL_SUBDIR = "model"
+# Inside the judged model: the layout defectkit.drift.detect_artifact_drift reads as its reference.
+REFERENCE_SUBDIR = "reference"
+REFERENCE_FEATURES_FILE = "features.csv"
+REFERENCE_EMBEDDINGS_FILE = "embeddings.npz"
+REFERENCE_MAX_ROWS = 20000
 
 
 # --------------------------------------------------------------------------- metrics
@@ -274,22 +284,26 @@ class Evaluation:
     model_dir: Path  # the judged model: out_dir/model
 
 
-def _scores_for(model: models.DefectModel, split: preprocess.Split, shard_spec: preprocess.PreprocessSpec,
+def _images_for(model: models.DefectModel, split: preprocess.Split, shard_spec: preprocess.PreprocessSpec,
                 dataset_dir: Path | None, model_dir: Path) -> np.ndarray:
-    """Scores of a split, re-decoding the raw images when the model expects another preprocessing."""
+    """A split's pixels as the model expects them, re-decoding the raw images when its preprocessing differs."""
     spec = model.metadata.preprocess
     if spec == shard_spec:
-        return model.scores(split.images)
+        return split.images
     if dataset_dir is None:
         raise ValueError(f"model {model_dir} expects preprocessing {spec.to_json()} but the shards were made with "
                          f"{shard_spec.to_json()}; pass dataset_dir (the dataset artifact) so its raw images can "
                          f"be decoded at the model's own spec")
     log.info("re-decoding %d raw images from %s at %d px for %s", len(split.paths), dataset_dir,
              spec.image_size, model_dir)
-    images = np.stack([preprocess.to_model_input((Path(dataset_dir) / path).read_bytes(), spec, name=path)
-                       for path in split.paths]) if split.paths else np.zeros((0, spec.image_size,
-                                                                                spec.image_size, 3), np.uint8)
-    return model.scores(images)
+    return np.stack([preprocess.to_model_input((Path(dataset_dir) / path).read_bytes(), spec, name=path)
+                     for path in split.paths]) if split.paths else np.zeros((0, spec.image_size,
+                                                                              spec.image_size, 3), np.uint8)
+
+
+def _scores_for(model: models.DefectModel, split: preprocess.Split, shard_spec: preprocess.PreprocessSpec,
+                dataset_dir: Path | None, model_dir: Path) -> np.ndarray:
+    return model.scores(_images_for(model, split, shard_spec, dataset_dir, model_dir))
 
 
 def _judge(model: models.DefectModel, model_dir: Path, val: preprocess.Split, test: preprocess.Split,
@@ -335,7 +349,8 @@ def evaluate(model_dir: Path, preprocessed_dir: Path, out_dir: Path, *, policy: 
     """Score the candidate (and champion) on the preprocessed test split and decide whether to bless it.
 
     Writes ``out_dir/model/`` (the candidate with its threshold and test
-    metrics), ``out_dir/metrics.json`` and ``out_dir/report.md``.
+    metrics, and ``reference/``: see :func:`write_reference`),
+    ``out_dir/metrics.json`` and ``out_dir/report.md``.
     """
     model_dir, preprocessed_dir, out_dir = Path(model_dir), Path(preprocessed_dir), Path(out_dir)
     torch_device = models.resolve_device(device)
@@ -360,6 +375,9 @@ def evaluate(model_dir: Path, preprocessed_dir: Path, out_dir: Path, *, policy: 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     judged_model_dir = _write_judged_model(model_dir, candidate.metadata, metrics, policy, out_dir / MODEL_SUBDIR)
+    train = preprocess.load_split(preprocessed_dir, "train")
+    write_reference(judged_model_dir / REFERENCE_SUBDIR, preprocessed_dir,
+                    candidate.embeddings(_images_for(candidate, train, shard_spec, dataset_dir, model_dir)))
     record = {**metrics, "approved": blessing.approved, "reasons": list(blessing.reasons),
               "champion": champion_metrics, "confusion_matrix": confusion, "gates": asdict(gates)}
     (out_dir / METRICS_FILE).write_text(json.dumps(record, indent=1))
@@ -380,6 +398,37 @@ def _write_judged_model(model_dir: Path, metadata: models.ModelMetadata, metrics
     judged = replace(metadata, threshold=metrics["threshold"], threshold_policy=policy.to_json(),
                      metrics={**metadata.metrics, "test": {k: metrics[k] for k in _TEST_METRIC_KEYS}})
     (target / models.METADATA_FILE).write_text(json.dumps(judged.to_json(), indent=1))
+    return target
+
+
+def write_reference(target: Path, preprocessed_dir: Path, train_embeddings: np.ndarray) -> Path:
+    """The drift reference of the training data: its rows of features.csv and a Reference of its embeddings.
+
+    Only the train split: validation and test images picked the threshold and
+    judged the model, the model itself learned from train.
+    """
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    source = Path(preprocessed_dir) / preprocess.FEATURES_FILE
+    with source.open(newline="") as inp, (target / REFERENCE_FEATURES_FILE).open("w", newline="") as out:
+        rows = csv.DictReader(inp)
+        writer = csv.DictWriter(out, rows.fieldnames)
+        writer.writeheader()
+        kept = 0
+        for row in rows:
+            if row["split"] == "train":
+                writer.writerow(row)
+                kept += 1
+    if kept == 0:
+        raise ValueError(f"{source} has no train rows; a drift reference needs the training images' features")
+    if train_embeddings.shape[0] != kept:
+        raise ValueError(f"{train_embeddings.shape[0]} train embeddings for {kept} train rows of {source}; "
+                         f"both must come from the same preprocessed directory")
+    embeddings = Reference.from_array(train_embeddings, embedding_names(train_embeddings.shape[1]),
+                                      max_rows=REFERENCE_MAX_ROWS)
+    embeddings.save(target / REFERENCE_EMBEDDINGS_FILE)
+    log.info("drift reference: %d train images, %d embedding dimensions in %s", kept,
+             train_embeddings.shape[1], target)
     return target
 
 

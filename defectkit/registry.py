@@ -46,6 +46,7 @@ CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous-champion"
 
 MODEL_ARTIFACT_PATH = "model"
+REFERENCE_DIR = "reference"  # evaluation writes it inside the judged model
 DECISION_RECORD_JSON = "decision_record.json"
 DECISION_RECORD_MD = "decision_record.md"
 
@@ -149,6 +150,9 @@ def register(config: RegistryConfig, model_dir: Path, *, params: Mapping[str, An
         client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in run_params.items()])
         for name in (artifact.WEIGHTS_FILE, artifact.METADATA_FILE):
             client.log_artifact(run_id, str(model_dir / name), MODEL_ARTIFACT_PATH)
+        # The drift reference travels with the model, so monitoring a registered version needs nothing else.
+        if (model_dir / REFERENCE_DIR).is_dir():
+            client.log_artifacts(run_id, str(model_dir / REFERENCE_DIR), f"{MODEL_ARTIFACT_PATH}/{REFERENCE_DIR}")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from sklearn import metrics as skm
 
 from defectkit import models
+from defectkit.drift import Reference
 from defectkit.evaluation import (
     MAX_ROC_POINTS,
     Blessing,
@@ -223,6 +225,16 @@ def test_evaluate_writes_judged_model_metrics_and_report(candidate_dir, preproce
     scores, labels = judged.predict(test.images)
     np.testing.assert_allclose(scores, result.test_scores, rtol=1e-6)
     assert int(labels.sum()) == tp + fp
+
+    reference = tmp_path / "eval" / "model" / "reference"
+    train_split = load_split(preprocessed_dir, "train")
+    with (reference / "features.csv").open(newline="") as rows:
+        table = list(csv.DictReader(rows))
+    assert [r["path"] for r in table] == list(train_split.paths) and {r["split"] for r in table} == {"train"}
+    embedded = Reference.load(reference / "embeddings.npz")
+    assert embedded.n_rows == len(train_split.paths) and embedded.names[0] == "embedding_000"
+    np.testing.assert_allclose(np.sort(judged.embeddings(train_split.images), axis=0).T, embedded.values, rtol=1e-4,
+                               atol=1e-5)
 
     record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for key in ("image_auroc", "precision", "recall", "f1", "threshold", "approved", "reasons"):

@@ -1,0 +1,49 @@
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Output
+
+from components.images import MONITOR_IMAGE
+
+
+@dsl.component(base_image=MONITOR_IMAGE, install_kfp_package=False)
+def collect_window(
+    sample_uri: str,
+    model_uri: str,
+    current: Output[Dataset],
+    reference: Output[Artifact],
+    window_s: float = 86400.0,
+    until: float = 0.0,
+    tracking_uri: str = "",
+) -> NamedTuple("CollectWindowOutputs", [("new_images", int), ("since", float), ("until", float)]):
+    """Gather the production images the model server sampled in the last window, with their features and embeddings.
+
+    Args:
+        sample_uri: Root the model server writes samples to (its --sample-uri): a directory or gs:// URI.
+        model_uri: The served model: a model directory, gs:// URI or models:/<name>@<alias>; it carries the drift reference of its training data.
+        window_s: Length of the window in seconds, ending at until.
+        until: End of the window as UNIX seconds; 0 means now.
+        tracking_uri: MLflow tracking URI, for models:/ URIs.
+
+    Returns:
+        new_images: Sampled images in the window that decode.
+        since: Start of the window (UNIX seconds).
+        until: End of the window (UNIX seconds).
+    """
+    import logging
+    import shutil
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from defectkit import registry, sampling
+
+    logging.basicConfig(level=logging.INFO, force=True)
+    end = until or time.time()
+    model_dir = registry.fetch_model(model_uri, Path(tempfile.mkdtemp()) / "model", tracking_uri=tracking_uri)
+    if not (model_dir / "reference").is_dir():
+        raise ValueError(f"{model_uri} has no reference/ (drift reference); evaluate it with this version of defectkit")
+    shutil.copytree(model_dir / "reference", reference.path, dirs_exist_ok=True)
+    window = sampling.window_to_dataset(sample_uri, end - window_s, end, Path(current.path), model_dir=model_dir)
+    outputs = NamedTuple("CollectWindowOutputs", [("new_images", int), ("since", float), ("until", float)])
+    return outputs(window.images, end - window_s, end)

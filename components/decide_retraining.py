@@ -1,0 +1,77 @@
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Output
+
+from components.images import MONITOR_IMAGE
+
+
+@dsl.component(base_image=MONITOR_IMAGE, install_kfp_package=False)
+def decide_retraining(
+    drifted: bool,
+    drifted_features: str,
+    new_images: int,
+    since: float,
+    until: float,
+    current: Input[Dataset],
+    record: Output[Artifact],
+    summary: Output[Markdown],
+    state_uri: str,
+    base_dataset_uri: str,
+    retraining_data_uri: str,
+    min_new_images: int = 100,
+    cooldown_s: float = 86400.0,
+    defect_class: str = "",
+    kfp_host: str = "",
+    training_arguments: str = "{}",
+) -> NamedTuple("DecideRetrainingOutputs", [("retrain", bool), ("run", str)]):
+    """Decide whether to retrain (drift AND enough new images AND cooldown over) and, if so, start the training pipeline.
+
+    Production images are added to a copy of the training data under train/, labelled as the served model answered: good ones under train/good, defect ones under train/<defect_class> (left out when defect_class is empty, as their defect type is unknown).
+
+    Args:
+        drifted: Verdict of detect_drift.
+        drifted_features: JSON list of drifted feature names (from detect_drift).
+        new_images: Production images in the window (from collect_window).
+        since: Start of the window (UNIX seconds).
+        until: End of the window (UNIX seconds).
+        current: The window's images (collect_window's output).
+        state_uri: Directory or gs:// URI that keeps the time of the last retraining.
+        base_dataset_uri: Root of the training data the model was trained on ({train,test}/<class>/<image>).
+        retraining_data_uri: Where the training data plus production images is written (a new, empty location per run).
+        min_new_images: Fewest new images worth retraining on.
+        cooldown_s: Shortest time between two retrainings, in seconds.
+        defect_class: Defect type that images the model called defect are added under; empty leaves them out.
+        kfp_host: Kubeflow Pipelines API to start the training run on; empty decides and records without starting a run.
+        training_arguments: JSON object of further training pipeline arguments (source_uri is set to retraining_data_uri).
+
+    Returns:
+        retrain: Whether retraining was started.
+        run: The training run id, empty when none was started.
+    """
+    import json
+    import logging
+    import time
+    from pathlib import Path
+
+    from defectkit import monitor
+
+    logging.basicConfig(level=logging.INFO, force=True)
+    now = time.time()
+    policy = monitor.MonitorPolicy(min_new_images=min_new_images, cooldown_s=cooldown_s, window_s=until - since)
+    last = monitor.read_last_retrain(state_uri)
+    decision = monitor.decide(drifted, new_images, None if last is None else float(last["at"]), now, policy)
+    run = ""
+    if decision.retrain and kfp_host:
+        monitor.merge_for_retraining(base_dataset_uri, Path(current.path), retraining_data_uri,
+                                     defect_class=defect_class or None)
+        arguments = {**json.loads(training_arguments), "source_uri": retraining_data_uri}
+        run = monitor.trigger(arguments, host=kfp_host, run_name=f"retrain-{int(now)}")
+        monitor.write_last_retrain(state_uri, now, run)
+    drift = {"drifted": drifted, "drifted_features": json.loads(drifted_features)}
+    entry = monitor.decision_record(window=(since, until), drift=drift, new_images=new_images, last_retrain=last,
+                                    now=now, policy=policy, decision=decision, run=run or None)
+    Path(record.path).write_text(json.dumps(entry, indent=1))
+    Path(summary.path).write_text(monitor.render_record(entry))
+    outputs = NamedTuple("DecideRetrainingOutputs", [("retrain", bool), ("run", str)])
+    return outputs(decision.retrain and bool(run), run)

@@ -1,0 +1,250 @@
+"""Drift-triggered retraining: the decision, its record, the data it retrains on, and starting the run.
+
+**The decision** (:func:`decide`) is pure: retrain only when the production
+window drifted, holds at least ``min_new_images`` new images, and the last
+retraining is at least ``cooldown_s`` ago. Each rule gives one readable reason.
+
+**The data** (:func:`merge_for_retraining`): sampled production images have
+no ground truth. They are added with the label the served model gave them,
+under ``train/`` only, so the test split, and with it the comparison with the
+champion, stays the same:
+
+- images labelled ``good`` go to ``train/good``;
+- images labelled ``defect`` go to ``train/<defect_class>`` when a defect
+  class is named, and are left out otherwise: their defect type is unknown,
+  and a wrong good/defect label teaches the model the opposite of the truth.
+
+A ``labeler`` (e.g. the result of a human review) overrides the model's
+label per sample; returning None leaves a sample out.
+
+GPU-safe at import (numpy-free even); kfp and the pipelines package are
+imported only by :func:`trigger` and :func:`create_recurring_run`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from defectkit import storage
+from defectkit.data import GOOD
+from defectkit.sampling import SAMPLES_FILE, Sample
+
+log = logging.getLogger(__name__)
+
+MARKER_FILE = "last_retrain.json"
+RECORD_JSON = "decision_record.json"
+RECORD_MD = "decision_record.md"
+PRODUCTION_PREFIX = "prod-"
+Labeler = Callable[[Sample], "str | None"]
+
+
+@dataclass(frozen=True)
+class MonitorPolicy:
+    """When drift leads to retraining: enough new data, and not again within the cooldown."""
+
+    min_new_images: int = 100
+    cooldown_s: float = 86400.0
+    window_s: float = 86400.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.min_new_images, bool) or not isinstance(self.min_new_images, int) \
+                or self.min_new_images < 0:
+            raise ValueError(f"min_new_images={self.min_new_images!r} must be a non-negative integer")
+        for name in ("cooldown_s", "window_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value!r} must be a non-negative number of seconds")
+        if self.window_s == 0:
+            raise ValueError("window_s must be positive: the window is the production data that is checked")
+
+
+@dataclass(frozen=True)
+class Decision:
+    retrain: bool
+    reasons: tuple[str, ...]
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds:.0f} s"
+
+
+def decide(drifted: bool, new_images: int, last_retrain_at: float | None, now: float,
+           policy: MonitorPolicy = MonitorPolicy()) -> Decision:
+    """Retrain when the data drifted AND there are enough new images AND the cooldown has passed."""
+    reasons = []
+    reasons.append("production data drifted from the training reference" if drifted
+                   else "no drift from the training reference")
+    enough = new_images >= policy.min_new_images
+    reasons.append(f"{new_images} new images {'>=' if enough else '<'} the minimum of {policy.min_new_images}")
+    if last_retrain_at is None:
+        cooled = True
+        reasons.append("no earlier retraining: no cooldown applies")
+    else:
+        since = now - last_retrain_at
+        cooled = since >= policy.cooldown_s
+        reasons.append(f"last retraining {_duration(since)} ago, {'at least' if cooled else 'within'} the "
+                       f"cooldown of {_duration(policy.cooldown_s)}")
+    return Decision(bool(drifted) and enough and cooled, tuple(reasons))
+
+
+# --------------------------------------------------------------------------- last retrain marker
+
+
+def read_last_retrain(state_uri: str | Path) -> dict | None:
+    """The marker written by :func:`write_last_retrain` under ``state_uri``, or None before the first retraining."""
+    store = storage.Store(str(state_uri))
+    try:
+        return json.loads(store.read(MARKER_FILE))
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # gs://: google.api_core.exceptions.NotFound, without importing it here
+        if type(exc).__name__ == "NotFound":
+            return None
+        raise
+
+
+def write_last_retrain(state_uri: str | Path, at: float, run: str) -> None:
+    storage.Store(str(state_uri)).write(MARKER_FILE, json.dumps({"at": at, "run": run}).encode())
+
+
+# --------------------------------------------------------------------------- decision record
+
+
+def decision_record(*, window: tuple[float, float], drift: Mapping[str, Any], new_images: int,
+                    last_retrain: dict | None, now: float, policy: MonitorPolicy, decision: Decision,
+                    run: str | None = None) -> dict:
+    """Everything one monitor run saw and decided, as JSON-ready data."""
+    def iso(at: float) -> str:
+        return datetime.fromtimestamp(at, timezone.utc).isoformat()
+
+    return {
+        "format": "defectkit.monitor-decision/v1",
+        "time": iso(now),
+        "window": {"since": iso(window[0]), "until": iso(window[1])},
+        "drift": {"drifted": bool(drift.get("drifted")), "drifted_features": list(drift.get("drifted_features", ()))},
+        "new_images": new_images,
+        "cooldown": {"last_retrain": last_retrain, "cooldown_s": policy.cooldown_s,
+                     "elapsed_s": None if last_retrain is None else now - float(last_retrain["at"])},
+        "policy": asdict(policy),
+        "retrain": decision.retrain,
+        "reasons": list(decision.reasons),
+        "run": run,
+    }
+
+
+def render_record(record: Mapping[str, Any]) -> str:
+    verdict = "RETRAIN" if record["retrain"] else "no retraining"
+    features = record["drift"]["drifted_features"]
+    shown = ", ".join(features[:10]) + (f" and {len(features) - 10} more" if len(features) > 10 else "")
+    lines = [f"# Drift monitor: {verdict}", "",
+             f"Window {record['window']['since']} to {record['window']['until']}; "
+             f"{record['new_images']} new production images.", "",
+             f"- drift: {'yes' if record['drift']['drifted'] else 'no'}"
+             + (f" ({shown})" if features else ""),
+             f"- last retraining: {record['cooldown']['last_retrain'] or 'never'}", "",
+             "## Why", ""]
+    lines += [f"- {reason}" for reason in record["reasons"]]
+    if record.get("run"):
+        lines += ["", f"Retraining run: `{record['run']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def write_record(record: Mapping[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RECORD_JSON).write_text(json.dumps(record, indent=1))
+    (out_dir / RECORD_MD).write_text(render_record(record))
+    return out_dir / RECORD_JSON, out_dir / RECORD_MD
+
+
+# --------------------------------------------------------------------------- retraining data
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    root: str
+    added: dict[str, int]  # class -> production images added under train/
+    skipped: int
+
+
+def merge_for_retraining(base_root: str | Path, window_dir: Path, out_root: str | Path, *,
+                         defect_class: str | None = None, labeler: Labeler | None = None) -> MergeResult:
+    """Copy the base dataset (raw layout) to ``out_root`` and add the window's images under train/ (module docstring).
+
+    ``window_dir`` is what :func:`defectkit.sampling.window_to_dataset` wrote.
+    """
+    if defect_class == GOOD:
+        raise ValueError(f"defect_class must name a defect type, not {GOOD!r}")
+    base, out = storage.Store(str(base_root)), storage.Store(str(out_root))
+    names = base.list()
+    if not names:
+        raise ValueError(f"base dataset {base_root} is empty; give the training data's root")
+    for name in names:
+        out.write(name, base.read(name))
+    window_dir = Path(window_dir)
+    added: dict[str, int] = {}
+    skipped = 0
+    for line in (window_dir / SAMPLES_FILE).read_text().splitlines():
+        sample = Sample.from_json(json.loads(line))
+        if labeler is not None:
+            label = labeler(sample)
+        else:
+            label = GOOD if sample.label == GOOD else defect_class
+        if label is None:
+            skipped += 1
+            continue
+        name = Path(sample.image).name
+        out.write(f"train/{label}/{PRODUCTION_PREFIX}{name}", (window_dir / sample.image).read_bytes())
+        added[label] = added.get(label, 0) + 1
+    log.info("retraining data %s: %d base files, production images added %s, %d left out", out_root, len(names),
+             added or "none", skipped)
+    return MergeResult(str(out_root), added, skipped)
+
+
+# --------------------------------------------------------------------------- starting runs
+
+
+def trigger(arguments: Mapping[str, Any], *, host: str = "", work_dir: Path | None = None,
+            package: Path | None = None, experiment: str = "defectkit", run_name: str | None = None,
+            namespace: str | None = None) -> str:
+    """Start the training pipeline: on the KFP cluster at ``host``, else locally (kfp.local) in ``work_dir``.
+
+    Returns the KFP run id, or the local run's pipeline root.
+    """
+    from pipelines import run
+
+    package = Path(package) if package is not None else run.TRAINING_YAML
+    if host:
+        return run.submit(host, package, dict(arguments), experiment=experiment, run_name=run_name,
+                          namespace=namespace)
+    if work_dir is None:
+        raise ValueError("a local retraining run needs work_dir; give host to run on a KFP cluster instead")
+    local = run.run_local(package, dict(arguments), Path(work_dir))
+    return str(local.pipeline_root)
+
+
+def create_recurring_run(host: str, package: Path, cron: str, params: Mapping[str, Any], *,
+                         experiment: str = "defectkit", job_name: str = "defectkit-monitor",
+                         namespace: str | None = None) -> str:
+    """Schedule a compiled pipeline (the monitor) on a KFP cluster; ``cron`` has KFP's 6 fields (seconds first)."""
+    import kfp
+
+    if len(cron.split()) != 6:
+        raise ValueError(f"cron {cron!r} must have 6 fields (second minute hour day month weekday), "
+                         f"e.g. '0 0 * * * *' for hourly")
+    scope = {"namespace": namespace} if namespace else {}
+    client = kfp.Client(host=host, **scope)
+    experiment_id = client.create_experiment(experiment, **scope).experiment_id
+    job = client.create_recurring_run(experiment_id, job_name, cron_expression=cron, pipeline_package_path=str(package),
+                                      params=dict(params), max_concurrency=1)
+    log.info("scheduled %s (%s) at %s: recurring run %s", package.name, cron, host, job.recurring_run_id)
+    return job.recurring_run_id

@@ -1,0 +1,132 @@
+"""Production sampling to retraining data on real files: a served model samples, drift is checked, the monitor decides."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defectkit import drift, monitor, sampling
+from defectkit.data import Manifest
+from defectkit.evaluation import Gates, evaluate
+from defectkit.sample import generate_sample
+from defectkit.serving.predictor import DefectPredictor, ServingConfig
+from defectkit.serving.server import import_kserve
+from defectkit.train import TrainConfig, train
+from defectkit.validation import ValidationConfig, validate_dataset
+
+import_kserve()  # kserve parses sys.argv when first imported, where pytest's own options could abort it
+
+from kserve import InferInput, InferRequest  # noqa: E402
+
+POLICY = monitor.MonitorPolicy(min_new_images=50, cooldown_s=3600, window_s=3600)
+
+
+@pytest.fixture(scope="module")
+def judged_model(preprocessed_dir, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("monitor-model")
+    train(preprocessed_dir, work / "trained", TrainConfig(epochs=1, batch_size=16, device="cpu"))
+    return evaluate(work / "trained", preprocessed_dir, work / "eval", device="cpu",
+                    gates=Gates(min_auroc=0.0)).model_dir
+
+
+@pytest.fixture(scope="module")
+def production_files(tmp_path_factory) -> list[bytes]:
+    """Images from the same generator as the training sample, another seed: in-distribution production data."""
+    out = tmp_path_factory.mktemp("production")
+    generate_sample(out, count=120, size=64, seed=1)
+    return [p.read_bytes() for p in sorted(out.glob("*/*/*.jpg"))]
+
+
+def _brighter(data: bytes, offset: int = 70) -> bytes:
+    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.int16)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels + offset, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _serve(model_dir: Path, files: list[bytes], root: Path) -> dict[str, int]:
+    """Answer the files 8 per request with sampling of every image on; the samples' counters."""
+    predictor = DefectPredictor("defectkit", model_dir, config=ServingConfig(
+        device="cpu", sampling=sampling.SamplingConfig(rate=1.0, uri=str(root), queue_size=1024)))
+    predictor.load()
+
+    async def requests():
+        for start in range(0, len(files), 8):
+            chunk = files[start:start + 8]
+            infer_input = InferInput("image", [len(chunk)], "BYTES")
+            infer_input.set_data_from_numpy(np.array(chunk, dtype=object), binary_data=True)
+            await predictor.predict(InferRequest("defectkit", [infer_input]))
+
+    try:
+        asyncio.run(requests())
+    finally:
+        predictor.stop()  # writes what is still queued
+    return predictor.sampler.stats()
+
+
+def _check(judged_model: Path, files: list[bytes], tmp_path: Path):
+    since = time.time() - 1
+    stats = _serve(judged_model, files, tmp_path / "samples")
+    assert stats["written"] == len(files) and stats["dropped"] == 0
+    window = sampling.window_to_dataset(tmp_path / "samples", since, time.time() + 1, tmp_path / "window",
+                                        model_dir=judged_model)
+    assert window.images == len(files) and window.embeddings
+    result = drift.detect_artifact_drift(judged_model / "reference", tmp_path / "window", drift.DriftThresholds(),
+                                         tmp_path / "drift.html")
+    decision = monitor.decide(result.drifted, window.images, None, time.time(), POLICY)
+    return result, decision, window
+
+
+def test_brighter_production_images_trigger_retraining_on_the_new_data(judged_model, production_files, sample_dir,
+                                                                       dataset_dir, tmp_path):
+    result, decision, window = _check(judged_model, [_brighter(f) for f in production_files], tmp_path)
+    assert result.drifted and "brightness" in result.drifted_features
+    assert decision.retrain, decision.reasons
+
+    # A defect class is named, so every sampled image is added whichever label the model gave it.
+    merged = monitor.merge_for_retraining(sample_dir, tmp_path / "window", tmp_path / "merged", defect_class="stain")
+    labels = [sampling.Sample.from_json(json.loads(line)).label
+              for line in (tmp_path / "window" / sampling.SAMPLES_FILE).read_text().splitlines()]
+    expected = {name: n for name, n in (("good", labels.count("good")), ("stain", labels.count("defect"))) if n}
+    assert merged.added == expected and merged.skipped == 0
+    validate_dataset(str(tmp_path / "merged"), tmp_path / "dataset",
+                     ValidationConfig(min_images_per_class=2, min_side=16))
+    retraining, base = Manifest.read(tmp_path / "dataset"), Manifest.read(dataset_dir)
+    assert retraining.fingerprint != base.fingerprint
+    production = [e for e in retraining.entries if Path(e.path).name.startswith("prod-")]
+    assert len(production) == window.images and all(e.path.startswith("train/") for e in production)
+    assert retraining.split("test") == base.split("test")  # the champion is judged on the same test set
+
+    now = time.time()
+    record = monitor.decision_record(window=(now - POLICY.window_s, now), drift=result.to_json(),
+                                     new_images=window.images, last_retrain=None, now=now, policy=POLICY,
+                                     decision=decision, run="local-run")
+    json_path, md_path = monitor.write_record(record, tmp_path / "record")
+    assert md_path.read_text().startswith("# Drift monitor: RETRAIN") and "brightness" in md_path.read_text()
+    monitor.write_last_retrain(tmp_path / "state", now, "local-run")
+    marker = monitor.read_last_retrain(tmp_path / "state")
+    again = monitor.decide(True, window.images, marker["at"], now + 60, POLICY)
+    assert not again.retrain and "within the cooldown" in again.reasons[2]
+
+
+def test_in_distribution_production_images_trigger_nothing(judged_model, production_files, tmp_path):
+    result, decision, _ = _check(judged_model, production_files, tmp_path)
+    assert not result.drifted, result.to_markdown()
+    assert not decision.retrain and decision.reasons[0] == "no drift from the training reference"
+
+
+def test_registered_model_carries_its_drift_reference(judged_model, tmp_path):
+    from defectkit import registry
+
+    config = registry.RegistryConfig.embedded(tmp_path / "mlflow")
+    version = registry.register(config, judged_model)
+    resolved = registry.resolve(version.uri, tmp_path / "resolved", tracking_uri=config.tracking_uri)
+    for name in ("features.csv", "embeddings.npz"):
+        assert (resolved / "reference" / name).read_bytes() == (judged_model / "reference" / name).read_bytes()

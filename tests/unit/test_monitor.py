@@ -1,0 +1,114 @@
+"""The retraining decision's rules, the last-retrain marker, the decision record and the retraining data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from defectkit.monitor import (
+    Decision,
+    MonitorPolicy,
+    decide,
+    decision_record,
+    merge_for_retraining,
+    read_last_retrain,
+    write_last_retrain,
+    write_record,
+)
+from defectkit.sampling import SAMPLES_FILE, Sample
+
+POLICY = MonitorPolicy(min_new_images=100, cooldown_s=3600)
+NOW = 1_700_000_000.0
+
+
+def test_drift_with_enough_data_and_no_earlier_retraining_retrains():
+    decision = decide(True, 100, None, NOW, POLICY)
+    assert decision == Decision(True, ("production data drifted from the training reference",
+                                       "100 new images >= the minimum of 100",
+                                       "no earlier retraining: no cooldown applies"))
+
+
+@pytest.mark.parametrize("drifted, new_images, last, retrain", [
+    (False, 500, None, False),  # no drift: never
+    (True, 99, None, False),  # too little new data
+    (True, 500, NOW - 3599, False),  # within the cooldown
+    (True, 500, NOW - 3600, True),  # cooldown just over
+])
+def test_each_rule_can_hold_retraining_back(drifted, new_images, last, retrain):
+    decision = decide(drifted, new_images, last, NOW, POLICY)
+    assert decision.retrain is retrain and len(decision.reasons) == 3
+
+
+def test_reasons_say_why():
+    reasons = decide(True, 12, NOW - 600, NOW, POLICY).reasons
+    assert reasons[1] == "12 new images < the minimum of 100"
+    assert reasons[2] == "last retraining 600 s ago, within the cooldown of 1.0 h"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"min_new_images": -1}, "min_new_images"), ({"cooldown_s": float("nan")}, "cooldown_s"),
+    ({"window_s": 0}, "window_s must be positive"),
+])
+def test_policy_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MonitorPolicy(**kwargs)
+
+
+def test_last_retrain_marker_round_trip(tmp_path):
+    assert read_last_retrain(tmp_path / "state") is None
+    write_last_retrain(tmp_path / "state", NOW, "run-1")
+    assert read_last_retrain(f"file://{tmp_path / 'state'}") == {"at": NOW, "run": "run-1"}
+
+
+def test_decision_record_json_and_markdown(tmp_path):
+    decision = decide(True, 150, NOW - 7200, NOW, POLICY)
+    record = decision_record(window=(NOW - 86400, NOW), drift={"drifted": True, "drifted_features": ["brightness"]},
+                             new_images=150, last_retrain={"at": NOW - 7200, "run": "run-0"}, now=NOW,
+                             policy=POLICY, decision=decision, run="run-1")
+    json_path, md_path = write_record(record, tmp_path / "record")
+    loaded = json.loads(json_path.read_text())
+    assert loaded["retrain"] is True and loaded["cooldown"]["elapsed_s"] == 7200
+    assert loaded["drift"]["drifted_features"] == ["brightness"] and loaded["window"]["since"].startswith("2023-11-13")
+    markdown = md_path.read_text()
+    assert markdown.startswith("# Drift monitor: RETRAIN") and "(brightness)" in markdown and "`run-1`" in markdown
+
+
+def _window(tmp_path: Path, labels: list[str]) -> Path:
+    window = tmp_path / "window"
+    (window / "images").mkdir(parents=True)
+    lines = []
+    for i, label in enumerate(labels):
+        (window / "images" / f"s{i}.jpg").write_bytes(f"image {i}".encode())
+        lines.append(json.dumps(Sample(f"images/s{i}.jpg", 0.9 if label == "defect" else 0.1, label, "v1",
+                                       NOW + i).to_json()))
+    (window / SAMPLES_FILE).write_text("\n".join(lines) + "\n")
+    return window
+
+
+def _base(tmp_path: Path) -> Path:
+    base = tmp_path / "base"
+    for rel in ("train/good/a.jpg", "train/scratch/b.jpg", "test/good/c.jpg"):
+        (base / rel).parent.mkdir(parents=True, exist_ok=True)
+        (base / rel).write_bytes(rel.encode())
+    return base
+
+
+def test_merge_adds_good_images_and_leaves_unknown_defects_out(tmp_path):
+    result = merge_for_retraining(_base(tmp_path), _window(tmp_path, ["good", "defect", "good"]), tmp_path / "out")
+    assert result.added == {"good": 2} and result.skipped == 1
+    files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert files == ["test/good/c.jpg", "train/good/a.jpg", "train/good/prod-s0.jpg", "train/good/prod-s2.jpg",
+                     "train/scratch/b.jpg"]
+
+
+def test_merge_with_a_defect_class_or_a_labeler(tmp_path):
+    window = _window(tmp_path, ["good", "defect"])
+    named = merge_for_retraining(_base(tmp_path), window, tmp_path / "named", defect_class="scratch")
+    assert named.added == {"good": 1, "scratch": 1}
+    reviewed = merge_for_retraining(_base(tmp_path), window, tmp_path / "reviewed",
+                                    labeler=lambda s: "scratch" if s.score > 0.5 else None)
+    assert reviewed.added == {"scratch": 1} and reviewed.skipped == 1
+    with pytest.raises(ValueError, match="defect_class"):
+        merge_for_retraining(_base(tmp_path), window, tmp_path / "bad", defect_class="good")
