@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 WORK ?= runs
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run demo-rollback test compile check bench images constraints clean
+.PHONY: run demo-rollback demo-drift test compile check bench images constraints clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ run: $(STAMP)
 demo-rollback: $(STAMP)
 	test -f $(WORK)/mlflow.db || $(PY) -m defectkit demo --work $(WORK)
 	$(PY) -m defectkit demo-rollback --work $(WORK)
+
+# Serves the champion, sends it brighter images, detects the drift, retrains and canaries the result.
+demo-drift: $(STAMP)
+	test -f $(WORK)/mlflow.db || $(PY) -m defectkit demo --work $(WORK)
+	$(PY) -m defectkit demo-drift --work $(WORK)
 
 test: $(STAMP)
 	mkdir -p $(WORK)/tmp

@@ -24,6 +24,7 @@ def decide_retraining(
     defect_class: str = "",
     kfp_host: str = "",
     training_arguments: str = "{}",
+    local_work_dir: str = "",
 ) -> NamedTuple("DecideRetrainingOutputs", [("retrain", bool), ("run", str)]):
     """Decide whether to retrain (drift AND enough new images AND cooldown over) and, if so, start the training pipeline.
 
@@ -44,6 +45,7 @@ def decide_retraining(
         defect_class: Defect type that images the model called defect are added under; empty leaves them out.
         kfp_host: Kubeflow Pipelines API to start the training run on; empty decides and records without starting a run.
         training_arguments: JSON object of further training pipeline arguments (source_uri is set to retraining_data_uri).
+        local_work_dir: Start retraining locally (kfp.local) in this directory when no kfp_host is given; for one-machine use.
 
     Returns:
         retrain: Whether retraining was started.
@@ -51,27 +53,28 @@ def decide_retraining(
     """
     import json
     import logging
-    import time
     from pathlib import Path
 
     from defectkit import monitor
 
     logging.basicConfig(level=logging.INFO, force=True)
-    now = time.time()
     policy = monitor.MonitorPolicy(min_new_images=min_new_images, cooldown_s=cooldown_s, window_s=until - since)
-    last = monitor.read_last_retrain(state_uri)
-    decision = monitor.decide(drifted, new_images, None if last is None else float(last["at"]), now, policy)
-    run = ""
-    if decision.retrain and kfp_host:
-        monitor.merge_for_retraining(base_dataset_uri, Path(current.path), retraining_data_uri,
-                                     defect_class=defect_class or None)
-        arguments = {**json.loads(training_arguments), "source_uri": retraining_data_uri}
-        run = monitor.trigger(arguments, host=kfp_host, run_name=f"retrain-{int(now)}")
-        monitor.write_last_retrain(state_uri, now, run)
-    drift = {"drifted": drifted, "drifted_features": json.loads(drifted_features)}
-    entry = monitor.decision_record(window=(since, until), drift=drift, new_images=new_images, last_retrain=last,
-                                    now=now, policy=policy, decision=decision, run=run or None)
+    entry = monitor.act(
+        drifted=drifted,
+        drifted_features=json.loads(drifted_features),
+        new_images=new_images,
+        window=(since, until),
+        window_dir=Path(current.path),
+        state_uri=state_uri,
+        policy=policy,
+        base_dataset_uri=base_dataset_uri,
+        retraining_data_uri=retraining_data_uri,
+        training_arguments=json.loads(training_arguments),
+        defect_class=defect_class or None,
+        kfp_host=kfp_host,
+        local_work_dir=Path(local_work_dir) if local_work_dir else None,
+    )
     Path(record.path).write_text(json.dumps(entry, indent=1))
     Path(summary.path).write_text(monitor.render_record(entry))
     outputs = NamedTuple("DecideRetrainingOutputs", [("retrain", bool), ("run", str)])
-    return outputs(decision.retrain and bool(run), run)
+    return outputs(bool(entry.get("run")), entry.get("run") or "")

@@ -132,6 +132,18 @@ def cmd_demo_rollback(args: argparse.Namespace) -> int:
     return 0 if record.get("verdict") == "rolled_back" else 1
 
 
+def cmd_demo_drift(args: argparse.Namespace) -> int:
+    from defectkit import demo, monitor
+
+    work = Path(args.work).resolve()
+    try:
+        record = demo.drift_loop(work)
+    except RuntimeError as exc:
+        raise PipelineFailed(f"{exc} The failing step's log is above; its artifacts are kept under {work}.") from exc
+    print("\n" + monitor.render_record(record) + _serving_summary(work))
+    return 0
+
+
 def _delivery_lines(record: dict | None, *, title: str) -> str:
     if not record:
         return "\ndelivery     none (not approved, or no registry)"
@@ -203,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "champion of `demo` and show it rolled back")
     rollback.add_argument("--work", default="runs", help="work directory of `demo` (default %(default)s)")
     rollback.set_defaults(func=cmd_demo_rollback)
+
+    drift = commands.add_parser("demo-drift", help="serve the champion, send it shifted images, detect the drift, "
+                                "retrain on the new data and canary the retrained model")
+    drift.add_argument("--work", default="runs", help="work directory of `demo` (default %(default)s)")
+    drift.set_defaults(func=cmd_demo_drift)
 
     submit = commands.add_parser("submit", help="create a run of the compiled pipeline on a Kubeflow Pipelines cluster")
     submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")

@@ -98,13 +98,8 @@ def delivery_outcome(work: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def train_and_ship(work: Path, defaults: DemoDefaults = DemoDefaults()):
-    """One training pipeline run: judged against the registry's champion, shipped through the canary."""
-    from pipelines.run import TRAINING_YAML, run_local
-
-    data = ensure_sample(work, defaults)
-    arguments = {
-        "source_uri": str(data),
+def _training_arguments(work: Path, defaults: DemoDefaults) -> dict:
+    return {
         "image_size": defaults.image_size,
         "epochs": defaults.epochs,
         "batch_size": defaults.batch_size,
@@ -116,6 +111,14 @@ def train_and_ship(work: Path, defaults: DemoDefaults = DemoDefaults()):
         "canary_interval_s": defaults.canary_interval_s,
         "canary_min_requests": defaults.canary_min_requests,
     }
+
+
+def train_and_ship(work: Path, defaults: DemoDefaults = DemoDefaults()):
+    """One training pipeline run: judged against the registry's champion, shipped through the canary."""
+    from pipelines.run import TRAINING_YAML, run_local
+
+    data = ensure_sample(work, defaults)
+    arguments = {"source_uri": str(data), **_training_arguments(work, defaults)}
     with production_traffic(work, _test_images(data), defaults.traffic_per_s, defaults.model_name):
         return run_local(TRAINING_YAML, arguments, work / "runs" / time.strftime("%Y%m%d-%H%M%S"))
 
@@ -164,3 +167,98 @@ def ship_broken_candidate(work: Path, defaults: DemoDefaults = DemoDefaults()) -
     with production_traffic(work, _test_images(data), defaults.traffic_per_s, defaults.model_name):
         deliver(delivery)
     return delivery_outcome(work) or {}
+
+
+def _brighter(data: bytes, offset: int = 60) -> bytes:
+    """The same image under stronger lighting: the production shift the drift demo plays."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.int16)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(pixels + offset, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=92)
+    return out.getvalue()
+
+
+def _serve_with_sampling(work: Path, images: list[bytes], samples: Path, defaults: DemoDefaults) -> int:
+    """Serve the champion with every request sampled to ``samples`` and send it ``images``; 2xx answers."""
+    import base64
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from defectkit.delivery.local import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_file = (work / "drift-serve.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "defectkit", "serve", "--model", f"models:/{defaults.model_name}@champion",
+         "--tracking-uri", tracking_uri(work), "--port", str(port), "--name", defaults.model_name,
+         "--sample-rate", "1", "--sample-uri", str(samples)],
+        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    answered = 0
+    try:
+        with httpx.Client(timeout=30) as client:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    raise RuntimeError(f"the model server exited with {process.returncode}; see {log_file.name}")
+                try:
+                    if client.get(f"{url}/v2/health/ready").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.3)
+            for data in images:
+                body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                    "data": [base64.b64encode(data).decode()]}]}
+                answered += client.post(f"{url}/v2/models/{defaults.model_name}/infer", json=body).is_success
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # the sampler writes what is still queued on shutdown
+        process.wait(60)
+        log_file.close()
+    return answered
+
+
+def drift_loop(work: Path, defaults: DemoDefaults = DemoDefaults()) -> dict:
+    """Serve the champion, send it brighter images than it was trained on, then run the monitor pipeline.
+
+    The monitor finds the drift, merges the sampled images into the training data and
+    retrains locally; the retrained model is judged and shipped through the canary like any other.
+    """
+    from defectkit import registry
+    from pipelines.run import PIPELINE_DIR, run_local
+
+    uri = tracking_uri(work)
+    if registry.champion(registry.RegistryConfig.for_uri(uri, model_name=defaults.model_name)) is None:
+        raise ValueError(f"no champion in {uri}: run `make run` first")
+    data = ensure_sample(work, defaults)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    samples = work / "samples"
+    shifted = [_brighter(image) for image in _test_images(data)]
+    answered = _serve_with_sampling(work, shifted, samples, defaults)
+    log.info("production played: %d brighter images answered and sampled to %s", answered, samples)
+    arguments = {
+        "sample_uri": str(samples),
+        "model_uri": f"models:/{defaults.model_name}@champion",
+        "tracking_uri": uri,
+        "state_uri": str(work / "monitor"),
+        "base_dataset_uri": str(data),
+        "retraining_data_uri": str(work / "retraining" / stamp),
+        "min_new_images": 50,
+        "cooldown_s": 600.0,
+        "defect_class": "stain",
+        "training_arguments": json.dumps(_training_arguments(work, defaults)),
+        "local_work_dir": str(work / "runs" / f"retrain-{stamp}"),
+    }
+    with production_traffic(work, _test_images(data), defaults.traffic_per_s, defaults.model_name):
+        run = run_local(PIPELINE_DIR / "monitor.yaml", arguments, work / "runs" / f"monitor-{stamp}")
+    record_path = next(run.pipeline_root.rglob("decide-retraining/record"))
+    return json.loads(record_path.read_text())

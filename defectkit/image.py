@@ -21,6 +21,7 @@ GPU-safe: Pillow and numpy only.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -165,7 +166,10 @@ def _open(data: bytes, label: str) -> Image.Image:
                 f"{label}file is {other}, not one of the accepted formats {', '.join(ALLOWED_FORMATS)}",
             ) from exc
         reason = "truncated" if _looks_truncated(exc, data, allowed) else "corrupt"
-        raise ImageRejected(reason, f"{label}file starts like {allowed} but cannot be opened ({reason}): {exc}") from exc
+        # Pillow names the in-memory buffer with its address; keep reports identical between runs.
+        message = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+        raise ImageRejected(reason, f"{label}file starts like {allowed} but cannot be opened ({reason}): {message}") \
+            from exc
 
 
 def _check_extension(name: str, real_format: str, label: str) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -228,8 +229,18 @@ def trigger(arguments: Mapping[str, Any], *, host: str = "", work_dir: Path | No
                           namespace=namespace)
     if work_dir is None:
         raise ValueError("a local retraining run needs work_dir; give host to run on a KFP cluster instead")
-    local = run.run_local(package, dict(arguments), Path(work_dir))
-    return str(local.pipeline_root)
+    # A process of its own: the monitor itself may be a kfp.local task, and kfp.local does not nest.
+    import subprocess
+    import sys
+
+    import os
+
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    # A KFP task runs with _KFP_RUNTIME=true, under which kfp skips the imports a pipeline run needs.
+    env = {k: v for k, v in os.environ.items() if k != "_KFP_RUNTIME"}
+    subprocess.run([sys.executable, "-m", "pipelines.run", str(package), str(work_dir), json.dumps(dict(arguments))],
+                   check=True, cwd=work_dir, env=env)
+    return str(Path(work_dir) / "pipeline_root")
 
 
 def create_recurring_run(host: str, package: Path, cron: str, params: Mapping[str, Any], *,
@@ -248,3 +259,28 @@ def create_recurring_run(host: str, package: Path, cron: str, params: Mapping[st
                                       params=dict(params), max_concurrency=1)
     log.info("scheduled %s (%s) at %s: recurring run %s", package.name, cron, host, job.recurring_run_id)
     return job.recurring_run_id
+
+
+def act(*, drifted: bool, drifted_features: list[str], new_images: int, window: tuple[float, float],
+        window_dir: Path, state_uri: str, policy: MonitorPolicy, base_dataset_uri: str, retraining_data_uri: str,
+        training_arguments: Mapping[str, Any], defect_class: str | None = None, kfp_host: str = "",
+        local_work_dir: Path | None = None, now: float | None = None) -> dict[str, Any]:
+    """Decide on retraining and, when it is due, merge the window into the training data and start the run.
+
+    The run starts on the KFP cluster at ``kfp_host``, or locally in ``local_work_dir``;
+    with neither, the decision is only recorded. Returns the decision record.
+    """
+    now = time.time() if now is None else now
+    last = read_last_retrain(state_uri)
+    decision = decide(drifted, new_images, None if last is None else float(last["at"]), now, policy)
+    run = None
+    if decision.retrain and (kfp_host or local_work_dir is not None):
+        merge_for_retraining(base_dataset_uri, Path(window_dir), retraining_data_uri, defect_class=defect_class)
+        arguments = {**training_arguments, "source_uri": retraining_data_uri}
+        run = trigger(arguments, host=kfp_host, work_dir=local_work_dir, run_name=f"retrain-{int(now)}")
+        write_last_retrain(state_uri, now, run)
+    elif decision.retrain:
+        log.warning("retraining is due but neither a KFP host nor a local work dir was given: decision recorded only")
+    return decision_record(window=window, drift={"drifted": drifted, "drifted_features": list(drifted_features)},
+                           new_images=new_images, last_retrain=last, now=now, policy=policy, decision=decision,
+                           run=run)

@@ -26,6 +26,7 @@ def monitor_pipeline(
     defect_class: str = "",
     kfp_host: str = "",
     training_arguments: str = "{}",
+    local_work_dir: str = "",
 ):
     """Drift check of the last window of production samples, and retraining when it is due.
 
@@ -44,6 +45,7 @@ def monitor_pipeline(
         defect_class: Defect type for images the model called defect; empty leaves them out of retraining.
         kfp_host: Kubeflow Pipelines API to start retraining on; empty records the decision only.
         training_arguments: JSON object of further training pipeline arguments.
+        local_work_dir: Retrain locally (kfp.local) in this directory when no kfp_host is given.
     """
     window = collect_window(sample_uri=sample_uri, model_uri=model_uri, window_s=window_s,
                             tracking_uri=tracking_uri)
@@ -54,4 +56,4 @@ def monitor_pipeline(
                       until=window.outputs["until"], current=window.outputs["current"], state_uri=state_uri,
                       base_dataset_uri=base_dataset_uri, retraining_data_uri=retraining_data_uri,
                       min_new_images=min_new_images, cooldown_s=cooldown_s, defect_class=defect_class,
-                      kfp_host=kfp_host, training_arguments=training_arguments)
+                      kfp_host=kfp_host, training_arguments=training_arguments, local_work_dir=local_work_dir)

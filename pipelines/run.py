@@ -105,3 +105,27 @@ def submit(
     )
     log.info("created run %s in experiment %s at %s", result.run_id, experiment, host)
     return result.run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines.run PACKAGE WORK_DIR ARGUMENTS_JSON``: a local run in a process of its own.
+
+    For starting a run from inside a running KFP task (the monitor's local
+    retraining), where kfp.local cannot be nested in the same interpreter.
+    """
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.run", description=main.__doc__)
+    parser.add_argument("package", type=Path)
+    parser.add_argument("work_dir", type=Path)
+    parser.add_argument("arguments", help="JSON object of pipeline arguments")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, force=True)
+    run = run_local(args.package, json.loads(args.arguments), args.work_dir)
+    print(run.pipeline_root)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -19,7 +19,8 @@ import time
 
 import numpy as np
 
-from defectkit.drift import DriftThresholds, Reference, adjust_pvalues, detect, embedding_names
+from defectkit.drift import DriftThresholds, Reference, adjust_pvalues, detect
+from defectkit.reference import embedding_names
 
 REFERENCE_ROWS = 100_000
 CURRENT_ROWS = 10_000

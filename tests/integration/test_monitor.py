@@ -130,3 +130,24 @@ def test_registered_model_carries_its_drift_reference(judged_model, tmp_path):
     resolved = registry.resolve(version.uri, tmp_path / "resolved", tracking_uri=config.tracking_uri)
     for name in ("features.csv", "embeddings.npz"):
         assert (resolved / "reference" / name).read_bytes() == (judged_model / "reference" / name).read_bytes()
+
+
+def test_monitor_act_starts_a_local_retraining_run_on_the_merged_data(judged_model, production_files, sample_dir,
+                                                                      tmp_path):
+    from tests.conftest import TINY_IMAGE_SIZE
+
+    result, decision, window = _check(judged_model, [_brighter(f) for f in production_files], tmp_path)
+    assert decision.retrain
+    now = time.time()
+    record = monitor.act(
+        drifted=result.drifted, drifted_features=list(result.drifted_features), new_images=window.images,
+        window=(now - POLICY.window_s, now), window_dir=tmp_path / "window", state_uri=str(tmp_path / "state"),
+        policy=POLICY, base_dataset_uri=str(sample_dir), retraining_data_uri=str(tmp_path / "retraining"),
+        training_arguments={"image_size": TINY_IMAGE_SIZE, "epochs": 1, "batch_size": 16, "device": "cpu",
+                            "min_images_per_class": 2, "min_auroc": 0.0},
+        defect_class="stain", local_work_dir=tmp_path / "retrain", now=now,
+    )
+    assert record["run"] and monitor.read_last_retrain(tmp_path / "state")["at"] == now
+    dataset = Manifest.read(next((tmp_path / "retrain").rglob("validate-images/dataset")))
+    assert dataset.source == str(tmp_path / "retraining"), "the retraining run reads the merged data"
+    assert sum(1 for e in dataset.entries if Path(e.path).name.startswith("prod-")) == window.images
