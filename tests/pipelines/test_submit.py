@@ -48,3 +48,47 @@ def test_submit_cli_reports_bad_parameter_without_contacting_the_server(capsys):
         assert cli.main(["submit", "--host", api.url, "--param", "epochs=3"]) == 2
         assert api.requests == []
     assert "needs a value for source_uri" in capsys.readouterr().err
+
+
+def test_monitor_is_scheduled_as_a_recurring_run():
+    from defectkit import monitor
+    from pipelines.run import PIPELINE_DIR
+
+    with KfpApiStandIn() as api:
+        job_id = monitor.create_recurring_run(api.url, PIPELINE_DIR / "monitor.yaml", "0 0 * * * *",
+                                              {"sample_uri": "gs://b/samples", "min_new_images": 200})
+        job = api.recurring_runs[job_id]
+        assert job["trigger"]["cron_schedule"]["cron"] == "0 0 * * * *"
+        assert job["max_concurrency"] in (1, "1")
+        assert job["runtime_config"]["parameters"] == {"sample_uri": "gs://b/samples", "min_new_images": 200}
+        assert job["pipeline_spec"]["pipelineInfo"]["name"] == "defectkit-monitor"
+    with pytest.raises(ValueError, match="6 fields"):
+        monitor.create_recurring_run("http://127.0.0.1:9", PIPELINE_DIR / "monitor.yaml", "0 * * * *", {})
+
+
+def test_monitor_starts_retraining_on_the_cluster(tmp_path):
+    from defectkit import monitor
+
+    (tmp_path / "window" / "images").mkdir(parents=True)
+    (tmp_path / "window" / "samples.jsonl").write_text("")
+    base = tmp_path / "base" / "train" / "good"
+    base.mkdir(parents=True)
+    (base / "a.jpg").write_bytes(b"x")
+    with KfpApiStandIn() as api:
+        record = monitor.act(
+            drifted=True, drifted_features=["brightness"], new_images=500, window=(0.0, 10.0),
+            window_dir=tmp_path / "window", state_uri=str(tmp_path / "state"),
+            policy=monitor.MonitorPolicy(min_new_images=100, cooldown_s=3600), base_dataset_uri=str(tmp_path / "base"),
+            retraining_data_uri=str(tmp_path / "merged"), training_arguments={"epochs": 20}, kfp_host=api.url,
+            now=1000.0,
+        )
+        run = api.runs[record["run"]]
+        assert run["runtime_config"]["parameters"] == {"epochs": 20, "source_uri": str(tmp_path / "merged")}
+        assert (tmp_path / "merged" / "train" / "good" / "a.jpg").is_file()
+        again = monitor.act(
+            drifted=True, drifted_features=["brightness"], new_images=500, window=(0.0, 10.0),
+            window_dir=tmp_path / "window", state_uri=str(tmp_path / "state"),
+            policy=monitor.MonitorPolicy(min_new_images=100, cooldown_s=3600), base_dataset_uri=str(tmp_path / "base"),
+            retraining_data_uri=str(tmp_path / "merged2"), training_arguments={}, kfp_host=api.url, now=1060.0,
+        )
+        assert again["run"] is None and len(api.runs) == 1, "the cooldown holds the second retraining back"
