@@ -140,7 +140,13 @@ def cmd_demo_drift(args: argparse.Namespace) -> int:
         record = demo.drift_loop(work)
     except RuntimeError as exc:
         raise PipelineFailed(f"{exc} The failing step's log is above; its artifacts are kept under {work}.") from exc
-    print("\n" + monitor.render_record(record) + _serving_summary(work))
+    lines = ["", monitor.render_record(record)]
+    verdict = record.get("retraining_verdict")
+    if verdict:
+        lines.append(f"retrained    image AUROC {verdict['image_auroc']:.4f}: "
+                     f"{'APPROVED' if verdict['approved'] else 'NOT APPROVED'}")
+        lines += [f"  - {reason}" for reason in verdict["reasons"]]
+    print("\n".join(lines) + _serving_summary(work))
     return 0
 
 

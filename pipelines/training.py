@@ -47,6 +47,8 @@ def training_pipeline(
     threshold_policy: str = "max_f1",
     target_fpr: float = 0.05,
     min_auroc: float = 0.9,
+    max_auroc_drop: float = 0.0,
+    max_f1_drop: float = 0.02,
     champion_uri: str = "",
     tracking_uri: str = "",
     model_name: str = "defectkit",
@@ -81,6 +83,8 @@ def training_pipeline(
         threshold_policy: max_f1 or target_fpr.
         target_fpr: False positive rate for the target_fpr policy.
         min_auroc: Lowest test image AUROC that can be approved.
+        max_auroc_drop: How far the candidate's test AUROC may fall below the champion's on the same test set.
+        max_f1_drop: How far the candidate's test F1 may fall below the champion's on the same test set.
         champion_uri: Model to judge the candidate against on the same test set (models:/..., path or gs://); empty uses the registry's champion alias.
         tracking_uri: MLflow tracking URI of the model registry; an approved model is registered there. Empty skips registration.
         model_name: Registered model name in MLflow.
@@ -146,6 +150,8 @@ def training_pipeline(
         threshold_policy=threshold_policy,
         target_fpr=target_fpr,
         min_auroc=min_auroc,
+        max_auroc_drop=max_auroc_drop,
+        max_f1_drop=max_f1_drop,
         device=device,
     ).set_caching_options(False)
     evaluate.set_cpu_limit("4").set_memory_limit("16G").set_retry(2, backoff_duration="30s")

@@ -191,6 +191,18 @@ def _wait_ready(info: ServerInfo, path: str, timeout_s: float) -> None:
         time.sleep(0.1)
 
 
+def start_model_server(role: str, model: str, *, log_dir: Path, args: Sequence[str] = (), host: str = "127.0.0.1",
+                       name: str = "defectkit", command: Sequence[str] = SERVE_COMMAND,
+                       timeout_s: float = 180.0) -> ServerInfo:
+    """A ``defectkit serve`` process for ``model`` on a free port, returned once it is ready."""
+    port = free_port(host)
+    full = [*command, "--model", model, "--port", str(port), "--host", host, "--name", name, *args]
+    info = _spawn(role, full, port=port, host=host, model=model, args=tuple(args),
+                  log_path=Path(log_dir) / f"{role}-{port}.log")
+    _wait_ready(info, READY_PATH, timeout_s)
+    return info
+
+
 def stop_process(info: ServerInfo | None, timeout_s: float = 15.0) -> bool:
     """SIGTERM ``info``'s process group, SIGKILL after ``timeout_s``; False when it was not running."""
     if not alive(info):
@@ -512,14 +524,9 @@ class LocalBackend:
 
     def _start_server(self, role: str, model: str) -> ServerInfo:
         options = self.options
-        args = self._server_args(role)
-        port = free_port(options.host)
-        command = [*options.serve_command, "--model", model, "--port", str(port), "--host", options.host,
-                   "--name", options.model_name, *args]
-        info = _spawn(role, command, port=port, host=options.host, model=model, args=args,
-                      log_path=stack_dir(self.work_dir) / f"{role}-{port}.log")
-        _wait_ready(info, READY_PATH, options.start_timeout_s)
-        return info
+        return start_model_server(role, model, log_dir=stack_dir(self.work_dir), args=self._server_args(role),
+                                  host=options.host, name=options.model_name, command=options.serve_command,
+                                  timeout_s=options.start_timeout_s)
 
     def _start_router(self, stack: Stack) -> ServerInfo:
         options = self.options
