@@ -23,6 +23,7 @@ import contextlib
 import io
 import json
 import logging
+import multiprocessing
 import queue
 import random
 import threading
@@ -114,7 +115,15 @@ class Sampler:
         if not config.enabled:
             raise ValueError("sampling is off (rate 0); create a Sampler only for a positive rate")
         self.config = config
-        self._store = storage.Store(config.uri)
+        # Files are written by a process of its own: in this one, every write would hold the GIL
+        # that request handling needs (measured in `make bench`: sampling).
+        storage.Store(config.uri)  # a bad URI fails here, in the caller, not in the writer
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._writer = context.Process(target=_writer_process, args=(child, config.uri), name="sample-writer",
+                                       daemon=True)
+        self._writer.start()
+        child.close()
         self._draw = random.Random(config.seed)
         self._queue: queue.Queue = queue.Queue(config.queue_size)
         self._lock = threading.Lock()
@@ -165,37 +174,66 @@ class Sampler:
     def _write_loop(self) -> None:
         while True:
             items = [self._queue.get()]
-            # Wake once per batch, not per sample: each wake-up of this thread makes the request
-            # threads wait for the GIL (measured in `make bench`: sampling).
+            # One hand-over per batch, not per sample: each wake-up of this thread makes the
+            # request threads wait for the GIL.
             time.sleep(_BATCH_WAIT_S)
             with contextlib.suppress(queue.Empty):
                 while True:
                     items.append(self._queue.get_nowait())
-            for item in items:
-                try:
-                    if item is None:
-                        return
-                    self._write(*item)
-                    with self._lock:
-                        self.written += 1
-                except Exception:  # noqa: BLE001 - a storage failure loses one sample, never the writer
-                    with self._lock:
-                        self.failed += 1
-                    log.exception("could not write a sample to %s", self.config.uri)
-                finally:
-                    self._queue.task_done()
+            batch = [item for item in items if item is not None]
+            written = failed = 0
+            try:
+                if batch:
+                    self._conn.send(batch)
+                    written, failed = self._conn.recv()
+            except (OSError, EOFError):
+                failed = len(batch)
+                log.exception("the sample writer process is gone; %d samples lost", failed)
+            with self._lock:
+                self.written += written
+                self.failed += failed
+            for _ in items:
+                self._queue.task_done()
+            if len(batch) < len(items):  # close() asked to stop
+                with contextlib.suppress(OSError):
+                    self._conn.send(None)
+                self._writer.join(10)
+                return
 
-    def _write(self, data: bytes | np.ndarray, score: float, label: str, model_version: str, at: float) -> None:
-        if isinstance(data, np.ndarray):
-            buffer = io.BytesIO()
-            Image.fromarray(np.clip(data, 0, 255).astype(np.uint8)).save(buffer, "PNG")
-            data = buffer.getvalue()
-        stem = f"{partition(at)}/{uuid.uuid4().hex}"
-        rel = f"{stem}.{extension(data)}"
-        self._store.write(rel, bytes(data))
-        # Sidecar last: a reader that sees it can rely on the image being there.
-        sample = Sample(rel, score, label, model_version, at)
-        self._store.write(stem + SIDECAR_SUFFIX, json.dumps(sample.to_json()).encode())
+
+def _writer_process(conn, uri: str) -> None:
+    """The sample writer: receives batches of samples, writes each, answers (written, failed)."""
+    store = storage.Store(uri)
+    while True:
+        try:
+            batch = conn.recv()
+        except EOFError:
+            return
+        if batch is None:
+            return
+        written = failed = 0
+        for item in batch:
+            try:
+                _write(store, *item)
+                written += 1
+            except Exception:  # noqa: BLE001 - a storage failure loses one sample, never the writer
+                failed += 1
+                log.exception("could not write a sample to %s", uri)
+        conn.send((written, failed))
+
+
+def _write(store: storage.Store, data: bytes | np.ndarray, score: float, label: str, model_version: str,
+           at: float) -> None:
+    if isinstance(data, np.ndarray):
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(data, 0, 255).astype(np.uint8)).save(buffer, "PNG")
+        data = buffer.getvalue()
+    stem = f"{partition(at)}/{uuid.uuid4().hex}"
+    rel = f"{stem}.{extension(data)}"
+    store.write(rel, bytes(data))
+    # Sidecar last: a reader that sees it can rely on the image being there.
+    sample = Sample(rel, score, label, model_version, at)
+    store.write(stem + SIDECAR_SUFFIX, json.dumps(sample.to_json()).encode())
 
 
 # --------------------------------------------------------------------------- reading
