@@ -26,6 +26,7 @@ import logging
 import multiprocessing
 import queue
 import random
+import signal
 import threading
 import time
 import uuid
@@ -202,7 +203,13 @@ class Sampler:
 
 
 def _writer_process(conn, uri: str) -> None:
-    """The sample writer: receives batches of samples, writes each, answers (written, failed)."""
+    """The sample writer: receives batches of samples, writes each, answers (written, failed).
+
+    It ignores SIGTERM and SIGINT, which the server's process group receives on shutdown, so that
+    the server can hand over what is still queued; it ends when the server closes the pipe.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     store = storage.Store(uri)
     while True:
         try:
