@@ -1,6 +1,6 @@
 """Benchmark: request latency with production sampling of every image (rate 1.0) against sampling off.
 
-Two in-process DefectPredictors on the same model (resnet18, 64 px, random
+Two in-process DefectPredictors on the same model (resnet18, 128 px, random
 weights) answer the same single-image JPEG requests from 8 concurrent
 clients, through the same micro-batching path the server uses; one samples
 every image to a temporary directory, the other samples nothing. Rounds
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-IMAGE_SIZE = 64
+IMAGE_SIZE = 128  # the input size `make run` serves, as in the serve benchmark
 CLIENTS = 8
 REQUESTS_PER_ROUND = 400
 ROUNDS = 2
