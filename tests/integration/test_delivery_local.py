@@ -9,16 +9,11 @@ Measured rollback times and traffic splits are printed (visible with ``pytest -q
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
-import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -43,7 +38,7 @@ from defectkit.delivery.local import (
     stop_stack,
     window_metrics,
 )
-from defectkit.delivery.router import VARIANT_HEADER, RouterConfig, SmoothWeightedRoundRobin
+from defectkit.delivery.router import RouterConfig, SmoothWeightedRoundRobin
 from defectkit.delivery.state import PROMOTED, ROLLED_BACK, StateStore
 from defectkit.models import ModelMetadata, build_model, save_model
 from defectkit.preprocess import PreprocessSpec
