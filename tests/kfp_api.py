@@ -7,10 +7,9 @@ can check what a real KFP API server would have been sent.
 from __future__ import annotations
 
 import json
-import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+
+from tests.stand_ins import JsonServer
 
 PREFIX = "/apis/v2beta1"
 
@@ -21,17 +20,18 @@ class KfpApiStandIn:
         self.experiments: dict[str, dict] = {}
         self.runs: dict[str, dict] = {}
         self.recurring_runs: dict[str, dict] = {}
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._server = JsonServer(self._recorded)
+        self.url = self._server.url
 
     def __enter__(self) -> KfpApiStandIn:
-        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.close()
+
+    def _recorded(self, method: str, path: str, query: dict, body: dict | None) -> tuple[int, dict]:
+        self.requests.append((method, path, body))
+        return self._route(method, path, query, body)
 
     def _route(self, method: str, path: str, query: dict, body: dict | None) -> tuple[int, dict]:
         if not path.startswith(PREFIX):
@@ -61,31 +61,3 @@ class KfpApiStandIn:
             self.recurring_runs[recurring["recurring_run_id"]] = recurring
             return 200, recurring
         return 404, {"error": f"no route {method} {path}"}
-
-    def _handler(self):
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self, method: str) -> None:
-                parsed = urlparse(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else None
-                stand_in.requests.append((method, parsed.path, body))
-                status, payload = stand_in._route(method, parsed.path, parse_qs(parsed.query), body)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                self._serve("GET")
-
-            def do_POST(self):  # noqa: N802
-                self._serve("POST")
-
-            def log_message(self, *args) -> None:
-                pass
-
-        return Handler

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 
@@ -17,6 +13,7 @@ from defectkit.delivery.manifest import ServiceConfig
 from defectkit.delivery.state import PROMOTED, ROLLED_BACK
 from defectkit.storage import RetryPolicy
 from tests.kube_api import KubeApiStandIn
+from tests.stand_ins import JsonServer, ManualClock
 
 NAMESPACE, NAME = "ml", "defect"
 STABLE_URI, CANDIDATE_URI = "gs://defectkit-models/defect/1", "gs://defectkit-models/defect/2"
@@ -30,24 +27,9 @@ class Prometheus:
 
     def __init__(self) -> None:
         self.figures: dict[str, dict] = {}
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                query = parse_qs(urlparse(self.path).query)["query"][0]
-                data = json.dumps({"status": "success", "data": stand_in.answer(query)}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self._server = JsonServer(
+            lambda method, path, query, body: (200, {"status": "success", "data": self.answer(query["query"][0])}))
+        self.url = self._server.url
 
     def answer(self, query: str) -> dict:
         revision = _REVISION.search(query).group(1)
@@ -64,8 +46,7 @@ class Prometheus:
         return {"resultType": "vector", "result": [{"metric": m, "value": [0, str(v)]} for m, v in samples]}
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.close()
 
 
 def figures(requests: int, errors: int = 0, p99: float = 0.05) -> dict:
@@ -86,19 +67,8 @@ def platform():
     prometheus.close()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def run(backend, tmp_path):
-    clock = Clock()
+    clock = ManualClock()
     return Controller(backend, POLICY, tmp_path / "state.json", candidate=CANDIDATE_URI, backend_name="kserve",
                       clock=clock, sleep=clock.sleep).run()
 

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 import yaml
@@ -19,6 +15,7 @@ from defectkit.storage import RetryPolicy
 from tests.crd import assert_valid
 from tests.kube_api import KubeApiStandIn
 from tests.servers import free_port, start_server
+from tests.stand_ins import JsonServer
 
 NAMESPACE, NAME = "ml", "defect"
 TOKEN = "s3cr3t"
@@ -240,37 +237,21 @@ class PrometheusStandIn:
         self.answers = answers
         self.queries: list[str] = []
         self.unavailable = 0
-        stand_in = self
+        self._server = JsonServer(self._route)
+        self.url = self._server.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                parsed = urlparse(self.path)
-                query = parse_qs(parsed.query).get("query", [""])[0]
-                stand_in.queries.append(query)
-                if stand_in.unavailable:
-                    stand_in.unavailable -= 1
-                    status, body = 503, {"status": "error", "errorType": "unavailable", "error": "overloaded"}
-                elif parsed.path == "/api/v1/query" and query in stand_in.answers:
-                    status, body = 200, {"status": "success", "data": stand_in.answers[query]}
-                else:
-                    status, body = 400, {"status": "error", "errorType": "bad_data", "error": f"unexpected {query}"}
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    def _route(self, method: str, path: str, query: dict, body: dict | None) -> tuple[int, dict]:
+        text = query.get("query", [""])[0]
+        self.queries.append(text)
+        if self.unavailable:
+            self.unavailable -= 1
+            return 503, {"status": "error", "errorType": "unavailable", "error": "overloaded"}
+        if path == "/api/v1/query" and text in self.answers:
+            return 200, {"status": "success", "data": self.answers[text]}
+        return 400, {"status": "error", "errorType": "bad_data", "error": f"unexpected {text}"}
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.close()
 
 
 def vector(*samples: tuple[dict, str]) -> dict:

@@ -24,6 +24,7 @@ from defectkit.delivery.state import (
     StateStore,
     write_json_atomic,
 )
+from tests.stand_ins import ManualClock
 
 POLICY = CanaryPolicy(steps=(10, 25, 50, 100), interval_s=30.0, failure_threshold=2, min_requests=50,
                       max_inconclusive=3)
@@ -111,20 +112,9 @@ class StandInBackend:
         return self._call("probe", lambda: self.probe_scores[:len(images)])
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock():
-    return FakeClock()
+    return ManualClock()
 
 
 def controller(backend, tmp_path, clock, *, candidate="candidate-model", golden=GOLDEN, policy=POLICY, hooks=None):
