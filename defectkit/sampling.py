@@ -1,17 +1,22 @@
 """Production sampling: a share of served images, with their answers, kept for drift checks and retraining.
 
 The model server offers every answered request to a :class:`Sampler`; a
-seeded draw keeps each image with probability ``rate``. Kept images go on a
-bounded queue and a background thread writes them, so a request never waits
-for storage: when the queue is full the image is dropped and counted. Layout
-under the root (a local directory, ``file://`` or ``gs://`` URI)::
+seeded draw keeps each image with probability ``rate``. Kept images wait on a
+bounded queue and a writer process of its own writes them, so a request never
+waits for storage: when the queue is full the image is dropped and counted.
 
-    date=YYYY-MM-DD/HH/<id>.<ext>    the image file as it was sent (pixels inputs as PNG)
-    date=YYYY-MM-DD/HH/<id>.json     {"image", "score", "label", "model_version", "time"}
+Samples are written in shards, one tar file per hour partition per batch
+(the WebDataset layout: the files of one sample share a key), because a file
+or GCS object per image would cost a create or an upload per request. Under
+the root (a local directory, ``file://`` or ``gs://`` URI)::
 
-Date and hour are UTC. :func:`read_window` lists the samples of a time
-window; :func:`window_to_dataset` turns them into the ``current`` directory
-:func:`defectkit.drift.detect_artifact_drift` reads.
+    date=YYYY-MM-DD/HH/<first-ms>-<id>.tar
+        <key>.<ext>     the image file as it was sent (pixels inputs as PNG)
+        <key>.json      {"image": "<key>.<ext>", "score", "label", "model_version", "time"}
+
+Date and hour are UTC; a shard appears whole or not at all. :func:`read_window`
+lists the samples of a time window; :func:`window_to_dataset` turns them into
+the ``current`` directory :func:`defectkit.drift.detect_artifact_drift` reads.
 
 GPU-safe: numpy, Pillow and defectkit's storage only.
 """
@@ -27,11 +32,12 @@ import multiprocessing
 import queue
 import random
 import signal
+import tarfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -43,6 +49,7 @@ from defectkit import image, preprocess, storage
 log = logging.getLogger(__name__)
 
 SIDECAR_SUFFIX = ".json"
+SHARD_SUFFIX = ".tar"
 SAMPLES_FILE = "samples.jsonl"
 IMAGES_DIR = "images"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -76,22 +83,25 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class Sample:
-    """One sampled image: ``image`` is its path relative to the sampling root."""
+    """One sampled image: ``image`` is its file name in ``shard`` (relative to the sampling root),
+    or, with no shard, its path relative to a window dataset."""
 
     image: str
     score: float
     label: str
     model_version: str
     time: float
+    shard: str = ""
 
     def to_json(self) -> dict:
-        return {"image": self.image, "score": self.score, "label": self.label,
-                "model_version": self.model_version, "time": self.time}
+        record = {"image": self.image, "score": self.score, "label": self.label,
+                  "model_version": self.model_version, "time": self.time}
+        return {**record, "shard": self.shard} if self.shard else record
 
     @classmethod
     def from_json(cls, record: dict) -> Sample:
         return cls(str(record["image"]), float(record["score"]), str(record["label"]),
-                   str(record["model_version"]), float(record["time"]))
+                   str(record["model_version"]), float(record["time"]), str(record.get("shard", "")))
 
 
 def partition(at: float) -> str:
@@ -110,7 +120,7 @@ def extension(data: bytes) -> str:
 
 
 class Sampler:
-    """Keeps a seeded share of offered images and writes them on its own thread; :meth:`offer` never blocks."""
+    """Keeps a seeded share of offered images and has them written in shards; :meth:`offer` never blocks."""
 
     def __init__(self, config: SamplingConfig) -> None:
         if not config.enabled:
@@ -167,7 +177,7 @@ class Sampler:
         return True
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Write what is queued (up to ``timeout_s``), then stop the writer thread."""
+        """Write what is queued (up to ``timeout_s``), then stop the writer."""
         self.flush(timeout_s)
         self._queue.put(None)
         self._thread.join(timeout_s)
@@ -203,7 +213,7 @@ class Sampler:
 
 
 def _writer_process(conn, uri: str) -> None:
-    """The sample writer: receives batches of samples, writes each, answers (written, failed).
+    """The sample writer: receives batches of samples, writes them as shards, answers (written, failed).
 
     It ignores SIGTERM and SIGINT, which the server's process group receives on shutdown, so that
     the server can hand over what is still queued; it ends when the server closes the pipe.
@@ -218,29 +228,57 @@ def _writer_process(conn, uri: str) -> None:
             return
         if batch is None:
             return
-        written = failed = 0
-        for item in batch:
-            try:
-                _write(store, *item)
-                written += 1
-            except Exception:  # noqa: BLE001 - a storage failure loses one sample, never the writer
-                failed += 1
-                log.exception("could not write a sample to %s", uri)
-        conn.send((written, failed))
+        conn.send(write_shards(store, batch))
 
 
-def _write(store: storage.Store, data: bytes | np.ndarray, score: float, label: str, model_version: str,
-           at: float) -> None:
+def write_shards(store: storage.Store, batch: Sequence[tuple]) -> tuple[int, int]:
+    """Write (image, score, label, model_version, time) samples, one shard per hour partition; (written, failed).
+
+    A sample that cannot be encoded, or a shard that cannot be stored, is logged and counted, never raised.
+    """
+    partitions: dict[str, list[tuple]] = {}
+    for item in batch:
+        partitions.setdefault(partition(item[4]), []).append(item)
+    written = failed = 0
+    for folder, items in partitions.items():
+        buffer = io.BytesIO()
+        count = 0
+        with tarfile.open(fileobj=buffer, mode="w") as shard:
+            for data, score, label, model_version, at in items:
+                try:
+                    data = _encoded(data)
+                except Exception:  # noqa: BLE001 - one bad sample, never the batch
+                    failed += 1
+                    log.exception("could not encode a sample of model %s", model_version)
+                    continue
+                key = uuid.uuid4().hex
+                name = f"{key}.{extension(data)}"
+                _add(shard, name, data, at)
+                _add(shard, key + SIDECAR_SUFFIX, json.dumps(Sample(name, score, label, model_version, at).to_json())
+                     .encode(), at)
+                count += 1
+        rel = f"{folder}/{int(items[0][4] * 1000)}-{uuid.uuid4().hex[:12]}{SHARD_SUFFIX}"
+        try:
+            store.write(rel, buffer.getvalue())
+            written += count
+        except Exception:  # noqa: BLE001 - a storage failure loses this shard, never the writer
+            failed += count
+            log.exception("could not write %d samples to %s/%s", count, store.root, rel)
+    return written, failed
+
+
+def _encoded(data: bytes | np.ndarray) -> bytes:
     if isinstance(data, np.ndarray):
         buffer = io.BytesIO()
         Image.fromarray(np.clip(data, 0, 255).astype(np.uint8)).save(buffer, "PNG")
-        data = buffer.getvalue()
-    stem = f"{partition(at)}/{uuid.uuid4().hex}"
-    rel = f"{stem}.{extension(data)}"
-    store.write(rel, bytes(data))
-    # Sidecar last: a reader that sees it can rely on the image being there.
-    sample = Sample(rel, score, label, model_version, at)
-    store.write(stem + SIDECAR_SUFFIX, json.dumps(sample.to_json()).encode())
+        return buffer.getvalue()
+    return bytes(data)
+
+
+def _add(shard: tarfile.TarFile, name: str, data: bytes, at: float) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), int(at)
+    shard.addfile(info, io.BytesIO(data))
 
 
 # --------------------------------------------------------------------------- reading
@@ -256,12 +294,18 @@ def _days(since: float, until: float) -> list[str]:
     return days
 
 
-def read_window(root: str | Path, since: float, until: float) -> list[Sample]:
-    """Samples taken at ``since <= time < until`` (UNIX seconds), oldest first; only their days are listed."""
+def _hour_in_window(day: str, hour: str, since: float, until: float) -> bool:
+    try:
+        start = datetime.strptime(f"{day[len('date='):]} {hour}", "%Y-%m-%d %H").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return False  # not a partition this module wrote
+    return start.timestamp() < until and start.timestamp() + 3600 > since
+
+
+def _window(root: str, since: float, until: float) -> Iterator[tuple[Sample, bytes]]:
+    """Each sample taken at ``since <= time < until`` with its image file; only the window's hours are read."""
     if until <= since:
         raise ValueError(f"window end {until} must be after its start {since}")
-    root = str(root).rstrip("/")
-    samples = []
     for day in _days(since, until):
         store = storage.Store(f"{root}/{day}")
         try:
@@ -269,11 +313,31 @@ def read_window(root: str | Path, since: float, until: float) -> list[Sample]:
         except FileNotFoundError:
             continue  # no request was sampled that day
         for name in names:
-            if not name.endswith(SIDECAR_SUFFIX):
+            hour = name.split("/", 1)[0]
+            if not name.endswith(SHARD_SUFFIX) or not _hour_in_window(day, hour, since, until):
                 continue
-            sample = Sample.from_json(json.loads(store.read(name)))
-            if since <= sample.time < until:
-                samples.append(sample)
+            try:
+                with tarfile.open(fileobj=io.BytesIO(store.read(name))) as shard:
+                    files = {member.name: member for member in shard.getmembers() if member.isfile()}
+                    for key, member in files.items():
+                        if not key.endswith(SIDECAR_SUFFIX):
+                            continue
+                        sample = Sample.from_json(json.loads(shard.extractfile(member).read()))
+                        if not since <= sample.time < until:
+                            continue
+                        if Path(sample.image).name != sample.image or sample.image not in files:
+                            # Becomes a file name in the window dataset: never a path that leaves it.
+                            log.warning("sample %s in shard %s/%s names no image file of the shard (%r); skipped",
+                                        key, day, name, sample.image)
+                            continue
+                        yield replace(sample, shard=f"{day}/{name}"), shard.extractfile(files[sample.image]).read()
+            except (tarfile.TarError, KeyError, ValueError) as exc:
+                log.warning("shard %s/%s/%s is unreadable and skipped: %s", root, day, name, exc)
+
+
+def read_window(root: str | Path, since: float, until: float) -> list[Sample]:
+    """Samples taken at ``since <= time < until`` (UNIX seconds), oldest first."""
+    samples = [sample for sample, _ in _window(str(root).rstrip("/"), since, until)]
     samples.sort(key=lambda s: (s.time, s.image))
     return samples
 
@@ -311,21 +375,19 @@ def window_to_dataset(root: str | Path, since: float, until: float, out_dir: Pat
     out_dir = Path(out_dir)
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     root = str(root).rstrip("/")
-    store = storage.Store(root)
     pixels, rows, rejected = [], [], 0
     with (out_dir / SAMPLES_FILE).open("w") as lines:
-        for sample in read_window(root, since, until):
-            data = store.read(sample.image)
-            name = Path(sample.image).name
+        for sample, data in _window(root, since, until):
+            name = sample.image
             try:
                 array = preprocess.to_model_input(data, spec, name=name)
             except image.ImageRejected as exc:
                 rejected += 1
-                log.warning("sample %s skipped (%s): %s", sample.image, exc.reason, exc.detail)
+                log.warning("sample %s of %s skipped (%s): %s", sample.image, sample.shard, exc.reason, exc.detail)
                 continue
             rel = f"{IMAGES_DIR}/{name}"
             (out_dir / rel).write_bytes(data)
-            lines.write(json.dumps({**sample.to_json(), "image": rel}) + "\n")
+            lines.write(json.dumps(replace(sample, image=rel, shard="").to_json()) + "\n")
             pixels.append(array)
             rows.append({"path": rel, **preprocess.image_features(array)})
     with (out_dir / preprocess.FEATURES_FILE).open("w", newline="") as table:
