@@ -55,6 +55,7 @@ TARGETS = (
     Target("components.restore_traffic", "restore_traffic"),
     Target("components.detect_drift", "detect_drift"),
     Target("components.collect_window", "collect_window"),
+    Target("components.validate_window", "validate_window"),
     Target("components.decide_retraining", "decide_retraining"),
 )
 

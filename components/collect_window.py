@@ -36,7 +36,7 @@ def collect_window(
     import time
     from pathlib import Path
 
-    from defectkit import registry, sampling
+    from defectkit import models, registry, sampling
 
     logging.basicConfig(level=logging.INFO, force=True)
     end = until or time.time()
@@ -44,6 +44,7 @@ def collect_window(
     if not (model_dir / "reference").is_dir():
         raise ValueError(f"{model_uri} has no reference/ (drift reference); evaluate it with this version of defectkit")
     shutil.copytree(model_dir / "reference", reference.path, dirs_exist_ok=True)
-    window = sampling.window_to_dataset(sample_uri, end - window_s, end, Path(current.path), model_dir=model_dir)
+    window = sampling.window_to_dataset(sample_uri, end - window_s, end, Path(current.path),
+                                        model=models.load_model(model_dir, "cpu"))
     outputs = NamedTuple("CollectWindowOutputs", [("new_images", int), ("since", float), ("until", float)])
     return outputs(window.images, end - window_s, end)

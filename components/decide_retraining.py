@@ -25,8 +25,9 @@ def decide_retraining(
     kfp_host: str = "",
     training_arguments: str = "{}",
     local_work_dir: str = "",
+    validation_problems: str = "",
 ) -> NamedTuple("DecideRetrainingOutputs", [("retrain", bool), ("run", str)]):
-    """Decide whether to retrain (drift AND enough new images AND cooldown over) and, if so, start the training pipeline.
+    """Decide whether to retrain (valid window AND drift AND enough new images AND cooldown over) and, if so, start the training pipeline.
 
     Production images are added to a copy of the training data under train/, labelled as the served model answered: good ones under train/good, defect ones under train/<defect_class> (left out when defect_class is empty, as their defect type is unknown).
 
@@ -46,6 +47,7 @@ def decide_retraining(
         kfp_host: Kubeflow Pipelines API to start the training run on; empty decides and records without starting a run.
         training_arguments: JSON object of further training pipeline arguments (source_uri is set to retraining_data_uri).
         local_work_dir: Start retraining locally (kfp.local) in this directory when no kfp_host is given; for one-machine use.
+        validation_problems: validate_window's failure message; a window that failed validation is not retrained on.
 
     Returns:
         retrain: Whether retraining was started.
@@ -73,6 +75,7 @@ def decide_retraining(
         defect_class=defect_class or None,
         kfp_host=kfp_host,
         local_work_dir=Path(local_work_dir) if local_work_dir else None,
+        validation_problems=validation_problems,
     )
     Path(record.path).write_text(json.dumps(entry, indent=1))
     Path(summary.path).write_text(monitor.render_record(entry))

@@ -1,8 +1,9 @@
 """Drift-triggered retraining: the decision, its record, the data it retrains on, and starting the run.
 
 **The decision** (:func:`decide`) is pure: retrain only when the production
-window drifted, holds at least ``min_new_images`` new images, and the last
-retraining is at least ``cooldown_s`` ago. Each rule gives one readable reason.
+window passed validation, drifted, holds at least ``min_new_images`` new
+images, and the last retraining is at least ``cooldown_s`` ago. Each rule
+gives one readable reason.
 
 **The data** (:func:`merge_for_retraining`): sampled production images have
 no ground truth. They are added with the label the served model gave them,
@@ -79,9 +80,11 @@ def _duration(seconds: float) -> str:
 
 
 def decide(drifted: bool, new_images: int, last_retrain_at: float | None, now: float,
-           policy: MonitorPolicy = MonitorPolicy()) -> Decision:
-    """Retrain when the data drifted AND there are enough new images AND the cooldown has passed."""
-    reasons = []
+           policy: MonitorPolicy = MonitorPolicy(), *, window_valid: bool = True) -> Decision:
+    """Retrain when the window is valid AND the data drifted AND there are enough new images AND the cooldown
+    has passed."""
+    reasons = ["the production window passed validation" if window_valid else
+               "the production window failed validation: it is not retrained on (see its validation report)"]
     reasons.append("production data drifted from the training reference" if drifted
                    else "no drift from the training reference")
     enough = new_images >= policy.min_new_images
@@ -94,7 +97,7 @@ def decide(drifted: bool, new_images: int, last_retrain_at: float | None, now: f
         cooled = since >= policy.cooldown_s
         reasons.append(f"last retraining {_duration(since)} ago, {'at least' if cooled else 'within'} the "
                        f"cooldown of {_duration(policy.cooldown_s)}")
-    return Decision(bool(drifted) and enough and cooled, tuple(reasons))
+    return Decision(bool(window_valid) and bool(drifted) and enough and cooled, tuple(reasons))
 
 
 # --------------------------------------------------------------------------- last retrain marker
@@ -122,7 +125,7 @@ def write_last_retrain(state_uri: str | Path, at: float, run: str) -> None:
 
 def decision_record(*, window: tuple[float, float], drift: Mapping[str, Any], new_images: int,
                     last_retrain: dict | None, now: float, policy: MonitorPolicy, decision: Decision,
-                    run: str | None = None) -> dict:
+                    run: str | None = None, validation: str = "") -> dict:
     """Everything one monitor run saw and decided, as JSON-ready data."""
     def iso(at: float) -> str:
         return datetime.fromtimestamp(at, timezone.utc).isoformat()
@@ -131,6 +134,7 @@ def decision_record(*, window: tuple[float, float], drift: Mapping[str, Any], ne
         "format": "defectkit.monitor-decision/v1",
         "time": iso(now),
         "window": {"since": iso(window[0]), "until": iso(window[1])},
+        "validation": {"passed": not validation, "problems": validation},
         "drift": {"drifted": bool(drift.get("drifted")), "drifted_features": list(drift.get("drifted_features", ()))},
         "new_images": new_images,
         "cooldown": {"last_retrain": last_retrain, "cooldown_s": policy.cooldown_s,
@@ -154,6 +158,8 @@ def render_record(record: Mapping[str, Any]) -> str:
              f"- last retraining: {record['cooldown']['last_retrain'] or 'never'}", "",
              "## Why", ""]
     lines += [f"- {reason}" for reason in record["reasons"]]
+    if record.get("validation", {}).get("problems"):
+        lines += ["", "## Window validation", "", "```", record["validation"]["problems"], "```"]
     if record.get("run"):
         lines += ["", f"Retraining run: `{record['run']}`"]
     return "\n".join(lines) + "\n"
@@ -264,15 +270,17 @@ def create_recurring_run(host: str, package: Path, cron: str, params: Mapping[st
 def act(*, drifted: bool, drifted_features: list[str], new_images: int, window: tuple[float, float],
         window_dir: Path, state_uri: str, policy: MonitorPolicy, base_dataset_uri: str, retraining_data_uri: str,
         training_arguments: Mapping[str, Any], defect_class: str | None = None, kfp_host: str = "",
-        local_work_dir: Path | None = None, now: float | None = None) -> dict[str, Any]:
+        local_work_dir: Path | None = None, now: float | None = None, validation_problems: str = "") -> dict[str, Any]:
     """Decide on retraining and, when it is due, merge the window into the training data and start the run.
 
+    ``validation_problems`` is the window's validation failure message (empty: it passed).
     The run starts on the KFP cluster at ``kfp_host``, or locally in ``local_work_dir``;
     with neither, the decision is only recorded. Returns the decision record.
     """
     now = time.time() if now is None else now
     last = read_last_retrain(state_uri)
-    decision = decide(drifted, new_images, None if last is None else float(last["at"]), now, policy)
+    decision = decide(drifted, new_images, None if last is None else float(last["at"]), now, policy,
+                      window_valid=not validation_problems)
     run = None
     if decision.retrain and (kfp_host or local_work_dir is not None):
         merge_for_retraining(base_dataset_uri, Path(window_dir), retraining_data_uri, defect_class=defect_class)
@@ -283,4 +291,4 @@ def act(*, drifted: bool, drifted_features: list[str], new_images: int, window: 
         log.warning("retraining is due but neither a KFP host nor a local work dir was given: decision recorded only")
     return decision_record(window=window, drift={"drifted": drifted, "drifted_features": list(drifted_features)},
                            new_images=new_images, last_retrain=last, now=now, policy=policy, decision=decision,
-                           run=run)
+                           run=run, validation=validation_problems)

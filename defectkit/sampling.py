@@ -40,18 +40,25 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from defectkit import image, preprocess, storage
 
+if TYPE_CHECKING:  # the caller loads the model: sampling itself never imports torch
+    from defectkit.models import DefectModel
+
 log = logging.getLogger(__name__)
 
+LABELS = ("good", "defect")  # the model server's answers, as samples record them
 SIDECAR_SUFFIX = ".json"
 SHARD_SUFFIX = ".tar"
 SAMPLES_FILE = "samples.jsonl"
 IMAGES_DIR = "images"
+QUARANTINE_DIR = "quarantine"
+QUARANTINE_FILE = "quarantine.json"
 EMBEDDINGS_FILE = "embeddings.npy"
 # Leading bytes of the formats the server accepts, so a sample keeps its real extension without decoding it.
 _MAGIC = ((b"\x89PNG", "png"), (b"\xff\xd8", "jpg"), (b"BM", "bmp"), (b"II*\x00", "tif"), (b"MM\x00*", "tif"))
@@ -344,52 +351,55 @@ def read_window(root: str | Path, since: float, until: float) -> list[Sample]:
 
 @dataclass(frozen=True)
 class WindowDataset:
-    """What :func:`window_to_dataset` wrote: ``images`` usable samples, ``rejected`` that no longer decode."""
+    """What :func:`window_to_dataset` wrote: ``images`` usable samples, ``quarantined`` that do not decode."""
 
     path: Path
     images: int
-    rejected: int
+    quarantined: int
     embeddings: bool
 
 
 def window_to_dataset(root: str | Path, since: float, until: float, out_dir: Path, *,
-                      model_dir: Path | None = None, spec: preprocess.PreprocessSpec | None = None) -> WindowDataset:
+                      model: DefectModel | None = None,
+                      spec: preprocess.PreprocessSpec | None = None) -> WindowDataset:
     """Write a window's samples as the ``current`` side of a drift check.
 
     ``out_dir/images/<file>`` (the sampled files), ``samples.jsonl`` (one
     :class:`Sample` per line, ``image`` now relative to out_dir),
     ``features.csv`` (path, then preprocess.FEATURE_NAMES, computed on
     ``preprocess.to_model_input`` at the model's input size, as for the
-    reference) and, with ``model_dir``, ``embeddings.npy`` (the model's
-    penultimate-layer embeddings, float32). Give ``model_dir`` or ``spec``.
+    reference) and, with ``model`` (the served model, loaded), ``embeddings.npy``
+    (its penultimate-layer embeddings, float32). Give ``model`` or ``spec``.
+    Samples that do not decode are kept under ``quarantine/``: the file in
+    ``files/`` and ``quarantine.json`` listing each with its reason.
     """
-    if model_dir is None and spec is None:
-        raise ValueError("give model_dir (the served model) or spec (its preprocessing): features are computed "
+    if model is None and spec is None:
+        raise ValueError("give model (the served model) or spec (its preprocessing): features are computed "
                          "at the model's input size")
-    model = None
-    if model_dir is not None:
-        from defectkit import models
-
-        model = models.load_model(Path(model_dir), "cpu")
+    if model is not None:
         spec = model.metadata.preprocess
     out_dir = Path(out_dir)
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    (out_dir / QUARANTINE_DIR / "files").mkdir(parents=True, exist_ok=True)
     root = str(root).rstrip("/")
-    pixels, rows, rejected = [], [], 0
+    pixels, rows, quarantined = [], [], []
     with (out_dir / SAMPLES_FILE).open("w") as lines:
         for sample, data in _window(root, since, until):
             name = sample.image
             try:
                 array = preprocess.to_model_input(data, spec, name=name)
             except image.ImageRejected as exc:
-                rejected += 1
-                log.warning("sample %s of %s skipped (%s): %s", sample.image, sample.shard, exc.reason, exc.detail)
+                (out_dir / QUARANTINE_DIR / "files" / name).write_bytes(data)
+                quarantined.append({"path": f"files/{name}", "reason": exc.reason, "detail": exc.detail,
+                                    "sample": sample.to_json()})
+                log.warning("sample %s of %s quarantined (%s): %s", name, sample.shard, exc.reason, exc.detail)
                 continue
             rel = f"{IMAGES_DIR}/{name}"
             (out_dir / rel).write_bytes(data)
             lines.write(json.dumps(replace(sample, image=rel, shard="").to_json()) + "\n")
             pixels.append(array)
             rows.append({"path": rel, **preprocess.image_features(array)})
+    (out_dir / QUARANTINE_DIR / QUARANTINE_FILE).write_text(json.dumps(quarantined, indent=1))
     with (out_dir / preprocess.FEATURES_FILE).open("w", newline="") as table:
         writer = csv.DictWriter(table, ["path", *preprocess.FEATURE_NAMES])
         writer.writeheader()
@@ -397,7 +407,7 @@ def window_to_dataset(root: str | Path, since: float, until: float, out_dir: Pat
     if model is not None:
         stacked = np.stack(pixels) if pixels else np.zeros((0, spec.image_size, spec.image_size, 3), np.uint8)
         np.save(out_dir / EMBEDDINGS_FILE, model.embeddings(stacked).astype(np.float32))
-    log.info("window %s .. %s of %s: %d images (%d rejected) in %s",
+    log.info("window %s .. %s of %s: %d images (%d quarantined) in %s",
              datetime.fromtimestamp(since, timezone.utc).isoformat(),
-             datetime.fromtimestamp(until, timezone.utc).isoformat(), root, len(rows), rejected, out_dir)
-    return WindowDataset(out_dir, len(rows), rejected, model is not None)
+             datetime.fromtimestamp(until, timezone.utc).isoformat(), root, len(rows), len(quarantined), out_dir)
+    return WindowDataset(out_dir, len(rows), len(quarantined), model is not None)

@@ -8,6 +8,12 @@ the reason, in a quarantine directory. A Great Expectations suite then checks
 the metadata of the accepted images (completeness, dimensions, pixel modes,
 classes, images per class, train/test leakage). The report says what passed,
 what failed, and what to do about it.
+
+``validate_window`` checks a window of production samples (what
+:func:`defectkit.sampling.window_to_dataset` wrote) the same way before the
+drift monitor trusts it: the share of samples that no longer decode, and a
+suite over the answers and image features (scores in [0, 1], known labels,
+a model version, features present and in range).
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ from defectkit.data import (
     parse_layout,
     sha256_bytes,
 )
+from defectkit.preprocess import FEATURE_NAMES, FEATURES_FILE
+from defectkit.sampling import LABELS, QUARANTINE_DIR, SAMPLES_FILE
+from defectkit.sampling import QUARANTINE_FILE as WINDOW_QUARANTINE_FILE
 from defectkit.storage import Store
 
 if TYPE_CHECKING:
@@ -222,42 +231,11 @@ class ValidationReport:
                                   f"limit {self.config.max_quarantine_fraction:.1%})"),
             ("Expectations passed", f"{sum(c.success for c in self.checks)} of {len(self.checks)}"),
         ]
-        parts = [
-            "<!DOCTYPE html>",
-            '<html lang="en"><head><meta charset="utf-8">',
-            f"<title>Dataset validation: {e(verdict)}</title>",
-            "<style>",
-            "body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:70em}",
-            "table{border-collapse:collapse;margin:0.5em 0 1.5em}",
-            "th,td{border:1px solid #ccc;padding:0.3em 0.6em;text-align:left;vertical-align:top}",
-            "th{background:#f3f3f3}td.n{text-align:right}",
-            ".pass{color:#176f2c;font-weight:bold}.fail{color:#b00020;font-weight:bold}",
-            "pre{background:#fff4f4;border:1px solid #e0b4b4;padding:0.8em;white-space:pre-wrap}",
-            "</style></head><body>",
-            f'<h1>Dataset validation: <span class="{"pass" if self.passed else "fail"}">{e(verdict)}</span></h1>',
-            "<h2>Summary</h2>",
-            _html_table(("", ""), [(e(k), e(v)) for k, v in summary], header=False),
-        ]
-        if not self.passed:
-            parts += ["<h2>What failed</h2>", f"<pre>{e(self.failure_message())}</pre>"]
-        parts += [
-            "<h2>Expectations</h2>",
-            _html_table(("Expectation", "Result", "Detail"), [
-                (e(c.name), f'<span class="{"pass" if c.success else "fail"}">{"pass" if c.success else "FAIL"}</span>',
-                 e(c.detail)) for c in self.checks]),
-            "<h2>Images per split and class</h2>",
-            self._counts_html(),
-            f"<h2>Quarantine ({len(self.quarantined)} files)</h2>",
-        ]
-        if self.quarantined:
-            parts.append(_html_table(("Reason", "Files"),
-                                     [(e(r), str(n)) for r, n in self.reason_counts().items()], numeric_last=True))
-            parts.append(_html_table(("File", "Reason", "Detail"),
-                                     [(e(q.path), e(q.reason), e(q.detail)) for q in self.quarantined]))
-        else:
-            parts.append("<p>No file was quarantined.</p>")
-        parts.append("</body></html>")
-        return "\n".join(parts) + "\n"
+        parts = [f'<h1>Dataset validation: <span class="{"pass" if self.passed else "fail"}">{e(verdict)}</span></h1>',
+                 *_summary_html(summary, self.failure_message()), *_checks_html(self.checks),
+                 "<h2>Images per split and class</h2>", self._counts_html(),
+                 *_quarantine_html(self.quarantined, self.reason_counts())]
+        return _page(f"Dataset validation: {verdict}", parts)
 
     def _counts_html(self) -> str:
         counts = self.manifest.counts()
@@ -269,6 +247,50 @@ class ValidationReport:
         totals = [sum(counts[s].values()) for s in splits]
         rows.append(("<b>total</b>", *map(str, totals), str(sum(totals))))
         return _html_table(("Class", *splits, "total"), rows, numeric_from=1)
+
+
+def _page(title: str, parts: list[str]) -> str:
+    """A self-contained HTML page around ``parts`` (already escaped)."""
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        "<style>",
+        "body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:70em}",
+        "table{border-collapse:collapse;margin:0.5em 0 1.5em}",
+        "th,td{border:1px solid #ccc;padding:0.3em 0.6em;text-align:left;vertical-align:top}",
+        "th{background:#f3f3f3}td.n{text-align:right}",
+        ".pass{color:#176f2c;font-weight:bold}.fail{color:#b00020;font-weight:bold}",
+        "pre{background:#fff4f4;border:1px solid #e0b4b4;padding:0.8em;white-space:pre-wrap}",
+        "</style></head><body>",
+        *parts,
+        "</body></html>",
+    ]) + "\n"
+
+
+def _summary_html(summary: list[tuple[str, str]], failure_message: str) -> list[str]:
+    e = html.escape
+    parts = ["<h2>Summary</h2>", _html_table(("", ""), [(e(k), e(v)) for k, v in summary], header=False)]
+    if failure_message:
+        parts += ["<h2>What failed</h2>", f"<pre>{e(failure_message)}</pre>"]
+    return parts
+
+
+def _checks_html(checks: tuple[CheckResult, ...]) -> list[str]:
+    e = html.escape
+    return ["<h2>Expectations</h2>", _html_table(("Expectation", "Result", "Detail"), [
+        (e(c.name), f'<span class="{"pass" if c.success else "fail"}">{"pass" if c.success else "FAIL"}</span>',
+         e(c.detail)) for c in checks])]
+
+
+def _quarantine_html(quarantined: tuple[Quarantined, ...], reasons: dict[str, int]) -> list[str]:
+    e = html.escape
+    parts = [f"<h2>Quarantine ({len(quarantined)} files)</h2>"]
+    if not quarantined:
+        return [*parts, "<p>No file was quarantined.</p>"]
+    return [*parts,
+            _html_table(("Reason", "Files"), [(e(r), str(n)) for r, n in reasons.items()], numeric_last=True),
+            _html_table(("File", "Reason", "Detail"), [(e(q.path), e(q.reason), e(q.detail)) for q in quarantined])]
 
 
 def _html_table(headers: tuple[str, ...], rows: list[tuple[str, ...]], *, header: bool = True,
@@ -664,17 +686,23 @@ def _raised(exception_info: dict) -> str | None:
 
 
 def _run_expectations(metadata: pd.DataFrame, classes: list[str], config: ValidationConfig) -> list[CheckResult]:
+    tables = {
+        "images": metadata,
+        "class_counts": _class_counts_frame(metadata, classes),
+        "sides": _sides_frame(metadata),
+    }
+    return _run_checks(tables, lambda: _checks(metadata, tables["class_counts"], config), _INDEX_COLUMNS)
+
+
+def _run_checks(tables: dict[str, pd.DataFrame], make_checks: Callable[[], list[_Check]],
+                index_columns: dict[str, list[str]]) -> list[CheckResult]:
+    """Run each table's checks as one GX suite; ``make_checks`` is called once GX is imported (quietly)."""
     started = time.perf_counter()
     with _quiet_gx():
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
-        tables = {
-            "images": metadata,
-            "class_counts": _class_counts_frame(metadata, classes),
-            "sides": _sides_frame(metadata),
-        }
-        checks = _checks(metadata, tables["class_counts"], config)
+        checks = make_checks()
         context = gx.get_context(mode="ephemeral")
         context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
         data_source = context.data_sources.add_pandas("defectkit")
@@ -692,7 +720,7 @@ def _run_expectations(metadata: pd.DataFrame, classes: list[str], config: Valida
                                                                                     suite=suite))
             run = definition.run(
                 batch_parameters={"dataframe": frame},
-                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": _INDEX_COLUMNS[table]},
+                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": index_columns[table]},
             )
             results.update({r.expectation_config.meta["check"]: r for r in run.results})
     outcomes = []
@@ -707,3 +735,172 @@ def _run_expectations(metadata: pd.DataFrame, classes: list[str], config: Valida
     log.info("ran %d expectations in %.2f s: %d failed", len(outcomes), time.perf_counter() - started,
              sum(not o.success for o in outcomes))
     return outcomes
+
+
+# --------------------------------------------------------------------------- production windows
+
+# 8-bit image statistics lie in [0, 255]; saturation is a share; sharpness (a variance) has no upper bound.
+_FEATURE_RANGES = {name: (0.0, 255.0) for name in FEATURE_NAMES} | {"saturation": (0.0, 1.0),
+                                                                      "sharpness": (0.0, None)}
+_WINDOW_REMEDIES = {
+    "score_between": "The model server returned scores outside [0, 1]: check the served model and its version.",
+    "label_in_set": f"Samples carry labels other than {', '.join(LABELS)}: they were not written by this model "
+                    f"server version.",
+    "model_version_not_null": "Samples without a model version cannot be traced to a model; check the server.",
+    "_in_range": "Feature values outside their range mean a preprocessing mismatch between server and monitor.",
+    "_not_null": "Missing features mean the feature table does not match samples.jsonl; collect the window again.",
+}
+
+
+@dataclass(frozen=True)
+class WindowValidationConfig:
+    """How much of a production window may fail to decode before the monitor stops trusting it."""
+
+    max_quarantine_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_quarantine_fraction <= 1.0:
+            raise ValueError(f"max_quarantine_fraction must be in [0, 1], got {self.max_quarantine_fraction!r}")
+
+
+@dataclass(frozen=True)
+class WindowReport:
+    """Validation of one window of production samples; ``passed`` gates retraining on it."""
+
+    window: str
+    images: int
+    quarantined: tuple[Quarantined, ...]
+    checks: tuple[CheckResult, ...]
+    config: WindowValidationConfig = field(default_factory=WindowValidationConfig)
+
+    @property
+    def quarantine_fraction(self) -> float:
+        total = self.images + len(self.quarantined)
+        return len(self.quarantined) / total if total else 0.0
+
+    @property
+    def passed(self) -> bool:
+        return (self.quarantine_fraction <= self.config.max_quarantine_fraction
+                and all(check.success for check in self.checks))
+
+    def reason_counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(q.reason for q in self.quarantined).items()))
+
+    def failure_message(self) -> str:
+        """What failed, with the numbers and what to do; empty when the window passed."""
+        if self.passed:
+            return ""
+        lines = [f"production window {self.window} failed validation:"]
+        if self.quarantine_fraction > self.config.max_quarantine_fraction:
+            reasons = ", ".join(f"{reason} {n}" for reason, n in self.reason_counts().items())
+            lines.append(f"- {len(self.quarantined)} of {self.images + len(self.quarantined)} sampled images do not "
+                         f"decode (fraction {self.quarantine_fraction:.3f}, above max_quarantine_fraction="
+                         f"{self.config.max_quarantine_fraction}: {reasons}); the clients or the camera may be "
+                         f"sending broken files. They are kept in {QUARANTINE_DIR}/ with their reasons.")
+        for check in self.checks:
+            if not check.success:
+                remedy = _WINDOW_REMEDIES.get(check.name) or next(
+                    (text for suffix, text in _WINDOW_REMEDIES.items()
+                     if suffix.startswith("_") and check.name.endswith(suffix)), "")
+                lines.append(f"- expectation {check.name} failed: {check.detail}. {remedy}".rstrip())
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "format": "defectkit.window-validation/v1",
+            "passed": self.passed,
+            "window": self.window,
+            "images": self.images,
+            "quarantine_fraction": self.quarantine_fraction,
+            "max_quarantine_fraction": self.config.max_quarantine_fraction,
+            "failure_message": self.failure_message(),
+            "quarantine_reasons": self.reason_counts(),
+            "checks": [asdict(check) for check in self.checks],
+            "quarantined": [asdict(q) for q in self.quarantined],
+        }
+
+    def to_html(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        summary = [
+            ("Window", self.window),
+            ("Images usable", str(self.images)),
+            ("Images quarantined", f"{len(self.quarantined)} ({self.quarantine_fraction:.1%}; "
+                                   f"limit {self.config.max_quarantine_fraction:.1%})"),
+            ("Expectations passed", f"{sum(c.success for c in self.checks)} of {len(self.checks)}"),
+        ]
+        parts = [f'<h1>Production window validation: <span class="{"pass" if self.passed else "fail"}">'
+                 f"{verdict}</span></h1>",
+                 *_summary_html(summary, self.failure_message()), *_checks_html(self.checks),
+                 *_quarantine_html(self.quarantined, self.reason_counts())]
+        return _page(f"Production window validation: {verdict}", parts)
+
+
+def validate_window(window_dir: Path, window: str = "",
+                    config: WindowValidationConfig = WindowValidationConfig()) -> WindowReport:
+    """Check a window dataset (``sampling.window_to_dataset``'s output); ``window`` names it in the report."""
+    window_dir = Path(window_dir)
+    quarantine_file = window_dir / QUARANTINE_DIR / WINDOW_QUARANTINE_FILE
+    quarantined = tuple(Quarantined(q["path"], q["reason"], q["detail"])
+                        for q in json.loads(quarantine_file.read_text())) if quarantine_file.is_file() else ()
+    frame = _window_frame(window_dir)
+    checks = _run_checks({"samples": frame}, lambda: _window_checks(frame), {"samples": ["path"]})
+    report = WindowReport(window or str(window_dir), len(frame), quarantined, tuple(checks), config)
+    log.info("validated window %s: %d images, %d quarantined (%.1f%%, limit %.1f%%), %d of %d expectations passed",
+             report.window, report.images, len(quarantined), 100 * report.quarantine_fraction,
+             100 * config.max_quarantine_fraction, sum(c.success for c in checks), len(checks))
+    if not report.passed:
+        log.error("%s", report.failure_message())
+    return report
+
+
+def _window_frame(window_dir: Path) -> pd.DataFrame:
+    """samples.jsonl joined with features.csv on the image path: one row per usable sample."""
+    import pandas as pd
+
+    lines = (window_dir / SAMPLES_FILE).read_text().splitlines()
+    samples = pd.DataFrame([json.loads(line) for line in lines],
+                           columns=["image", "score", "label", "model_version", "time"]).rename(columns={"image": "path"})
+    features = pd.read_csv(window_dir / FEATURES_FILE, dtype={"path": str})
+    frame = samples.merge(features, on="path", how="left")
+    # An empty frame has object columns; numeric dtypes let the range checks run.
+    return frame.astype({"score": "float64", "time": "float64", **{name: "float64" for name in FEATURE_NAMES}})
+
+
+def _window_checks(frame: pd.DataFrame) -> list[_Check]:
+    import great_expectations as gx
+
+    expect = gx.expectations
+    n = len(frame)
+
+    def failing(result: dict, column: str) -> str:
+        def shown(value: object) -> object:
+            return value.item() if hasattr(value, "item") else value  # numpy scalars as plain numbers
+
+        rows = [f"{row['path']} ({column}={shown(row.get(column))!r})"
+                for row in result.get("unexpected_index_list") or []]
+        return f"{result.get('unexpected_count')} of {n} samples: " + _examples(rows)
+
+    def not_null(column: str) -> _Check:
+        return _Check(f"{column}_not_null", "samples", lambda: expect.ExpectColumnValuesToNotBeNull(column=column),
+                      lambda r, ok: f"all {n} samples have a {column}" if ok else f"{column} missing in "
+                      + failing(r, column))
+
+    def between(name: str, column: str, low: float, high: float | None) -> _Check:
+        bounds = f"[{low:g}, {'inf' if high is None else f'{high:g}'}]"
+        observed = f" (observed {frame[column].min():.4g}..{frame[column].max():.4g})" if n else ""
+        return _Check(name, "samples",
+                      lambda: expect.ExpectColumnValuesToBeBetween(column=column, min_value=low, max_value=high),
+                      lambda r, ok: f"{column} within {bounds} for all {n} samples{observed}" if ok else
+                      f"{column} outside {bounds} in " + failing(r, column))
+
+    labels = ", ".join(f"{label} ({count})" for label, count in sorted(Counter(frame["label"]).items())) or "none"
+    return [
+        between("score_between", "score", 0.0, 1.0),
+        _Check("label_in_set", "samples", lambda: expect.ExpectColumnValuesToBeInSet(column="label",
+                                                                                     value_set=list(LABELS)),
+               lambda r, ok: f"labels found: {labels}" if ok else f"label outside {', '.join(LABELS)} in "
+               + failing(r, "label")),
+        not_null("model_version"),
+        *(not_null(name) for name in FEATURE_NAMES),
+        *(between(f"{name}_in_range", name, *_FEATURE_RANGES[name]) for name in FEATURE_NAMES),
+    ]

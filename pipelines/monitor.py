@@ -1,10 +1,12 @@
-"""Monitor pipeline: collect the sampled production window -> detect drift -> decide and start retraining."""
+"""Monitor pipeline: collect the sampled production window -> validate it -> detect drift -> decide and start
+retraining."""
 
 from kfp import dsl
 
 from components.collect_window import collect_window
 from components.decide_retraining import decide_retraining
 from components.detect_drift import detect_drift
+from components.validate_window import validate_window
 
 NAME = "defectkit-monitor"
 
@@ -27,6 +29,7 @@ def monitor_pipeline(
     kfp_host: str = "",
     training_arguments: str = "{}",
     local_work_dir: str = "",
+    max_quarantine_fraction: float = 0.1,
 ):
     """Drift check of the last window of production samples, and retraining when it is due.
 
@@ -46,9 +49,12 @@ def monitor_pipeline(
         kfp_host: Kubeflow Pipelines API to start retraining on; empty records the decision only.
         training_arguments: JSON object of further training pipeline arguments.
         local_work_dir: Retrain locally (kfp.local) in this directory when no kfp_host is given.
+        max_quarantine_fraction: Largest share of sampled images that may fail to decode before the window is not trusted.
     """
     window = collect_window(sample_uri=sample_uri, model_uri=model_uri, window_s=window_s,
                             tracking_uri=tracking_uri)
+    validated = validate_window(current=window.outputs["current"], since=window.outputs["since"],
+                                until=window.outputs["until"], max_quarantine_fraction=max_quarantine_fraction)
     check = detect_drift(reference=window.outputs["reference"], current=window.outputs["current"],
                          ks_alpha=ks_alpha, psi_threshold=psi_threshold)
     decide_retraining(drifted=check.outputs["drifted"], drifted_features=check.outputs["drifted_features"],
@@ -56,4 +62,5 @@ def monitor_pipeline(
                       until=window.outputs["until"], current=window.outputs["current"], state_uri=state_uri,
                       base_dataset_uri=base_dataset_uri, retraining_data_uri=retraining_data_uri,
                       min_new_images=min_new_images, cooldown_s=cooldown_s, defect_class=defect_class,
-                      kfp_host=kfp_host, training_arguments=training_arguments, local_work_dir=local_work_dir)
+                      kfp_host=kfp_host, training_arguments=training_arguments, local_work_dir=local_work_dir,
+                      validation_problems=validated.outputs["problems"])

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from defectkit import image, models, preprocess
-from defectkit.sampling import Sampler, SamplingConfig
+from defectkit.sampling import LABELS, Sampler, SamplingConfig
 from defectkit.serving import metrics
 from defectkit.serving.batching import BatchConfig, MicroBatcher
 from defectkit.serving.breaker import BreakerConfig, CircuitBreaker
@@ -57,8 +57,7 @@ IMAGE_INPUT = "image"
 PIXELS_INPUT = "pixels"
 SCORE_OUTPUT = "score"
 LABEL_OUTPUT = "label"
-GOOD_LABEL = "good"
-DEFECT_LABEL = "defect"
+GOOD_LABEL, DEFECT_LABEL = LABELS
 PLATFORM = "pytorch_torchvision"
 VERSION_PREFIX_LENGTH = 12
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defectkit import drift, monitor, sampling
+from defectkit import drift, monitor, sampling, storage
 from defectkit.data import Manifest
 from defectkit.evaluation import Gates, evaluate
+from defectkit.models import load_model
 from defectkit.sample import generate_sample
 from defectkit.serving.predictor import DefectPredictor, ServingConfig
 from defectkit.serving.server import import_kserve
@@ -76,7 +77,7 @@ def _check(judged_model: Path, files: list[bytes], tmp_path: Path):
     stats = _serve(judged_model, files, tmp_path / "samples")
     assert stats["written"] == len(files) and stats["dropped"] == 0
     window = sampling.window_to_dataset(tmp_path / "samples", since, time.time() + 1, tmp_path / "window",
-                                        model_dir=judged_model)
+                                        model=load_model(judged_model))
     assert window.images == len(files) and window.embeddings
     result = drift.detect_artifact_drift(judged_model / "reference", tmp_path / "window", drift.DriftThresholds(),
                                          tmp_path / "drift.html")
@@ -113,13 +114,13 @@ def test_brighter_production_images_trigger_retraining_on_the_new_data(judged_mo
     monitor.write_last_retrain(tmp_path / "state", now, "local-run")
     marker = monitor.read_last_retrain(tmp_path / "state")
     again = monitor.decide(True, window.images, marker["at"], now + 60, POLICY)
-    assert not again.retrain and "within the cooldown" in again.reasons[2]
+    assert not again.retrain and "within the cooldown" in again.reasons[3]
 
 
 def test_in_distribution_production_images_trigger_nothing(judged_model, production_files, tmp_path):
     result, decision, _ = _check(judged_model, production_files, tmp_path)
     assert not result.drifted, result.to_markdown()
-    assert not decision.retrain and decision.reasons[0] == "no drift from the training reference"
+    assert not decision.retrain and decision.reasons[1] == "no drift from the training reference"
 
 
 def test_registered_model_carries_its_drift_reference(judged_model, tmp_path):
@@ -151,3 +152,35 @@ def test_monitor_act_starts_a_local_retraining_run_on_the_merged_data(judged_mod
     dataset = Manifest.read(next((tmp_path / "retrain").rglob("validate-images/dataset")))
     assert dataset.source == str(tmp_path / "retraining"), "the retraining run reads the merged data"
     assert sum(1 for e in dataset.entries if Path(e.path).name.startswith("prod-")) == window.images
+
+
+def test_monitor_pipeline_retrains_only_on_a_window_that_passes_validation(judged_model, production_files,
+                                                                           sample_dir, tmp_path, monkeypatch):
+    """The compiled monitor pipeline through kfp.local: collect -> validate -> drift -> decide (decision only)."""
+    from pipelines.run import PIPELINE_DIR, run_local
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # run_local points TMPDIR into its work dir; restored afterwards
+    stats = _serve(judged_model, [_brighter(f) for f in production_files], tmp_path / "samples")
+    arguments = {"sample_uri": str(tmp_path / "samples"), "model_uri": str(judged_model),
+                 "state_uri": str(tmp_path / "state"), "base_dataset_uri": str(sample_dir),
+                 "retraining_data_uri": str(tmp_path / "retraining"), "window_s": 600.0, "min_new_images": 50,
+                 "cooldown_s": 3600.0}
+
+    def monitor_run(name: str) -> tuple[dict, str]:
+        root = run_local(PIPELINE_DIR / "monitor.yaml", arguments, tmp_path / name).pipeline_root
+        record = json.loads(next(root.rglob("decide-retraining/record")).read_text())
+        return record, next(root.rglob("validate-window/expectations")).read_text()
+
+    record, report = monitor_run("clean")
+    assert record["validation"] == {"passed": True, "problems": ""} and "PASSED" in report
+    assert record["drift"]["drifted"] and "brightness" in record["drift"]["drifted_features"]
+    assert record["new_images"] == stats["written"] and record["retrain"], record["reasons"]
+
+    # Then clients start sending broken files: a quarter of the window no longer decodes.
+    sampling.write_shards(storage.Store(str(tmp_path / "samples")),
+                          [(b"\xff\xd8 torn upload", 0.5, "good", "v", time.time()) for _ in range(40)])
+    record, report = monitor_run("broken")
+    assert not record["validation"]["passed"] and "FAILED" in report
+    assert "40 of 160 sampled images do not decode" in record["validation"]["problems"]
+    assert record["drift"]["drifted"] and not record["retrain"]
+    assert record["reasons"][0].startswith("the production window failed validation")

@@ -63,6 +63,18 @@ def test_dockerfiles_are_pinned_and_non_root(name):
     _extra_of(text)
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:``, whose imports never run."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
 def _third_party_imports(module_name: str, seen: set[str]) -> set[str]:
     """Top-level third-party modules imported anywhere (lazily too) by a local module and its local imports."""
     if module_name in seen:
@@ -70,7 +82,7 @@ def _third_party_imports(module_name: str, seen: set[str]) -> set[str]:
     seen.add(module_name)
     module = importlib.import_module(module_name)
     found: set[str] = set()
-    for node in ast.walk(ast.parse(inspect.getsource(module))):
+    for node in _runtime_nodes(ast.parse(inspect.getsource(module))):
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]

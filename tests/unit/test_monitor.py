@@ -14,6 +14,7 @@ from defectkit.monitor import (
     decision_record,
     merge_for_retraining,
     read_last_retrain,
+    render_record,
     write_last_retrain,
     write_record,
 )
@@ -25,26 +26,29 @@ NOW = 1_700_000_000.0
 
 def test_drift_with_enough_data_and_no_earlier_retraining_retrains():
     decision = decide(True, 100, None, NOW, POLICY)
-    assert decision == Decision(True, ("production data drifted from the training reference",
+    assert decision == Decision(True, ("the production window passed validation",
+                                       "production data drifted from the training reference",
                                        "100 new images >= the minimum of 100",
                                        "no earlier retraining: no cooldown applies"))
 
 
-@pytest.mark.parametrize("drifted, new_images, last, retrain", [
-    (False, 500, None, False),  # no drift: never
-    (True, 99, None, False),  # too little new data
-    (True, 500, NOW - 3599, False),  # within the cooldown
-    (True, 500, NOW - 3600, True),  # cooldown just over
+@pytest.mark.parametrize("drifted, new_images, last, valid, retrain", [
+    (False, 500, None, True, False),  # no drift: never
+    (True, 99, None, True, False),  # too little new data
+    (True, 500, NOW - 3599, True, False),  # within the cooldown
+    (True, 500, NOW - 3600, True, True),  # cooldown just over
+    (True, 500, None, False, False),  # the window failed validation
 ])
-def test_each_rule_can_hold_retraining_back(drifted, new_images, last, retrain):
-    decision = decide(drifted, new_images, last, NOW, POLICY)
-    assert decision.retrain is retrain and len(decision.reasons) == 3
+def test_each_rule_can_hold_retraining_back(drifted, new_images, last, valid, retrain):
+    decision = decide(drifted, new_images, last, NOW, POLICY, window_valid=valid)
+    assert decision.retrain is retrain and len(decision.reasons) == 4
 
 
 def test_reasons_say_why():
-    reasons = decide(True, 12, NOW - 600, NOW, POLICY).reasons
-    assert reasons[1] == "12 new images < the minimum of 100"
-    assert reasons[2] == "last retraining 600 s ago, within the cooldown of 1.0 h"
+    reasons = decide(True, 12, NOW - 600, NOW, POLICY, window_valid=False).reasons
+    assert reasons[0].startswith("the production window failed validation")
+    assert reasons[2] == "12 new images < the minimum of 100"
+    assert reasons[3] == "last retraining 600 s ago, within the cooldown of 1.0 h"
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -73,6 +77,14 @@ def test_decision_record_json_and_markdown(tmp_path):
     assert loaded["drift"]["drifted_features"] == ["brightness"] and loaded["window"]["since"].startswith("2023-11-13")
     markdown = md_path.read_text()
     assert markdown.startswith("# Drift monitor: RETRAIN") and "(brightness)" in markdown and "`run-1`" in markdown
+    assert loaded["validation"] == {"passed": True, "problems": ""} and "Window validation" not in markdown
+
+    problems = "production window x failed validation:\n- expectation score_between failed: ..."
+    record = decision_record(window=(NOW - 86400, NOW), drift={"drifted": True}, new_images=150, last_retrain=None,
+                             now=NOW, policy=POLICY, decision=decide(True, 150, None, NOW, POLICY, window_valid=False),
+                             validation=problems)
+    assert record["validation"] == {"passed": False, "problems": problems} and record["retrain"] is False
+    assert "## Window validation" in render_record(record) and "score_between failed" in render_record(record)
 
 
 def _window(tmp_path: Path, labels: list[str]) -> Path:

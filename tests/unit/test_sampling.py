@@ -141,13 +141,16 @@ def test_read_window_and_window_to_dataset(tmp_path):
 
     spec = PreprocessSpec(image_size=16)
     result = window_to_dataset(tmp_path / "samples", AT + 1, AT + 2 * 86400 + 1, tmp_path / "current", spec=spec)
-    assert (result.images, result.rejected, result.embeddings) == (2, 1, False)
+    assert (result.images, result.quarantined, result.embeddings) == (2, 1, False)
+    (kept,) = json.loads((tmp_path / "current" / "quarantine" / "quarantine.json").read_text())
+    assert kept["reason"] == "unsupported_format" and kept["sample"]["time"] == AT + 86400 + 1
+    assert (tmp_path / "current" / "quarantine" / kept["path"]).read_bytes() == b"\xff\xd8 broken"
     rows = (tmp_path / "current" / "features.csv").read_text().splitlines()
     assert rows[0] == ",".join(["path", *FEATURE_NAMES]) and len(rows) == 3
     first = rows[1].split(",")
     expected = image_features(to_model_input((tmp_path / "current" / first[0]).read_bytes(), spec))
     assert float(first[1]) == pytest.approx(expected["brightness"], rel=1e-6)
-    with pytest.raises(ValueError, match="model_dir"):
+    with pytest.raises(ValueError, match="give model"):
         window_to_dataset(tmp_path / "samples", AT, AT + 1, tmp_path / "none")
     with pytest.raises(ValueError, match="after its start"):
         read_window(tmp_path / "samples", AT, AT)
@@ -179,3 +182,4 @@ def test_a_shard_naming_a_path_outside_the_window_dataset_is_refused(tmp_path, c
     result = window_to_dataset(tmp_path / "samples", AT, AT + 1, tmp_path / "current", spec=PreprocessSpec(16))
     assert result.images == 0 and not (tmp_path / "escape.jpg").exists()
     assert "names no image file of the shard" in caplog.text
+
