@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from defectkit import drift, monitor, sampling, storage
 from defectkit.data import Manifest
@@ -115,6 +115,38 @@ def test_brighter_production_images_trigger_retraining_on_the_new_data(judged_mo
     marker = monitor.read_last_retrain(tmp_path / "state")
     again = monitor.decide(True, window.images, marker["at"], now + 60, POLICY)
     assert not again.retrain and "within the cooldown" in again.reasons[3]
+
+
+def _altered(data: bytes, alter) -> bytes:
+    buffer = io.BytesIO()
+    alter(Image.open(io.BytesIO(data)).convert("RGB")).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _blurred(picture: Image.Image) -> Image.Image:
+    return picture.filter(ImageFilter.GaussianBlur(1.5))
+
+
+def _new_texture(picture: Image.Image) -> Image.Image:
+    """A coarse weave over the surface: a material the training data never showed."""
+    pixels = np.asarray(picture).astype(np.int16)
+    y, x = np.mgrid[0:pixels.shape[0], 0:pixels.shape[1]]
+    weave = ((x // 4 + y // 4) % 2) * 60 - 30
+    return Image.fromarray(np.clip(pixels + weave[..., None], 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("alter, feature", [(_blurred, "sharpness"), (_new_texture, "contrast")])
+def test_blurred_or_retextured_production_images_trigger_retraining(judged_model, production_files, tmp_path, alter,
+                                                                    feature):
+    result, decision, _ = _check(judged_model, [_altered(f, alter) for f in production_files], tmp_path)
+    assert result.drifted and feature in result.drifted_features, result.to_markdown()
+    assert decision.retrain, decision.reasons
+
+
+def test_re_encoding_alone_is_no_drift(judged_model, production_files, tmp_path):
+    """The control of the test above: its images are decoded and saved again, which by itself shifts nothing."""
+    result, decision, _ = _check(judged_model, [_altered(f, lambda p: p) for f in production_files], tmp_path)
+    assert not result.drifted and not decision.retrain, result.to_markdown()
 
 
 def test_in_distribution_production_images_trigger_nothing(judged_model, production_files, tmp_path):
