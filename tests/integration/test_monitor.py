@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ import_kserve()  # kserve parses sys.argv when first imported, where pytest's ow
 from kserve import InferInput, InferRequest  # noqa: E402
 
 POLICY = monitor.MonitorPolicy(min_new_images=50, cooldown_s=3600, window_s=3600)
+FALSE_ALARM_TRIALS = 40
+WINDOW_IMAGES = 60
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +156,28 @@ def test_in_distribution_production_images_trigger_nothing(judged_model, product
     result, decision, _ = _check(judged_model, production_files, tmp_path)
     assert not result.drifted, result.to_markdown()
     assert not decision.retrain and decision.reasons[1] == "no drift from the training reference"
+
+
+def test_in_distribution_windows_rarely_raise_a_false_alarm(judged_model, tmp_path):
+    """The whole check the monitor runs (feature table and embeddings) on windows drawn from the training
+    distribution: disjoint draws of the same generator, sampled as the server writes them."""
+    model = load_model(judged_model)
+    at = time.time()
+    alarms = []
+    for seed in range(2, 2 + FALSE_ALARM_TRIALS):
+        draw = tmp_path / f"draw-{seed}"
+        generate_sample(draw / "images", count=WINDOW_IMAGES, size=64, seed=seed)
+        files = [p.read_bytes() for p in sorted((draw / "images").glob("*/*/*.jpg"))]
+        sampling.write_shards(storage.Store(str(draw / "samples")),
+                              [(data, 0.5, "good", "v1", at + i / 1000) for i, data in enumerate(files)])
+        sampling.window_to_dataset(draw / "samples", at, at + 60, draw / "window", model=model)
+        if drift.detect_artifact_drift(judged_model / "reference", draw / "window", drift.DriftThresholds(),
+                                       draw / "drift.html").drifted:
+            alarms.append(seed)
+    rate = len(alarms) / FALSE_ALARM_TRIALS
+    logging.getLogger(__name__).info("false alarm rate of the monitor's check %.3f over %d windows of %d images "
+                                     "(alarms at seeds %s)", rate, FALSE_ALARM_TRIALS, WINDOW_IMAGES, alarms)
+    assert rate <= 0.05, alarms
 
 
 def test_registered_model_carries_its_drift_reference(judged_model, tmp_path):
