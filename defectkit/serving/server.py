@@ -364,7 +364,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="share of images written with their answers to --sample-uri, off the request path "
                           "(default %(default)s: none)")
     sampling.add_argument("--sample-uri", default="", help="where samples go: a directory or gs:// URI, "
-                          "partitioned date=YYYY-MM-DD/HH/")
+                          "one tar shard per batch under date=YYYY-MM-DD/HH/")
     sampling.add_argument("--sample-seed", type=int, default=0, help="seed of the sampling draws (default %(default)s)")
 
     breaker = parser.add_argument_group("circuit breaker (protects the primary model)")
