@@ -236,10 +236,9 @@ def trigger(arguments: Mapping[str, Any], *, host: str = "", work_dir: Path | No
     if work_dir is None:
         raise ValueError("a local retraining run needs work_dir; give host to run on a KFP cluster instead")
     # A process of its own: the monitor itself may be a kfp.local task, and kfp.local does not nest.
+    import os
     import subprocess
     import sys
-
-    import os
 
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     # A KFP task runs with _KFP_RUNTIME=true, under which kfp skips the imports a pipeline run needs.

@@ -23,8 +23,8 @@ GPU-safe: numpy, Pillow and defectkit's storage only.
 
 from __future__ import annotations
 
-import csv
 import contextlib
+import csv
 import io
 import json
 import logging

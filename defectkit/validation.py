@@ -858,8 +858,8 @@ def _window_frame(window_dir: Path) -> pd.DataFrame:
     import pandas as pd
 
     lines = (window_dir / SAMPLES_FILE).read_text().splitlines()
-    samples = pd.DataFrame([json.loads(line) for line in lines],
-                           columns=["image", "score", "label", "model_version", "time"]).rename(columns={"image": "path"})
+    samples = pd.DataFrame([json.loads(line) for line in lines], columns=["image", "score", "label", "model_version",
+                                                                        "time"]).rename(columns={"image": "path"})
     features = pd.read_csv(window_dir / FEATURES_FILE, dtype={"path": str})
     frame = samples.merge(features, on="path", how="left")
     # An empty frame has object columns; numeric dtypes let the range checks run.

@@ -15,10 +15,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defectkit.preprocess import FEATURE_NAMES, PreprocessSpec, image_features, to_model_input
 from defectkit import storage
-from defectkit.sampling import (Sampler, SamplingConfig, extension, partition, read_window, window_to_dataset,
-                                write_shards)
+from defectkit.preprocess import FEATURE_NAMES, PreprocessSpec, image_features, to_model_input
+from defectkit.sampling import (
+    Sampler,
+    SamplingConfig,
+    extension,
+    partition,
+    read_window,
+    window_to_dataset,
+    write_shards,
+)
 
 AT = datetime(2024, 5, 6, 7, 30, tzinfo=timezone.utc).timestamp()
 
