@@ -40,7 +40,7 @@ def decide_retraining(
         current: The window's images (collect_window's output).
         state_uri: Directory or gs:// URI that keeps the time of the last retraining.
         base_dataset_uri: Root of the training data the model was trained on ({train,test}/<class>/<image>).
-        retraining_data_uri: Where the training data plus production images is written (a new, empty location per run).
+        retraining_data_uri: Root under which each retraining's data (training data plus production images) is written, in a folder of its own named retrain-YYYYmmdd-HHMMSS (UTC).
         min_new_images: Fewest new images worth retraining on.
         cooldown_s: Shortest time between two retrainings, in seconds.
         defect_class: Defect type that images the model called defect are added under; empty leaves them out.

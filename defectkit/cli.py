@@ -4,11 +4,12 @@
     defectkit train   --data URI --out DIR [--epochs --image-size --arch --device]
     defectkit demo    [--work DIR]          (what `make run` does)
     defectkit submit  --host URL [--param k=v ...]
+    defectkit schedule --host URL --cron "0 0 * * * *" --param k=v ...   (the drift monitor)
     defectkit serve   --model DIR|models:/name@alias --port P   |   serve --stop
     defectkit deploy  --backend local|kserve [--dry-run] ...
 
-``train``, ``demo`` and ``submit`` run the committed compiled pipeline YAML,
-locally through kfp.local or on a cluster through the KFP API.
+``train``, ``demo``, ``submit`` and ``schedule`` run the committed compiled
+pipeline YAML, locally through kfp.local or on a cluster through the KFP API.
 """
 
 from __future__ import annotations
@@ -189,6 +190,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from defectkit import monitor
+    from pipelines.run import MONITOR_YAML, parse_arguments
+
+    package = Path(args.package) if args.package else MONITOR_YAML
+    arguments = parse_arguments(package, args.param)
+    print(monitor.create_recurring_run(args.host, package, args.cron, arguments, experiment=args.experiment,
+                                       job_name=args.job_name, namespace=args.namespace))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="defectkit", description="Defect detection pipelines for Kubeflow and KServe.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -235,6 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--run-name")
     submit.add_argument("--namespace")
     submit.set_defaults(func=cmd_submit)
+
+    schedule = commands.add_parser("schedule", help="run the drift monitor pipeline on a schedule on a Kubeflow "
+                                   "Pipelines cluster (a recurring run, one at a time)")
+    schedule.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
+    schedule.add_argument("--cron", required=True, help="KFP cron with seconds first, e.g. '0 0 * * * *' hourly")
+    schedule.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                          help="monitor pipeline argument (repeatable); sample_uri, model_uri, state_uri, "
+                          "base_dataset_uri and retraining_data_uri are required")
+    schedule.add_argument("--package", help="compiled pipeline YAML (default: the monitor pipeline)")
+    schedule.add_argument("--experiment", default="defectkit")
+    schedule.add_argument("--job-name", default="defectkit-monitor", help="name of the recurring run")
+    schedule.add_argument("--namespace")
+    schedule.set_defaults(func=cmd_schedule)
 
     # Each of these imports nothing heavy until its command runs.
     from defectkit.delivery import manifest

@@ -216,7 +216,7 @@ def drift_loop(work: Path, defaults: DemoDefaults = DemoDefaults()) -> dict:
     retrains locally; the retrained model is judged and shipped through the canary like any other.
     """
     from defectkit import registry
-    from pipelines.run import PIPELINE_DIR, run_local
+    from pipelines.run import MONITOR_YAML, run_local
 
     uri = tracking_uri(work)
     if registry.champion(registry.RegistryConfig.for_uri(uri, model_name=defaults.model_name)) is None:
@@ -233,7 +233,7 @@ def drift_loop(work: Path, defaults: DemoDefaults = DemoDefaults()) -> dict:
         "tracking_uri": uri,
         "state_uri": str(work / "monitor"),
         "base_dataset_uri": str(data),
-        "retraining_data_uri": str(work / "retraining" / stamp),
+        "retraining_data_uri": str(work / "retraining"),
         "min_new_images": 50,
         "cooldown_s": 600.0,
         "defect_class": "stain",
@@ -241,7 +241,7 @@ def drift_loop(work: Path, defaults: DemoDefaults = DemoDefaults()) -> dict:
         "local_work_dir": str(work / "runs" / f"retrain-{stamp}"),
     }
     with production_traffic(work, _test_images(data), defaults.traffic_per_s, defaults.model_name):
-        run = run_local(PIPELINE_DIR / "monitor.yaml", arguments, work / "runs" / f"monitor-{stamp}")
+        run = run_local(MONITOR_YAML, arguments, work / "runs" / f"monitor-{stamp}")
     record = json.loads(next(run.pipeline_root.rglob("decide-retraining/record")).read_text())
     verdicts = sorted((work / "runs" / f"retrain-{stamp}").glob("pipeline_root/*/evaluate-model/verdict"))
     if verdicts:

@@ -162,6 +162,8 @@ def render_record(record: Mapping[str, Any]) -> str:
         lines += ["", "## Window validation", "", "```", record["validation"]["problems"], "```"]
     if record.get("run"):
         lines += ["", f"Retraining run: `{record['run']}`"]
+    if record.get("retraining_data"):
+        lines += [f"Retraining data: `{record['retraining_data']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -272,6 +274,8 @@ def act(*, drifted: bool, drifted_features: list[str], new_images: int, window: 
         local_work_dir: Path | None = None, now: float | None = None, validation_problems: str = "") -> dict[str, Any]:
     """Decide on retraining and, when it is due, merge the window into the training data and start the run.
 
+    The merged data goes to a folder of its own under ``retraining_data_uri``
+    (``retrain-YYYYmmdd-HHMMSS``, UTC), so that a recurring monitor never mixes two windows.
     ``validation_problems`` is the window's validation failure message (empty: it passed).
     The run starts on the KFP cluster at ``kfp_host``, or locally in ``local_work_dir``;
     with neither, the decision is only recorded. Returns the decision record.
@@ -280,14 +284,21 @@ def act(*, drifted: bool, drifted_features: list[str], new_images: int, window: 
     last = read_last_retrain(state_uri)
     decision = decide(drifted, new_images, None if last is None else float(last["at"]), now, policy,
                       window_valid=not validation_problems)
-    run = None
+    run = data_uri = None
     if decision.retrain and (kfp_host or local_work_dir is not None):
-        merge_for_retraining(base_dataset_uri, Path(window_dir), retraining_data_uri, defect_class=defect_class)
-        arguments = {**training_arguments, "source_uri": retraining_data_uri}
+        data_uri = retraining_data_folder(retraining_data_uri, now)
+        merge_for_retraining(base_dataset_uri, Path(window_dir), data_uri, defect_class=defect_class)
+        arguments = {**training_arguments, "source_uri": data_uri}
         run = trigger(arguments, host=kfp_host, work_dir=local_work_dir, run_name=f"retrain-{int(now)}")
         write_last_retrain(state_uri, now, run)
     elif decision.retrain:
         log.warning("retraining is due but neither a KFP host nor a local work dir was given: decision recorded only")
-    return decision_record(window=window, drift={"drifted": drifted, "drifted_features": list(drifted_features)},
-                           new_images=new_images, last_retrain=last, now=now, policy=policy, decision=decision,
-                           run=run, validation=validation_problems)
+    record = decision_record(window=window, drift={"drifted": drifted, "drifted_features": list(drifted_features)},
+                             new_images=new_images, last_retrain=last, now=now, policy=policy, decision=decision,
+                             run=run, validation=validation_problems)
+    return {**record, "retraining_data": data_uri}
+
+
+def retraining_data_folder(root: str, now: float) -> str:
+    """Where one retraining's merged data goes: a folder named by the time, under ``root``."""
+    return f"{str(root).rstrip('/')}/retrain-{datetime.fromtimestamp(now, timezone.utc):%Y%m%d-%H%M%S}"

@@ -38,7 +38,7 @@ def monitor_pipeline(
         model_uri: The served model (directory, gs:// or models:/<name>@champion); it carries its drift reference.
         state_uri: Directory or gs:// URI keeping the time of the last retraining.
         base_dataset_uri: Training data root the model was trained on.
-        retraining_data_uri: Where the training data plus production images is written; use a new location per run.
+        retraining_data_uri: Root under which each retraining's data is written, in a folder of its own per retraining.
         tracking_uri: MLflow tracking URI, for models:/ URIs.
         window_s: Seconds of production samples checked, ending now.
         min_new_images: Fewest new images worth retraining on.

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 PIPELINE_DIR = Path(__file__).resolve().parent
 TRAINING_YAML = PIPELINE_DIR / "training.yaml"
+MONITOR_YAML = PIPELINE_DIR / "monitor.yaml"
 
 _PARAMETER_TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": bool}
 

@@ -207,7 +207,9 @@ def test_monitor_act_starts_a_local_retraining_run_on_the_merged_data(judged_mod
     )
     assert record["run"] and monitor.read_last_retrain(tmp_path / "state")["at"] == now
     dataset = Manifest.read(next((tmp_path / "retrain").rglob("validate-images/dataset")))
-    assert dataset.source == str(tmp_path / "retraining"), "the retraining run reads the merged data"
+    assert dataset.source == record["retraining_data"] == monitor.retraining_data_folder(str(tmp_path / "retraining"),
+                                                                                           now), \
+        "the retraining run reads the merged data"
     assert sum(1 for e in dataset.entries if Path(e.path).name.startswith("prod-")) == window.images
 
 

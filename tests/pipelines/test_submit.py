@@ -83,8 +83,10 @@ def test_monitor_starts_retraining_on_the_cluster(tmp_path):
             now=1000.0,
         )
         run = api.runs[record["run"]]
-        assert run["runtime_config"]["parameters"] == {"epochs": 20, "source_uri": str(tmp_path / "merged")}
-        assert (tmp_path / "merged" / "train" / "good" / "a.jpg").is_file()
+        merged = tmp_path / "merged" / "retrain-19700101-001640"  # now=1000.0, UTC
+        assert record["retraining_data"] == str(merged)
+        assert run["runtime_config"]["parameters"] == {"epochs": 20, "source_uri": str(merged)}
+        assert (merged / "train" / "good" / "a.jpg").is_file()
         again = monitor.act(
             drifted=True, drifted_features=["brightness"], new_images=500, window=(0.0, 10.0),
             window_dir=tmp_path / "window", state_uri=str(tmp_path / "state"),
@@ -92,3 +94,24 @@ def test_monitor_starts_retraining_on_the_cluster(tmp_path):
             retraining_data_uri=str(tmp_path / "merged2"), training_arguments={}, kfp_host=api.url, now=1060.0,
         )
         assert again["run"] is None and len(api.runs) == 1, "the cooldown holds the second retraining back"
+
+
+def test_schedule_cli_creates_a_recurring_monitor_with_typed_parameters(capsys):
+    required = ["sample_uri=gs://b/samples", "model_uri=models:/defectkit@champion", "state_uri=gs://b/state",
+                "base_dataset_uri=gs://b/data", "retraining_data_uri=gs://b/retraining"]
+    with KfpApiStandIn() as api:
+        params = [arg for pair in [*required, "min_new_images=200", "cooldown_s=7200"] for arg in ("--param", pair)]
+        assert cli.main(["schedule", "--host", api.url, "--cron", "0 0 * * * *", *params]) == 0
+        job = api.recurring_runs[capsys.readouterr().out.strip().splitlines()[-1]]
+        assert job["display_name"] == "defectkit-monitor" and job["trigger"]["cron_schedule"]["cron"] == "0 0 * * * *"
+        parameters = job["runtime_config"]["parameters"]
+        assert parameters["min_new_images"] == 200 and parameters["cooldown_s"] == 7200.0
+        assert parameters["sample_uri"] == "gs://b/samples"
+
+        # A missing required argument or a 5-field cron is refused before the server is asked anything.
+        before = len(api.requests)
+        assert cli.main(["schedule", "--host", api.url, "--cron", "0 0 * * * *", "--param", required[0]]) == 2
+        assert "needs a value for" in capsys.readouterr().err
+        params = [arg for pair in required for arg in ("--param", pair)]
+        assert cli.main(["schedule", "--host", api.url, "--cron", "0 * * * *", *params]) == 2
+        assert "6 fields" in capsys.readouterr().err and len(api.requests) == before
