@@ -264,6 +264,8 @@ def write_shards(store: storage.Store, batch: Sequence[tuple]) -> tuple[int, int
                 _add(shard, key + SIDECAR_SUFFIX, json.dumps(Sample(name, score, label, model_version, at).to_json())
                      .encode(), at)
                 count += 1
+        if not count:
+            continue
         rel = f"{folder}/{int(items[0][4] * 1000)}-{uuid.uuid4().hex[:12]}{SHARD_SUFFIX}"
         try:
             store.write(rel, buffer.getvalue())

@@ -120,6 +120,8 @@ def test_a_pixels_sample_that_cannot_be_encoded_fails_alone(tmp_path):
     batch = [(np.zeros((2, 2, 7), np.uint8), 0.5, "good", "v", AT), (_jpeg(1), 0.5, "good", "v", AT)]
     assert write_shards(storage.Store(str(tmp_path)), batch) == (1, 1)
     assert len(read_window(tmp_path, AT, AT + 1)) == 1
+    assert write_shards(storage.Store(str(tmp_path / "none")), batch[:1]) == (0, 1)
+    assert not (tmp_path / "none").exists(), "no empty shard"
 
 
 def test_config_validation():
