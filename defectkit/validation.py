@@ -747,6 +747,7 @@ _WINDOW_REMEDIES = {
     "label_in_set": f"Samples carry labels other than {', '.join(LABELS)}: they were not written by this model "
                     f"server version.",
     "model_version_not_null": "Samples without a model version cannot be traced to a model; check the server.",
+    "score_not_null": "Samples without a numeric score were not written by this model server version.",
     "_in_range": "Feature values outside their range mean a preprocessing mismatch between server and monitor.",
     "_not_null": "Missing features mean the feature table does not match samples.jsonl; collect the window again.",
 }
@@ -862,8 +863,11 @@ def _window_frame(window_dir: Path) -> pd.DataFrame:
                                                                         "time"]).rename(columns={"image": "path"})
     features = pd.read_csv(window_dir / FEATURES_FILE, dtype={"path": str})
     frame = samples.merge(features, on="path", how="left")
-    # An empty frame has object columns; numeric dtypes let the range checks run.
-    return frame.astype({"score": "float64", "time": "float64", **{name: "float64" for name in FEATURE_NAMES}})
+    # Numeric columns as float64 (empty frames have object columns); a value that is no number becomes null,
+    # which the not-null checks name, rather than an exception here.
+    for column in ("score", "time", *FEATURE_NAMES):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+    return frame
 
 
 def _window_checks(frame: pd.DataFrame) -> list[_Check]:
@@ -895,6 +899,7 @@ def _window_checks(frame: pd.DataFrame) -> list[_Check]:
 
     labels = ", ".join(f"{label} ({count})" for label, count in sorted(Counter(frame["label"]).items())) or "none"
     return [
+        not_null("score"),
         between("score_between", "score", 0.0, 1.0),
         _Check("label_in_set", "samples", lambda: expect.ExpectColumnValuesToBeInSet(column="label",
                                                                                      value_set=list(LABELS)),

@@ -41,11 +41,12 @@ def test_a_clean_window_passes_validation(tmp_path):
 def test_answers_out_of_range_fail_validation_by_name(tmp_path):
     window = _window(tmp_path, [_jpeg(v) for v in range(0, 250, 25)])
     lines = [json.loads(line) for line in (window / "samples.jsonl").read_text().splitlines()]
-    lines[3]["score"], lines[5]["label"] = 1.7, "maybe"
+    lines[3]["score"], lines[5]["label"], lines[7]["score"] = 1.7, "maybe", "high"
     (window / "samples.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     report = validate_window(window)
     failed = {c.name: c.detail for c in report.checks if not c.success}
-    assert set(failed) == {"score_between", "label_in_set"}
+    assert set(failed) == {"score_between", "label_in_set", "score_not_null"}
+    assert lines[7]["image"] in failed["score_not_null"]
     assert f"{lines[3]['image']} (score=1.7)" in failed["score_between"]
     assert f"{lines[5]['image']} (label='maybe')" in failed["label_in_set"]
     assert "expectation score_between failed" in report.failure_message() and "FAILED" in report.to_html()
