@@ -63,6 +63,18 @@ def _latencies(predictor, files: list[bytes]) -> list[float]:
     return asyncio.run(scenario())
 
 
+def _writer_ms_per_sample(files: list[bytes], root: Path, batches: int = 25, batch: int = 40) -> float:
+    """CPU the sample writer spends per sample (shards of ``batch``, as the server hands them over)."""
+    from defectkit.sampling import write_shards
+    from defectkit.storage import Store
+
+    store, at = Store(str(root)), time.time()
+    started = time.process_time()
+    for k in range(batches):
+        write_shards(store, [(files[i % len(files)], 0.5, "good", "v", at + k) for i in range(batch)])
+    return (time.process_time() - started) * 1000 / (batches * batch)
+
+
 def run() -> dict:
     import torch
 
@@ -96,6 +108,7 @@ def run() -> dict:
                 measured[name] += _latencies(predictors[name], files)
                 sampler.flush()
         stats = sampler.stats()
+        writer_ms = _writer_ms_per_sample(files, Path(tmp) / "writer")
         for predictor in predictors.values():
             predictor.stop()
     p50_off = float(np.median(measured["off"]) * 1000)
@@ -105,4 +118,5 @@ def run() -> dict:
             "p99_on_ms": float(np.percentile(measured["on"], 99) * 1000),
             "p99_off_ms": float(np.percentile(measured["off"], 99) * 1000),
             "samples_written": stats["written"], "samples_dropped": stats["dropped"],
+            "writer_cpu_ms_per_sample": writer_ms,
             "clients": CLIENTS, "rounds": ROUNDS, "requests_each": REQUESTS_PER_ROUND * ROUNDS}
