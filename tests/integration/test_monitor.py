@@ -7,11 +7,12 @@ import io
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from defectkit import drift, monitor, sampling, storage
 from defectkit.data import Manifest
@@ -22,6 +23,7 @@ from defectkit.serving.predictor import DefectPredictor, ServingConfig
 from defectkit.serving.server import import_kserve
 from defectkit.train import TrainConfig, train
 from defectkit.validation import ValidationConfig, validate_dataset
+from tests import shifts
 
 import_kserve()  # kserve parses sys.argv when first imported, where pytest's own options could abort it
 
@@ -126,19 +128,9 @@ def _altered(data: bytes, alter) -> bytes:
     return buffer.getvalue()
 
 
-def _blurred(picture: Image.Image) -> Image.Image:
-    return picture.filter(ImageFilter.GaussianBlur(1.5))
-
-
-def _new_texture(picture: Image.Image) -> Image.Image:
-    """A coarse weave over the surface: a material the training data never showed."""
-    pixels = np.asarray(picture).astype(np.int16)
-    y, x = np.mgrid[0:pixels.shape[0], 0:pixels.shape[1]]
-    weave = ((x // 4 + y // 4) % 2) * 60 - 30
-    return Image.fromarray(np.clip(pixels + weave[..., None], 0, 255).astype(np.uint8))
-
-
-@pytest.mark.parametrize("alter, feature", [(_blurred, "sharpness"), (_new_texture, "contrast")])
+# Stronger than in the feature-level tests: the model sees these 64 px images at 32 px.
+@pytest.mark.parametrize("alter, feature", [(partial(shifts.blurred, radius=1.5), "sharpness"),
+                                            (partial(shifts.new_texture, cell=4), "contrast")])
 def test_blurred_or_retextured_production_images_trigger_retraining(judged_model, production_files, tmp_path, alter,
                                                                     feature):
     result, decision, _ = _check(judged_model, [_altered(f, alter) for f in production_files], tmp_path)

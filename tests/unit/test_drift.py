@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image
 from scipy.stats import false_discovery_control, ks_2samp
 
 from defectkit import drift
@@ -16,6 +16,7 @@ from defectkit.drift import DriftThresholds, Reference
 from defectkit.preprocess import FEATURE_NAMES, image_features
 from defectkit.reference import embedding_names
 from defectkit.sample import generate_sample
+from tests.shifts import blurred, brighter, new_texture
 
 log = logging.getLogger(__name__)
 
@@ -204,22 +205,6 @@ def sample_features(root: Path, seed: int, count: int, alter=None) -> np.ndarray
     if not out.exists():
         generate_sample(out, count=count, size=IMAGE_SIZE, seed=seed)
     return features_of(out, alter)
-
-
-def brighter(picture: Image.Image) -> Image.Image:
-    return ImageEnhance.Brightness(picture).enhance(1.2)
-
-
-def blurred(picture: Image.Image) -> Image.Image:
-    return picture.filter(ImageFilter.GaussianBlur(1.0))
-
-
-def new_texture(picture: Image.Image) -> Image.Image:
-    """A fine checkerboard weave over the surface: a material the reference never showed."""
-    pixels = np.asarray(picture).astype(np.int16)
-    y, x = np.mgrid[0:pixels.shape[0], 0:pixels.shape[1]]
-    weave = ((x // 2 + y // 2) % 2) * 60 - 30
-    return Image.fromarray(np.clip(pixels + weave[..., None], 0, 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")
