@@ -32,15 +32,14 @@ def validate_window(
     """
     import json
     import logging
-    from datetime import datetime, timezone
     from pathlib import Path
 
     from defectkit import validation
 
     logging.basicConfig(level=logging.INFO, force=True)
-    window = " to ".join(datetime.fromtimestamp(t, timezone.utc).isoformat() for t in (since, until))
     report = validation.validate_window(
-        Path(current.path), window, validation.WindowValidationConfig(max_quarantine_fraction=max_quarantine_fraction))
+        Path(current.path), since, until,
+        validation.WindowValidationConfig(max_quarantine_fraction=max_quarantine_fraction))
     Path(expectations.path).write_text(report.to_html())
     Path(results.path).write_text(json.dumps(report.to_json(), indent=1))
     metrics.log_metric("images", report.images)

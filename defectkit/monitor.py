@@ -125,7 +125,7 @@ def write_last_retrain(state_uri: str | Path, at: float, run: str) -> None:
 
 def decision_record(*, window: tuple[float, float], drift: Mapping[str, Any], new_images: int,
                     last_retrain: dict | None, now: float, policy: MonitorPolicy, decision: Decision,
-                    run: str | None = None, validation: str = "") -> dict:
+                    run: str | None = None, validation: str = "", retraining_data: str | None = None) -> dict:
     """Everything one monitor run saw and decided, as JSON-ready data."""
     def iso(at: float) -> str:
         return datetime.fromtimestamp(at, timezone.utc).isoformat()
@@ -143,6 +143,7 @@ def decision_record(*, window: tuple[float, float], drift: Mapping[str, Any], ne
         "retrain": decision.retrain,
         "reasons": list(decision.reasons),
         "run": run,
+        "retraining_data": retraining_data,
     }
 
 
@@ -293,10 +294,9 @@ def act(*, drifted: bool, drifted_features: list[str], new_images: int, window: 
         write_last_retrain(state_uri, now, run)
     elif decision.retrain:
         log.warning("retraining is due but neither a KFP host nor a local work dir was given: decision recorded only")
-    record = decision_record(window=window, drift={"drifted": drifted, "drifted_features": list(drifted_features)},
-                             new_images=new_images, last_retrain=last, now=now, policy=policy, decision=decision,
-                             run=run, validation=validation_problems)
-    return {**record, "retraining_data": data_uri}
+    return decision_record(window=window, drift={"drifted": drifted, "drifted_features": list(drifted_features)},
+                           new_images=new_images, last_retrain=last, now=now, policy=policy, decision=decision,
+                           run=run, validation=validation_problems, retraining_data=data_uri)
 
 
 def retraining_data_folder(root: str, now: float) -> str:

@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -147,9 +148,10 @@ _REMEDIES = {
 }
 
 
-def _remedy(check_name: str) -> str:
-    return _REMEDIES.get(check_name) or next(
-        (text for suffix, text in _REMEDIES.items() if suffix.startswith("_") and check_name.endswith(suffix)), "")
+def _remedy(check_name: str, remedies: dict[str, str] = _REMEDIES) -> str:
+    """What to do about a failed check: by its name, or by a ``_suffix`` entry that covers one check per column."""
+    return remedies.get(check_name) or next(
+        (text for suffix, text in remedies.items() if suffix.startswith("_") and check_name.endswith(suffix)), "")
 
 
 @dataclass(frozen=True)
@@ -800,10 +802,8 @@ class WindowReport:
                          f"sending broken files. They are kept in {QUARANTINE_DIR}/ with their reasons.")
         for check in self.checks:
             if not check.success:
-                remedy = _WINDOW_REMEDIES.get(check.name) or next(
-                    (text for suffix, text in _WINDOW_REMEDIES.items()
-                     if suffix.startswith("_") and check.name.endswith(suffix)), "")
-                lines.append(f"- expectation {check.name} failed: {check.detail}. {remedy}".rstrip())
+                lines.append(f"- expectation {check.name} failed: {check.detail}. "
+                             f"{_remedy(check.name, _WINDOW_REMEDIES)}".rstrip())
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -836,16 +836,18 @@ class WindowReport:
         return _page(f"Production window validation: {verdict}", parts)
 
 
-def validate_window(window_dir: Path, window: str = "",
+def validate_window(window_dir: Path, since: float, until: float,
                     config: WindowValidationConfig = WindowValidationConfig()) -> WindowReport:
-    """Check a window dataset (``sampling.window_to_dataset``'s output); ``window`` names it in the report."""
+    """Check a window dataset (``sampling.window_to_dataset``'s output) of the samples taken from ``since`` to
+    ``until`` (UNIX seconds, which name it in the report)."""
     window_dir = Path(window_dir)
+    window = " to ".join(datetime.fromtimestamp(at, timezone.utc).isoformat() for at in (since, until))
     quarantine_file = window_dir / QUARANTINE_DIR / WINDOW_QUARANTINE_FILE
     quarantined = tuple(Quarantined(q["path"], q["reason"], q["detail"])
                         for q in json.loads(quarantine_file.read_text())) if quarantine_file.is_file() else ()
     frame = _window_frame(window_dir)
     checks = _run_checks({"samples": frame}, lambda: _window_checks(frame), {"samples": ["path"]})
-    report = WindowReport(window or str(window_dir), len(frame), quarantined, tuple(checks), config)
+    report = WindowReport(window, len(frame), quarantined, tuple(checks), config)
     log.info("validated window %s: %d images, %d quarantined (%.1f%%, limit %.1f%%), %d of %d expectations passed",
              report.window, report.images, len(quarantined), 100 * report.quarantine_fraction,
              100 * config.max_quarantine_fraction, sum(c.success for c in checks), len(checks))

@@ -32,7 +32,8 @@ def _window(tmp_path: Path, files: list[bytes]) -> Path:
 
 
 def test_a_clean_window_passes_validation(tmp_path):
-    report = validate_window(_window(tmp_path, [_jpeg(v) for v in range(0, 250, 25)]), "07:30..07:31")
+    report = validate_window(_window(tmp_path, [_jpeg(v) for v in range(0, 250, 25)]), AT, AT + 60)
+    assert report.window == "2024-05-06T07:30:00+00:00 to 2024-05-06T07:31:00+00:00"
     assert report.passed and report.images == 10 and not report.quarantined and report.failure_message() == ""
     assert {c.name for c in report.checks} >= {"score_between", "label_in_set", "brightness_in_range"}
     assert "PASSED" in report.to_html() and report.to_json()["passed"]
@@ -43,7 +44,7 @@ def test_answers_out_of_range_fail_validation_by_name(tmp_path):
     lines = [json.loads(line) for line in (window / "samples.jsonl").read_text().splitlines()]
     lines[3]["score"], lines[5]["label"], lines[7]["score"] = 1.7, "maybe", "high"
     (window / "samples.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    report = validate_window(window)
+    report = validate_window(window, AT, AT + 60)
     failed = {c.name: c.detail for c in report.checks if not c.success}
     assert set(failed) == {"score_between", "label_in_set", "score_not_null"}
     assert lines[7]["image"] in failed["score_not_null"]
@@ -54,8 +55,8 @@ def test_answers_out_of_range_fail_validation_by_name(tmp_path):
 
 def test_too_many_undecodable_samples_fail_validation(tmp_path):
     window = _window(tmp_path, [_jpeg(1), b"\xff\xd8 broken", b"not an image"])
-    assert not validate_window(window).passed
-    report = validate_window(window, config=WindowValidationConfig(max_quarantine_fraction=0.7))
+    assert not validate_window(window, AT, AT + 60).passed
+    report = validate_window(window, AT, AT + 60, WindowValidationConfig(max_quarantine_fraction=0.7))
     assert report.passed and report.quarantine_fraction == pytest.approx(2 / 3)
     assert report.reason_counts() == {"unsupported_format": 2}
 
@@ -63,5 +64,5 @@ def test_too_many_undecodable_samples_fail_validation(tmp_path):
 def test_an_empty_window_is_valid(tmp_path):
     (tmp_path / "samples").mkdir()
     window_to_dataset(tmp_path / "samples", AT, AT + 60, tmp_path / "window", spec=PreprocessSpec(image_size=16))
-    report = validate_window(tmp_path / "window")
+    report = validate_window(tmp_path / "window", AT, AT + 60)
     assert report.passed and report.images == 0
