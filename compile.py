@@ -25,6 +25,8 @@ from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 ROOT = Path(__file__).resolve().parent
+# components/ and pipelines/ install as defectkit_kfp.components and defectkit_kfp.pipelines (setup.cfg).
+PACKAGE = "defectkit_kfp"
 log = logging.getLogger("compile")
 
 
@@ -35,28 +37,29 @@ class Target:
 
     @property
     def yaml_path(self) -> Path:
-        return ROOT / (self.module.replace(".", "/") + ".yaml")
+        """Beside the source: ``defectkit_kfp.pipelines.training`` is ``pipelines/training.py`` in the repository."""
+        return ROOT / (self.module.removeprefix(PACKAGE + ".").replace(".", "/") + ".yaml")
 
     def load(self):
         return getattr(importlib.import_module(self.module), self.name)
 
 
 TARGETS = (
-    Target("pipelines.training", "training_pipeline"),
-    Target("pipelines.shipping", "ship_model"),
-    Target("pipelines.monitor", "monitor_pipeline"),
-    Target("components.validate_images", "validate_images"),
-    Target("components.preprocess_images", "preprocess_images"),
-    Target("components.train_model", "train_model"),
-    Target("components.evaluate_model", "evaluate_model"),
-    Target("components.resolve_champion", "resolve_champion"),
-    Target("components.register_model", "register_model"),
-    Target("components.deploy_canary", "deploy_canary"),
-    Target("components.restore_traffic", "restore_traffic"),
-    Target("components.detect_drift", "detect_drift"),
-    Target("components.collect_window", "collect_window"),
-    Target("components.validate_window", "validate_window"),
-    Target("components.decide_retraining", "decide_retraining"),
+    Target("defectkit_kfp.pipelines.training", "training_pipeline"),
+    Target("defectkit_kfp.pipelines.shipping", "ship_model"),
+    Target("defectkit_kfp.pipelines.monitor", "monitor_pipeline"),
+    Target("defectkit_kfp.components.validate_images", "validate_images"),
+    Target("defectkit_kfp.components.preprocess_images", "preprocess_images"),
+    Target("defectkit_kfp.components.train_model", "train_model"),
+    Target("defectkit_kfp.components.evaluate_model", "evaluate_model"),
+    Target("defectkit_kfp.components.resolve_champion", "resolve_champion"),
+    Target("defectkit_kfp.components.register_model", "register_model"),
+    Target("defectkit_kfp.components.deploy_canary", "deploy_canary"),
+    Target("defectkit_kfp.components.restore_traffic", "restore_traffic"),
+    Target("defectkit_kfp.components.detect_drift", "detect_drift"),
+    Target("defectkit_kfp.components.collect_window", "collect_window"),
+    Target("defectkit_kfp.components.validate_window", "validate_window"),
+    Target("defectkit_kfp.components.decide_retraining", "decide_retraining"),
 )
 
 

@@ -3,7 +3,7 @@ from typing import Optional
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Markdown, Metrics, Model, Output
 
-from components.images import DEPLOY_IMAGE
+from defectkit_kfp.components.images import DEPLOY_IMAGE
 
 
 @dsl.component(base_image=DEPLOY_IMAGE, install_kfp_package=False)

@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from components.images import DEPLOY_IMAGE
+from defectkit_kfp.components.images import DEPLOY_IMAGE
 
 
 @dsl.component(base_image=DEPLOY_IMAGE, install_kfp_package=False)

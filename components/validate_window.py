@@ -3,7 +3,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Output
 
-from components.images import MONITOR_IMAGE
+from defectkit_kfp.components.images import MONITOR_IMAGE
 
 
 @dsl.component(base_image=MONITOR_IMAGE, install_kfp_package=False)

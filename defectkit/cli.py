@@ -28,7 +28,7 @@ log = logging.getLogger("defectkit")
 
 
 def _training_package() -> Path:
-    from pipelines.run import TRAINING_YAML
+    from defectkit_kfp.pipelines.run import TRAINING_YAML
 
     return TRAINING_YAML
 
@@ -38,7 +38,7 @@ class PipelineFailed(RuntimeError):
 
 
 def _run_training(arguments: dict, work: Path):
-    from pipelines.run import run_local
+    from defectkit_kfp.pipelines.run import run_local
 
     try:
         return run_local(_training_package(), arguments, work)
@@ -85,7 +85,7 @@ def _summary(run, verdict: dict, *, started: float, model_dir: Path | None = Non
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from defectkit.sample import generate_sample
+    from defectkit.synthetic import generate_sample
 
     generate_sample(Path(args.out), count=args.count, size=args.size, seed=args.seed)
     return 0
@@ -181,7 +181,7 @@ def _serving_summary(work: Path, *, last_delivery: bool = True) -> str:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pipelines.run import parse_arguments, submit
+    from defectkit_kfp.pipelines.run import parse_arguments, submit
 
     package = Path(args.package) if args.package else _training_package()
     arguments = parse_arguments(package, args.param)
@@ -192,7 +192,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     from defectkit import monitor
-    from pipelines.run import MONITOR_YAML, parse_arguments
+    from defectkit_kfp.pipelines.run import MONITOR_YAML, parse_arguments
 
     package = Path(args.package) if args.package else MONITOR_YAML
     arguments = parse_arguments(package, args.param)

@@ -18,6 +18,7 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
+from defectkit.files import write_text_atomic
 
 GOOD = "good"
 SOURCE_SPLITS = ("train", "test")
@@ -180,9 +181,7 @@ class Manifest:
     def write(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / MANIFEST_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(self.to_json(), indent=1))
         return path
 
     @classmethod

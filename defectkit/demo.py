@@ -47,7 +47,7 @@ def tracking_uri(work: Path) -> str:
 def ensure_sample(work: Path, defaults: DemoDefaults = DemoDefaults()) -> Path:
     data = work / "data"
     if not (data / "train").is_dir():
-        from defectkit.sample import generate_sample
+        from defectkit.synthetic import generate_sample
 
         generate_sample(data, count=defaults.count, size=defaults.sample_size, seed=defaults.seed)
     return data
@@ -118,7 +118,7 @@ def _training_arguments(work: Path, defaults: DemoDefaults) -> dict:
 
 def train_and_ship(work: Path, defaults: DemoDefaults = DemoDefaults()):
     """One training pipeline run: judged against the registry's champion, shipped through the canary."""
-    from pipelines.run import TRAINING_YAML, run_local
+    from defectkit_kfp.pipelines.run import TRAINING_YAML, run_local
 
     data = ensure_sample(work, defaults)
     arguments = {"source_uri": str(data), **_training_arguments(work, defaults)}
@@ -216,7 +216,7 @@ def drift_loop(work: Path, defaults: DemoDefaults = DemoDefaults()) -> dict:
     retrains locally; the retrained model is judged and shipped through the canary like any other.
     """
     from defectkit import registry
-    from pipelines.run import MONITOR_YAML, run_local
+    from defectkit_kfp.pipelines.run import MONITOR_YAML, run_local
 
     uri = tracking_uri(work)
     if registry.champion(registry.RegistryConfig.for_uri(uri, model_name=defaults.model_name)) is None:

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from defectkit.delivery.state import write_json_atomic
+from defectkit.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -230,7 +230,7 @@ def trigger(arguments: Mapping[str, Any], *, host: str = "", work_dir: Path | No
 
     Returns the KFP run id, or the local run's pipeline root.
     """
-    from pipelines import run
+    from defectkit_kfp.pipelines import run
 
     package = Path(package) if package is not None else run.TRAINING_YAML
     if host:
@@ -246,7 +246,7 @@ def trigger(arguments: Mapping[str, Any], *, host: str = "", work_dir: Path | No
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     # A KFP task runs with _KFP_RUNTIME=true, under which kfp skips the imports a pipeline run needs.
     env = {k: v for k, v in os.environ.items() if k != "_KFP_RUNTIME"}
-    subprocess.run([sys.executable, "-m", "pipelines.run", str(package), str(work_dir), json.dumps(dict(arguments))],
+    subprocess.run([sys.executable, "-m", "defectkit_kfp.pipelines.run", str(package), str(work_dir), json.dumps(dict(arguments))],
                    check=True, cwd=work_dir, env=env)
     return str(Path(work_dir) / "pipeline_root")
 

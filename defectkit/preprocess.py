@@ -33,6 +33,7 @@ from PIL import Image
 
 from defectkit import image
 from defectkit.data import GOOD, SPLITS, Manifest, ManifestEntry
+from defectkit.files import replacing
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def preprocess_dataset(
     # A stale preprocess.json would mark a half-written output complete; stale shards would linger.
     (out_dir / INFO_FILE).unlink(missing_ok=True)
     (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    for stale in [*(out_dir / SHARD_DIR).glob("*.npz"), *(out_dir / SHARD_DIR).glob("*.partial")]:
+    for stale in [*(out_dir / SHARD_DIR).glob("*.npz"), *(out_dir / SHARD_DIR).glob(".*.tmp")]:
         stale.unlink()
     log.info("preprocessing %d images from %s at %dpx on %d workers", total, dataset_dir, spec.image_size, workers)
 
@@ -274,7 +275,6 @@ def _shard_writer(
     shard in memory and overlaps the writing with decoding. Uncompressed, because resized
     pixels barely compress and zlib would cost more than the decoding did.
     """
-    partial = path.with_suffix(".partial")
     arrays = {
         "labels": np.array([e.class_name != GOOD for e in batch], np.uint8),
         "class_index": np.array([class_index[e.class_name] for e in batch], np.int16),
@@ -285,17 +285,13 @@ def _shard_writer(
     def add(pixels: np.ndarray) -> None:
         images.write(np.ascontiguousarray(pixels, np.uint8).data)
 
-    try:
-        with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as archive:
-            for name, array in arrays.items():
-                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, array, allow_pickle=False)
-            with archive.open("images.npy", "w", force_zip64=True) as images:
-                np.lib.format.write_array_header_1_0(images, header)
-                yield add  # the caller adds exactly len(batch) images (zip(..., strict=True))
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with replacing(path) as partial, zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+        with archive.open("images.npy", "w", force_zip64=True) as images:
+            np.lib.format.write_array_header_1_0(images, header)
+            yield add  # the caller adds exactly len(batch) images (zip(..., strict=True))
 
 
 class _Progress:

@@ -103,6 +103,44 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class ModelUri:
+    """``models:/<name>/<version>`` or ``models:/<name>@<alias>``: the one parser of registry URIs."""
+
+    name: str
+    version: str | None = None
+    alias: str | None = None
+
+    PREFIX = "models:/"
+
+    @classmethod
+    def parse(cls, text: str) -> ModelUri | None:
+        """The parsed URI; None for anything that is not a ``models:/`` URI (a path, ``gs://``, ...)."""
+        if not text.startswith(cls.PREFIX):
+            return None
+        match = _MODEL_URI.match(text)
+        if match is None:
+            raise ValueError(f"model URI {text!r} is not of the form models:/<name>@<alias> or "
+                             f"models:/<name>/<version>")
+        return cls(match["name"], match["version"], match["alias"])
+
+    def __str__(self) -> str:
+        return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
+
+
+def pin(uri: ModelUri, tracking_uri: str) -> ModelVersionRef:
+    """The version ``uri`` names now: an alias is read once, so it moving later cannot mix two versions."""
+    client = _client(tracking_uri)
+    if uri.alias is None:
+        return _ref(_model_version(client, uri.name, str(uri.version)))
+    aliases = _aliases(client, uri.name)
+    if uri.alias not in aliases:
+        known = ", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
+        raise LookupError(f"{uri}: registered model {uri.name!r} has no alias {uri.alias!r} in {tracking_uri} "
+                          f"(its aliases: {known})")
+    return _ref(client.get_model_version(uri.name, aliases[uri.alias]))
+
+
+@dataclass(frozen=True)
 class ModelVersionRef:
     """One registered model version, as read back from the registry."""
 
@@ -115,7 +153,7 @@ class ModelVersionRef:
 
     @property
     def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
+        return str(ModelUri(self.name, self.version))
 
 
 def register(config: RegistryConfig, model_dir: Path, *, params: Mapping[str, Any] | None = None,
@@ -221,20 +259,12 @@ def resolve(uri: str, dest: Path, *, tracking_uri: str) -> Path:
     """
     import mlflow.artifacts
 
-    match = _MODEL_URI.match(uri)
-    if match is None:
+    parsed = ModelUri.parse(uri)
+    if parsed is None:
         raise ValueError(f"model URI {uri!r} is not of the form models:/<name>@<alias> or models:/<name>/<version>")
-    name = match["name"]
+    name = parsed.name
     client = _client(tracking_uri)
-    if match["alias"] is not None:
-        aliases = _aliases(client, name)
-        if match["alias"] not in aliases:
-            known = ", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
-            raise LookupError(f"{uri}: registered model {name!r} has no alias {match['alias']!r} "
-                              f"(its aliases: {known})")
-        version = _model_version(client, name, aliases[match["alias"]])
-    else:
-        version = _model_version(client, name, match["version"])
+    version = pin(parsed, tracking_uri)
 
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -263,7 +293,7 @@ def resolve(uri: str, dest: Path, *, tracking_uri: str) -> Path:
 
 def fetch_model(uri: str, dest: Path, *, tracking_uri: str = "") -> Path:
     """A verified local copy of the model at ``uri``: ``models:/...``, a local path or a gs:// URI."""
-    if uri.startswith("models:/"):
+    if ModelUri.parse(uri) is not None:
         if not tracking_uri:
             raise ValueError(f"{uri} names a registered model: give the tracking URI of its registry")
         return resolve(uri, dest, tracking_uri=tracking_uri)
@@ -292,8 +322,8 @@ def fetch_champion(dest: Path, *, champion_uri: str = "", tracking_uri: str = ""
     if current is None:
         log.info("registered model %s has no %s yet: absolute gates only", model_name, CHAMPION)
         return None
-    resolve(f"models:/{model_name}/{current.version}", dest, tracking_uri=tracking_uri)
-    return f"models:/{model_name}/{current.version}"
+    resolve(current.uri, dest, tracking_uri=tracking_uri)
+    return current.uri
 
 
 def log_decision_record(config: RegistryConfig, run_id: str, record: Mapping[str, Any], markdown: str) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Callable, TypeVar
 from urllib.parse import urlparse
 
+from defectkit.files import write_bytes_atomic
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -141,10 +143,7 @@ class Store:
         target = self._path / rel
         if not overwrite and target.exists():
             raise FileExistsError(f"{target} exists")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(target)
+        write_bytes_atomic(target, data)
 
 
 def download_tree(uri: str, dest: Path) -> Path:

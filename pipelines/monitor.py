@@ -3,10 +3,10 @@ retraining."""
 
 from kfp import dsl
 
-from components.collect_window import collect_window
-from components.decide_retraining import decide_retraining
-from components.detect_drift import detect_drift
-from components.validate_window import validate_window
+from defectkit_kfp.components.collect_window import collect_window
+from defectkit_kfp.components.decide_retraining import decide_retraining
+from defectkit_kfp.components.detect_drift import detect_drift
+from defectkit_kfp.components.validate_window import validate_window
 
 NAME = "defectkit-monitor"
 

@@ -109,7 +109,7 @@ def submit(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipelines.run PACKAGE WORK_DIR ARGUMENTS_JSON``: a local run in a process of its own.
+    """``python -m defectkit_kfp.pipelines.run PACKAGE WORK_DIR ARGUMENTS_JSON``: a local run in a process of its own.
 
     For starting a run from inside a running KFP task (the monitor's local
     retraining), where kfp.local cannot be nested in the same interpreter.
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m pipelines.run", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m defectkit_kfp.pipelines.run", description=main.__doc__)
     parser.add_argument("package", type=Path)
     parser.add_argument("work_dir", type=Path)
     parser.add_argument("arguments", help="JSON object of pipeline arguments")

@@ -8,9 +8,9 @@ outermost scope, so the approval gate is a pipeline of its own around it.
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Model
 
-from components.deploy_canary import deploy_canary
-from components.register_model import register_model
-from components.restore_traffic import restore_traffic
+from defectkit_kfp.components.deploy_canary import deploy_canary
+from defectkit_kfp.components.register_model import register_model
+from defectkit_kfp.components.restore_traffic import restore_traffic
 
 NAME = "defectkit-shipping"
 

@@ -5,12 +5,12 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import Artifact, Model
 
-from components.evaluate_model import evaluate_model
-from components.preprocess_images import preprocess_images
-from components.resolve_champion import resolve_champion
-from components.train_model import train_model
-from components.validate_images import validate_images
-from pipelines.shipping import release_if_approved
+from defectkit_kfp.components.evaluate_model import evaluate_model
+from defectkit_kfp.components.preprocess_images import preprocess_images
+from defectkit_kfp.components.resolve_champion import resolve_champion
+from defectkit_kfp.components.train_model import train_model
+from defectkit_kfp.components.validate_images import validate_images
+from defectkit_kfp.pipelines.shipping import release_if_approved
 
 NAME = "defectkit-training"
 

@@ -17,7 +17,7 @@ TINY_IMAGE_SIZE = 32
 
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> Path:
-    from defectkit.sample import generate_sample
+    from defectkit.synthetic import generate_sample
 
     out = tmp_path_factory.mktemp("sample")
     generate_sample(out, count=TINY_COUNT, size=TINY_SIZE, seed=0)

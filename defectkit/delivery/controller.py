@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,8 +86,6 @@ DELIVERY_DIR = "delivery"
 STATE_FILE = "state.json"
 CANARY_TAG = "canary"
 EXIT_PROMOTED, EXIT_ERROR, EXIT_ROLLED_BACK = 0, 2, 3
-_MODEL_VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)/?$")
-_MODEL_ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
 
 Hook = Callable[[RolloutState], None]
 
@@ -593,19 +590,15 @@ def _pinned(uri: str, tracking_uri: str | None, backend: str) -> tuple[str, str 
     if not uri:
         raise ValueError("no candidate given: pass --model (local backend: a model directory or models:/ URI) or "
                          "--storage-uri (kserve backend: the gs:// model directory)")
-    match = _MODEL_VERSION_URI.match(uri)
-    if match:
-        return uri, match["version"]
-    match = _MODEL_ALIAS_URI.match(uri)
-    if match:
+    from defectkit import registry
+
+    parsed = registry.ModelUri.parse(uri)
+    if parsed is not None and parsed.alias is None:
+        return uri, parsed.version
+    if parsed is not None:
         if not tracking_uri:
             raise ValueError(f"{uri} is a registry URI: give the registry with --tracking-uri")
-        from defectkit import registry
-
-        ref = registry.version_for_alias(registry.RegistryConfig.for_uri(tracking_uri, model_name=match["name"]),
-                                         match["alias"])
-        if ref is None:
-            raise LookupError(f"{uri}: no such alias in {tracking_uri}")
+        ref = registry.pin(parsed, tracking_uri)
         return ref.uri, ref.version
     if backend == "kserve":
         from defectkit.delivery.manifest import validate_storage_uri

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from defectkit.delivery.backend import CANARY, EMPTY, STABLE, BackendError, VariantMetrics
-from defectkit.delivery.state import write_json_atomic
+from defectkit.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -110,7 +110,7 @@ def validate_percent(value: int) -> int:
 class ServiceConfig:
     """What to serve and how big: everything ``build_inference_service`` turns into a manifest.
 
-    ``image`` is the serve image (``components.images.SERVE_IMAGE`` in this project).
+    ``image`` is the serve image (``defectkit_kfp.components.images.SERVE_IMAGE`` in this project).
     ``env`` holds extra container variables as (name, value) pairs.
     """
 

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from defectkit.delivery.state import FAILED, PROMOTED, ROLLED_BACK, RolloutState, iso, write_json_atomic
+from defectkit.delivery.state import FAILED, PROMOTED, ROLLED_BACK, RolloutState, iso
+from defectkit.files import write_json_atomic
 
 FORMAT = "defectkit.decision-record/v1"
 JSON_NAME = "decision_record.json"

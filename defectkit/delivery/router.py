@@ -111,7 +111,7 @@ class Router:
 
     def update(self, config: RouterConfig) -> None:
         if self.state_path is not None:
-            from defectkit.delivery.state import write_json_atomic
+            from defectkit.files import write_json_atomic
 
             write_json_atomic(self.state_path, asdict(config))
         self._apply(config)

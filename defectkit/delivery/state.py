@@ -14,13 +14,13 @@ leaves either the old state or the new one, never a torn file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from defectkit.files import write_json_atomic
 
 FORMAT = "defectkit.rollout/v1"
 
@@ -126,25 +126,3 @@ class StateStore:
     def save(self, state: RolloutState) -> None:
         state.updated_at = time.time()
         write_json_atomic(self.path, state.to_json())
-
-
-def write_json_atomic(path: Path, record: Any) -> None:
-    """Replace ``path`` by ``record`` as JSON, durably: a crash leaves the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.dumps(record, indent=1, allow_nan=False).encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

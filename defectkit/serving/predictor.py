@@ -44,7 +44,7 @@ from defectkit.serving import metrics
 from defectkit.serving.batching import BatchConfig, MicroBatcher
 from defectkit.serving.breaker import BreakerConfig, CircuitBreaker
 from defectkit.serving.faults import FaultConfig, FaultInjector, InjectedFault
-from defectkit.serving.server import import_kserve
+from defectkit.serving.kserve_runtime import import_kserve
 
 import_kserve()
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import orjson
 
-from defectkit.serving.server import import_kserve
+from defectkit.serving.kserve_runtime import import_kserve
 
 import_kserve()
 

@@ -24,7 +24,6 @@ import asyncio
 import logging
 import math
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -116,22 +115,13 @@ async def _send_json(send, status: int, error: Exception) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def import_kserve() -> None:
-    """Import kserve with a bare argv: its model_server module parses sys.argv on import, where our options
-    (``--model`` abbreviates its ``--model_name``) or pytest's (``--co`` abbreviates ``--configure_logging``)
-    would be misread or abort the process. Every module of ours that uses kserve calls this first."""
-    argv = sys.argv
-    sys.argv = argv[:1]
-    try:
-        import kserve  # noqa: F401
-    finally:
-        sys.argv = argv
-
-
 def resolve_model(spec: str, work_dir: Path, *, tracking_uri: str | None) -> tuple[Path, str | None]:
     """A local model dir for ``spec`` (a directory, or ``models:/<name>@<alias>`` / ``models:/<name>/<version>``)
     and its registry version (None for a directory)."""
-    if not spec.startswith("models:/"):
+    from defectkit import registry
+
+    uri = registry.ModelUri.parse(spec)
+    if uri is None:
         path = Path(spec)
         if not (path / "model.json").is_file():
             raise FileNotFoundError(f"{path} is not a model artifact directory (no model.json); give the judged "
@@ -139,21 +129,9 @@ def resolve_model(spec: str, work_dir: Path, *, tracking_uri: str | None) -> tup
         return path, None
     if not tracking_uri:
         raise ValueError(f"{spec} is a registry URI: give the MLflow registry with --tracking-uri")
-    from defectkit import registry
-
-    name, _, rest = spec[len("models:/"):].partition("@")
-    if rest:
-        ref = registry.version_for_alias(registry.RegistryConfig(tracking_uri=tracking_uri, model_name=name), rest)
-        if ref is None:
-            raise LookupError(f"{spec}: registered model {name!r} has no alias {rest!r} in {tracking_uri}")
-        version = ref.version
-        # Pinned to the version read here, so the alias moving meanwhile cannot mix two versions.
-        uri = f"models:/{name}/{version}"
-    else:
-        name, _, version = name.partition("/")
-        uri = spec
-    dest = registry.resolve(uri, work_dir / f"{name}-{version}", tracking_uri=tracking_uri)
-    return Path(dest), str(version)
+    ref = registry.pin(uri, tracking_uri)
+    dest = registry.resolve(ref.uri, work_dir / f"{ref.name}-{ref.version}", tracking_uri=tracking_uri)
+    return Path(dest), ref.version
 
 
 def build_app(predictor: DefectPredictor, *, max_body_bytes: int, port: int = DEFAULT_PORT):
@@ -161,6 +139,8 @@ def build_app(predictor: DefectPredictor, *, max_body_bytes: int, port: int = DE
 
     KServe keeps its FastAPI application in a module global, so this is called once per process.
     """
+    from defectkit.serving.kserve_runtime import import_kserve
+
     import_kserve()
     import kserve.model_server
     import orjson

@@ -21,7 +21,7 @@ import torch
 from defectkit import image
 from defectkit.data import Manifest, ManifestEntry, assign_validation, parse_layout, sha256_bytes
 from defectkit.preprocess import PreprocessSpec, preprocess_dataset
-from defectkit.sample import generate_sample
+from defectkit.synthetic import generate_sample
 from defectkit.train import TrainConfig, measure_throughput
 
 log = logging.getLogger(__name__)

@@ -8,11 +8,11 @@ import pytest
 from kfp import dsl, local
 from kfp.dsl import Dataset, Model
 
-from components.evaluate_model import evaluate_model
-from components.preprocess_images import preprocess_images
-from components.resolve_champion import resolve_champion
-from components.train_model import train_model
-from components.validate_images import validate_images
+from defectkit_kfp.components.evaluate_model import evaluate_model
+from defectkit_kfp.components.preprocess_images import preprocess_images
+from defectkit_kfp.components.resolve_champion import resolve_champion
+from defectkit_kfp.components.train_model import train_model
+from defectkit_kfp.components.validate_images import validate_images
 from defectkit.data import Manifest
 from defectkit.models import load_model
 from defectkit.preprocess import load_split, read_info

@@ -11,8 +11,8 @@ import torch
 from kfp import dsl, local
 from kfp.dsl import Artifact, Model
 
-from components.deploy_canary import deploy_canary
-from components.restore_traffic import restore_traffic
+from defectkit_kfp.components.deploy_canary import deploy_canary
+from defectkit_kfp.components.restore_traffic import restore_traffic
 from defectkit import registry
 from defectkit.delivery import record
 from defectkit.golden import build_golden

@@ -18,9 +18,9 @@ from defectkit import drift, monitor, sampling, storage
 from defectkit.data import Manifest
 from defectkit.evaluation import Gates, evaluate
 from defectkit.models import load_model
-from defectkit.sample import generate_sample
+from defectkit.synthetic import generate_sample
 from defectkit.serving.predictor import DefectPredictor, ServingConfig
-from defectkit.serving.server import import_kserve
+from defectkit.serving.kserve_runtime import import_kserve
 from defectkit.train import TrainConfig, train
 from defectkit.validation import ValidationConfig, validate_dataset
 from tests import shifts
@@ -208,7 +208,7 @@ def test_monitor_act_starts_a_local_retraining_run_on_the_merged_data(judged_mod
 def test_monitor_pipeline_retrains_only_on_a_window_that_passes_validation(judged_model, production_files,
                                                                            sample_dir, tmp_path, monkeypatch):
     """The compiled monitor pipeline through kfp.local: collect -> validate -> drift -> decide (decision only)."""
-    from pipelines.run import PIPELINE_DIR, run_local
+    from defectkit_kfp.pipelines.run import PIPELINE_DIR, run_local
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # run_local points TMPDIR into its work dir; restored afterwards
     stats = _serve(judged_model, [_brighter(f) for f in production_files], tmp_path / "samples")

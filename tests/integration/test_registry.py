@@ -14,7 +14,7 @@ from kfp.dsl import Model
 from mlflow import MlflowClient
 
 import defectkit
-from components.register_model import register_model
+from defectkit_kfp.components.register_model import register_model
 from defectkit import registry
 from defectkit.models import ModelMetadata, build_model, load_model, save_model
 from defectkit.preprocess import PreprocessSpec

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 import compile as compile_module
-from pipelines.run import TRAINING_YAML
+from defectkit_kfp.pipelines.run import TRAINING_YAML
 
 
 def test_committed_yaml_is_current_and_valid():
@@ -43,7 +43,7 @@ def test_strict_validation_catches_typos_inside_free_form_structs(tmp_path, edit
 
 def test_check_fails_on_stale_or_missing_yaml(tmp_path, monkeypatch):
     monkeypatch.setattr(compile_module, "ROOT", tmp_path)
-    monkeypatch.setattr(compile_module, "TARGETS", (compile_module.Target("pipelines.training", "training_pipeline"),))
+    monkeypatch.setattr(compile_module, "TARGETS", (compile_module.Target("defectkit_kfp.pipelines.training", "training_pipeline"),))
     assert compile_module.main(["--check"]) == 1, "missing YAML must fail the check"
     stale = tmp_path / "pipelines" / "training.yaml"
     stale.parent.mkdir()

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from defectkit import cli
-from pipelines.run import TRAINING_YAML, parse_arguments
+from defectkit_kfp.pipelines.run import TRAINING_YAML, parse_arguments
 from tests.kfp_api import KfpApiStandIn
 
 
@@ -52,7 +52,7 @@ def test_submit_cli_reports_bad_parameter_without_contacting_the_server(capsys):
 
 def test_monitor_is_scheduled_as_a_recurring_run():
     from defectkit import monitor
-    from pipelines.run import PIPELINE_DIR
+    from defectkit_kfp.pipelines.run import PIPELINE_DIR
 
     with KfpApiStandIn() as api:
         job_id = monitor.create_recurring_run(api.url, PIPELINE_DIR / "monitor.yaml", "0 0 * * * *",

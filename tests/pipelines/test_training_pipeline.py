@@ -9,7 +9,7 @@ import pytest
 
 from defectkit.data import Manifest
 from defectkit.storage import upload_tree
-from pipelines.run import TRAINING_YAML, run_local
+from defectkit_kfp.pipelines.run import TRAINING_YAML, run_local
 from tests.conftest import TINY_IMAGE_SIZE
 
 TINY = {"image_size": TINY_IMAGE_SIZE, "epochs": 2, "batch_size": 16, "min_images_per_class": 2, "min_auroc": 0.0}

@@ -18,7 +18,7 @@ import pytest
 from packaging.requirements import Requirement
 
 import defectkit
-from components import images
+from defectkit_kfp.components import images
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPONENT_MODULES = sorted(p.stem for p in (ROOT / "components").glob("*.py") if p.stem not in ("__init__", "images"))
@@ -27,7 +27,7 @@ LOCAL_PACKAGES = {"defectkit", "components", "pipelines"}
 
 def _components():
     for name in COMPONENT_MODULES:
-        module = importlib.import_module(f"components.{name}")
+        module = importlib.import_module(f"defectkit_kfp.components.{name}")
         yield name, getattr(module, name)
 
 

@@ -15,7 +15,7 @@ from defectkit import drift
 from defectkit.drift import DriftThresholds, Reference
 from defectkit.preprocess import FEATURE_NAMES, image_features
 from defectkit.reference import embedding_names
-from defectkit.sample import generate_sample
+from defectkit.synthetic import generate_sample
 from tests.shifts import blurred, brighter, new_texture
 
 log = logging.getLogger(__name__)
@@ -290,7 +290,7 @@ def test_detect_drift_component_runs_in_a_pipeline(image_root, tmp_path, monkeyp
     from kfp import dsl, local
     from kfp.dsl import Artifact, Dataset
 
-    from components.detect_drift import detect_drift
+    from defectkit_kfp.components.detect_drift import detect_drift
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))

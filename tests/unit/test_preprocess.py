@@ -283,7 +283,7 @@ def test_an_undecodable_file_fails_naming_it(dataset, tmp_path, workers):
     with pytest.raises(RuntimeError, match=r"train/good/a6\.png.*truncated.*re-run validation"):
         preprocess_dataset(broken, tmp_path / "out", SPEC, workers=workers)
     assert not (tmp_path / "out" / "preprocess.json").exists()
-    assert not list((tmp_path / "out" / "shards").glob("*.partial"))
+    assert not list((tmp_path / "out" / "shards").glob(".*.tmp"))
 
 
 def test_a_missing_file_fails_naming_it(tmp_path):

@@ -26,7 +26,8 @@ from defectkit.serving.predictor import (
     ServingConfig,
     model_version,
 )
-from defectkit.serving.server import add_commands, config_from_args, import_kserve, resolve_model
+from defectkit.serving.kserve_runtime import import_kserve
+from defectkit.serving.server import add_commands, config_from_args, resolve_model
 
 import_kserve()  # kserve parses sys.argv when first imported, where pytest's own options could abort it
 

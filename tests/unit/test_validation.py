@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from defectkit.data import MANIFEST_FILE, Manifest
-from defectkit.sample import generate_sample
+from defectkit.synthetic import generate_sample
 from defectkit.validation import (
     QUARANTINE_FILE,
     ValidationConfig,

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from defectkit.data import GOOD, SOURCE_SPLITS, parse_layout
-from defectkit.sample import DEFECT_TYPES, generate_sample
+from defectkit.synthetic import DEFECT_TYPES, generate_sample
 from defectkit.storage import Store
 
 COUNT = 60
@@ -79,7 +79,7 @@ def test_every_defect_image_has_a_binary_mask_over_the_defect(sample):
 
 
 def test_logs_what_it_wrote(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="defectkit.sample"):
+    with caplog.at_level(logging.INFO, logger="defectkit.synthetic"):
         summary = generate_sample(tmp_path / "s", count=30, size=32)
     assert f"wrote 30 images of 32x32 px and {summary.masks} masks to {tmp_path / 's'}" in caplog.text
 
