@@ -36,10 +36,10 @@ def validate_images(
     import logging
     from pathlib import Path
 
-    from defectkit import validation
+    from defectkit.validation import dataset as dataset_validation
 
     logging.basicConfig(level=logging.INFO, force=True)
-    config = validation.ValidationConfig(
+    config = dataset_validation.ValidationConfig(
         max_quarantine_fraction=max_quarantine_fraction,
         val_fraction=val_fraction,
         seed=seed,
@@ -48,7 +48,7 @@ def validate_images(
         min_images_per_class=min_images_per_class,
         allowed_classes=tuple(c.strip() for c in allowed_classes.split(",") if c.strip()),
     )
-    report = validation.validate_dataset(
+    report = dataset_validation.validate_dataset(
         source_uri, Path(dataset.path), config, quarantine_dir=Path(quarantine.path), raise_on_failure=False
     )
     Path(expectations.path).write_text(report.to_html())
@@ -59,6 +59,6 @@ def validate_images(
     metrics.log_metric("checks_failed", sum(not c.success for c in report.checks))
     dataset.metadata["fingerprint"] = report.manifest.fingerprint
     if not report.passed:
-        raise validation.ValidationFailed(report)
+        raise dataset_validation.ValidationFailed(report)
     outputs = NamedTuple("ValidateOutputs", [("fingerprint", str), ("images", int), ("quarantined", int)])
     return outputs(report.manifest.fingerprint, len(report.manifest.entries), len(report.quarantined))

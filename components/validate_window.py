@@ -34,12 +34,12 @@ def validate_window(
     import logging
     from pathlib import Path
 
-    from defectkit import validation
+    from defectkit.validation import window as window_validation
 
     logging.basicConfig(level=logging.INFO, force=True)
-    report = validation.validate_window(
+    report = window_validation.validate_window(
         Path(current.path), since, until,
-        validation.WindowValidationConfig(max_quarantine_fraction=max_quarantine_fraction))
+        window_validation.WindowValidationConfig(max_quarantine_fraction=max_quarantine_fraction))
     Path(expectations.path).write_text(report.to_html())
     Path(results.path).write_text(json.dumps(report.to_json(), indent=1))
     metrics.log_metric("images", report.images)

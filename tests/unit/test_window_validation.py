@@ -13,7 +13,7 @@ from PIL import Image
 from defectkit import storage
 from defectkit.preprocess import PreprocessSpec
 from defectkit.sampling import window_to_dataset, write_shards
-from defectkit.validation import WindowValidationConfig, validate_window
+from defectkit.validation.window import WindowValidationConfig, validate_window
 
 AT = datetime(2024, 5, 6, 7, 30, tzinfo=timezone.utc).timestamp()
 

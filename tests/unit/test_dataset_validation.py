@@ -10,7 +10,7 @@ from PIL import Image
 
 from defectkit.data import MANIFEST_FILE, Manifest
 from defectkit.synthetic import generate_sample
-from defectkit.validation import (
+from defectkit.validation.dataset import (
     QUARANTINE_FILE,
     ValidationConfig,
     ValidationFailed,
