@@ -1,4 +1,5 @@
-"""Backend: what the delivery controller needs from a serving platform, and the figures it reads back.
+"""Backend: what the delivery controller needs from a serving platform, the figures it reads back, and the
+inference request that probes (and replayed traffic) send.
 
 Two implementations: :class:`defectkit.delivery.local.LocalBackend` (model servers on
 127.0.0.1 behind a weighted router, the embedded default) and
@@ -7,13 +8,16 @@ Two implementations: :class:`defectkit.delivery.local.LocalBackend` (model serve
 
 from __future__ import annotations
 
+import base64
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, Sequence
 
 STABLE = "stable"
 CANARY = "canary"
 VARIANTS = (STABLE, CANARY)
+PROBE_BATCH = 16
+SCORE_OUTPUT = "score"
 
 
 class BackendError(RuntimeError):
@@ -71,34 +75,39 @@ class VariantMetrics:
 EMPTY = VariantMetrics(requests=0.0, errors=0.0, p50_latency_s=None, p99_latency_s=None, scores=())
 
 
-def _latency(value: Any) -> float | None:
-    # A quantile Prometheus cannot place (NaN, +Inf) is as unknown as a missing one.
-    return None if value is None or not math.isfinite(float(value)) else float(value)
+def validate_percent(value: int) -> int:
+    """``value`` if it is a canary traffic percent: an integer from 0 to 100."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+        raise ValueError(f"canary traffic percent {value!r} must be an integer from 0 to 100")
+    return value
 
 
-def from_stats(stats: Any) -> VariantMetrics:
-    """A VariantMetrics from anything with its fields, such as ``prometheus.VariantStats`` of the KServe backend."""
-    if isinstance(stats, VariantMetrics):
-        return stats
-    try:
-        return VariantMetrics(
-            requests=float(stats.requests),
-            errors=float(stats.errors),
-            p50_latency_s=_latency(stats.p50_latency_s),
-            p99_latency_s=_latency(stats.p99_latency_s),
-            scores=tuple(float(s) for s in stats.scores),
-        )
-    except AttributeError as exc:
-        raise TypeError(f"{type(stats).__name__} is not variant metrics: it lacks {exc.name!r} (needs requests, "
-                        f"errors, p50_latency_s, p99_latency_s, scores)") from None
-
-
-def metrics_by_variant(raw: Mapping[str, Any]) -> dict[str, VariantMetrics]:
-    """A backend's ``metrics()`` answer as VariantMetrics for "stable" and "canary"."""
+def metrics_by_variant(raw: Mapping[str, VariantMetrics]) -> dict[str, VariantMetrics]:
+    """A backend's ``metrics()`` answer, checked to hold VariantMetrics for "stable" and "canary"."""
     missing = [v for v in VARIANTS if v not in raw]
     if missing:
         raise BackendError(f"the backend's metrics lack {', '.join(missing)} (got {sorted(raw)})")
-    return {variant: from_stats(raw[variant]) for variant in VARIANTS}
+    for variant in VARIANTS:
+        if not isinstance(raw[variant], VariantMetrics):
+            raise TypeError(f"the backend's {variant} metrics are a {type(raw[variant]).__name__}, not VariantMetrics")
+    return {variant: raw[variant] for variant in VARIANTS}
+
+
+def infer_request(images: Sequence[bytes], outputs: Sequence[str] = ()) -> dict[str, Any]:
+    """An Open Inference Protocol v2 REST request carrying encoded images as base64 BYTES elements; the answer
+    holds ``outputs`` only, or every output when none are named.
+
+    JSON BYTES elements are strings, so raw image bytes travel base64-encoded. The binary
+    tensor extension is no way round it: KServe 0.21's REST server re-encodes binary BYTES
+    inputs as UTF-8 text and answers 500 for any image that is not valid UTF-8.
+    """
+    request: dict[str, Any] = {
+        "inputs": [{"name": "image", "shape": [len(images)], "datatype": "BYTES",
+                    "data": [base64.b64encode(image).decode("ascii") for image in images]}],
+    }
+    if outputs:
+        request["outputs"] = [{"name": name} for name in outputs]
+    return request
 
 
 class Backend(Protocol):
@@ -123,8 +132,8 @@ class Backend(Protocol):
     def rollback(self) -> None:
         """Send all traffic to the stable version; the stable version is left as it was."""
 
-    def metrics(self, window_s: float) -> Mapping[str, Any]:
-        """``{"stable": ..., "canary": ...}`` over the last ``window_s`` (VariantMetrics or the same fields)."""
+    def metrics(self, window_s: float) -> Mapping[str, VariantMetrics]:
+        """``{"stable": ..., "canary": ...}`` over the last ``window_s``."""
 
     def probe(self, images: list[bytes]) -> list[float]:
         """Defect scores for encoded ``images`` from the candidate itself, whatever the traffic split."""

@@ -1,9 +1,10 @@
 """Prometheus: the PromQL behind canary analysis, and a small client for instant queries.
 
-The model server exports (all labelled ``model_version``)
-``defectkit_requests_total{status}``, ``defectkit_request_latency_seconds`` (histogram)
-and ``defectkit_score`` (histogram). On a cluster Prometheus scrapes them from each
-predictor pod, and the pod's Kubernetes labels tell stable from canary:
+The model server exports (all labelled ``model_version``; the names live in
+:mod:`defectkit.serving.metrics`) ``defectkit_requests_total{status}``,
+``defectkit_request_latency_seconds`` (histogram) and ``defectkit_score`` (histogram).
+On a cluster Prometheus scrapes them from each predictor pod, and the pod's Kubernetes
+labels tell stable from canary:
 
 - ``serving.kserve.io/inferenceservice=<name>`` and ``component=predictor`` select the
   InferenceService's predictor pods (KServe sets both);
@@ -24,23 +25,26 @@ from __future__ import annotations
 
 import logging
 import math
-import random
-import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import requests
 
-from defectkit.storage import RetryPolicy
+from defectkit.delivery.backend import VariantMetrics
+from defectkit.serving.metrics import (
+    LATENCY_METRIC,
+    REQUESTS_METRIC,
+    SCORE_METRIC,
+    STATUS_LABEL,
+    bucket_series,
+    counter_series,
+)
+from defectkit.retry import TRANSIENT_HTTP_STATUS, RetryableResponse, RetryPolicy, retry
 
 log = logging.getLogger(__name__)
 
-REQUESTS_METRIC = "defectkit_requests_total"
-LATENCY_METRIC = "defectkit_request_latency_seconds"
-SCORE_METRIC = "defectkit_score"
 # Server errors only: a 4xx is a bad request, which the canary is not to blame for.
 ERROR_STATUS = "5.."
-_TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
 class PrometheusError(RuntimeError):
@@ -90,36 +94,36 @@ def _range(window_s: float) -> str:
 
 def request_count_query(variant: Variant, window_s: float) -> str:
     """Requests answered in the window, whatever their status."""
-    return f"sum(increase({REQUESTS_METRIC}{variant.selector()}{_range(window_s)}))"
+    return f"sum(increase({counter_series(REQUESTS_METRIC)}{variant.selector()}{_range(window_s)}))"
 
 
 def error_count_query(variant: Variant, window_s: float) -> str:
     """Requests answered with a 5xx status in the window."""
-    return f"sum(increase({REQUESTS_METRIC}{variant.selector(status=ERROR_STATUS)}{_range(window_s)}))"
-
-
-def error_rate_query(variant: Variant, window_s: float) -> str:
-    """Fraction of requests answered with a 5xx status; empty when there were no requests."""
-    return f"({error_count_query(variant, window_s)}) / ({request_count_query(variant, window_s)})"
+    selector = variant.selector(**{STATUS_LABEL: ERROR_STATUS})
+    return f"sum(increase({counter_series(REQUESTS_METRIC)}{selector}{_range(window_s)}))"
 
 
 def latency_quantile_query(variant: Variant, window_s: float, quantile: float = 0.99) -> str:
     """The ``quantile`` of request latency in seconds, over all pods of the variant."""
     if not 0 < quantile < 1:
         raise ValueError(f"quantile {quantile!r} must be between 0 and 1, e.g. 0.99")
-    buckets = f"rate({LATENCY_METRIC}_bucket{variant.selector()}{_range(window_s)})"
+    buckets = f"rate({bucket_series(LATENCY_METRIC)}{variant.selector()}{_range(window_s)})"
     return f"histogram_quantile({quantile:g}, sum by (le) ({buckets}))"
 
 
 def score_buckets_query(variant: Variant, window_s: float) -> str:
     """Per-bucket (cumulative) counts of defect scores observed in the window."""
-    return f"sum by (le) (increase({SCORE_METRIC}_bucket{variant.selector()}{_range(window_s)}))"
+    return f"sum by (le) (increase({bucket_series(SCORE_METRIC)}{variant.selector()}{_range(window_s)}))"
 
 
 @dataclass(frozen=True)
 class Sample:
     labels: Mapping[str, str]
     value: float
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, (RetryableResponse, requests.ConnectionError, requests.Timeout))
 
 
 class PrometheusClient:
@@ -144,24 +148,18 @@ class PrometheusClient:
         self._session.verify = verify
 
     def _get(self, params: dict[str, str]) -> requests.Response:
-        delay = self.retry_policy.initial_delay_s
-        for attempt in range(1, self.retry_policy.attempts + 1):
-            try:
-                response = self._session.get(f"{self.url}/api/v1/query", params=params, timeout=self.timeout_s)
-                if response.status_code not in _TRANSIENT_STATUS:
-                    return response
-                problem = f"HTTP {response.status_code}"
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                if attempt == self.retry_policy.attempts:
-                    raise PrometheusError(f"Prometheus at {self.url} is unreachable: {exc}") from exc
-                problem = str(exc)
-            if attempt == self.retry_policy.attempts:
-                return response
-            log.warning("Prometheus query failed (%s), retry %d/%d in %.1fs",
-                        problem, attempt, self.retry_policy.attempts - 1, delay)
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, self.retry_policy.max_delay_s)
-        raise AssertionError("unreachable")
+        def get() -> requests.Response:
+            response = self._session.get(f"{self.url}/api/v1/query", params=params, timeout=self.timeout_s)
+            if response.status_code in TRANSIENT_HTTP_STATUS:
+                raise RetryableResponse(response, response.status_code, response.headers)
+            return response
+
+        try:
+            return retry(get, "Prometheus query", self.retry_policy, transient=_transient)
+        except RetryableResponse as exc:
+            return exc.response
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise PrometheusError(f"Prometheus at {self.url} is unreachable: {exc}") from exc
 
     def query(self, promql: str, at: float | None = None) -> list[Sample]:
         """The samples of an instant query; a scalar result comes back as one unlabelled sample."""
@@ -219,25 +217,20 @@ def scores_from_buckets(cumulative: Sequence[tuple[float, float]], max_points: i
     return sample
 
 
-@dataclass(frozen=True)
-class VariantStats:
-    """What Prometheus saw of one variant over a window."""
-
-    requests: float
-    errors: float
-    p50_latency_s: float | None
-    p99_latency_s: float | None
-    scores: tuple[float, ...]
-
-
-def variant_stats(client: PrometheusClient, variant: Variant, window_s: float) -> VariantStats:
+def variant_metrics(client: PrometheusClient, variant: Variant, window_s: float) -> VariantMetrics:
     """Requests, 5xx errors, latency quantiles and a score sample of ``variant`` over the last ``window_s``."""
     buckets = client.query(score_buckets_query(variant, window_s))
     cumulative = [(float(s.labels["le"]), s.value) for s in buckets if "le" in s.labels and not math.isnan(s.value)]
-    return VariantStats(
+    return VariantMetrics(
         requests=client.value(request_count_query(variant, window_s)) or 0.0,
         errors=client.value(error_count_query(variant, window_s)) or 0.0,
-        p50_latency_s=client.value(latency_quantile_query(variant, window_s, 0.5)),
-        p99_latency_s=client.value(latency_quantile_query(variant, window_s, 0.99)),
+        p50_latency_s=_latency_quantile(client, variant, window_s, 0.5),
+        p99_latency_s=_latency_quantile(client, variant, window_s, 0.99),
         scores=tuple(scores_from_buckets(cumulative)),
     )
+
+
+def _latency_quantile(client: PrometheusClient, variant: Variant, window_s: float, quantile: float) -> float | None:
+    value = client.value(latency_quantile_query(variant, window_s, quantile))
+    # histogram_quantile answers +Inf when the quantile lies beyond the last finite bucket: no usable latency either.
+    return value if value is not None and math.isfinite(value) else None

@@ -7,7 +7,6 @@ this to play production while a candidate is shipped.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import random
 import threading
@@ -15,7 +14,8 @@ import time
 
 import httpx
 
-from defectkit.delivery.router import VARIANT_HEADER
+from defectkit.delivery.backend import infer_request
+from defectkit.delivery.local.router import VARIANT_HEADER
 
 
 class LoadGenerator:
@@ -28,8 +28,7 @@ class LoadGenerator:
 
     def __init__(self, url: str, images: list[bytes], rate: float, max_inflight: int = 48) -> None:
         self.url, self.rate, self.max_inflight = url, rate, max_inflight
-        self.bodies = [json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
-                                               "data": [base64.b64encode(i).decode()]}]}).encode() for i in images]
+        self.bodies = [json.dumps(infer_request([image])).encode() for image in images]
         self.results: list[tuple[float, float, int, str | None, str | None]] = []
         self._draw = random.Random(0)
         self._stop = threading.Event()
@@ -69,10 +68,3 @@ class LoadGenerator:
                 if delay > 0:
                     await asyncio.sleep(delay)
             await asyncio.gather(*tasks, return_exceptions=True)
-
-    def between(self, start: float, end: float) -> list[tuple]:
-        return [r for r in self.results if start <= r[0] < end]
-
-    def stable_failures(self) -> list[tuple]:
-        """Answers the stable server (or the router on its behalf) gave with a non-2xx status, and lost requests."""
-        return [r for r in self.results if r[2] == 0 or (r[3] != "canary" and not 200 <= r[2] < 300)]

@@ -4,6 +4,10 @@ They live in prometheus_client's default registry, which KServe's model
 server exposes at ``GET /metrics``; the delivery controller compares a
 canary with the stable version on them (error rate, latency percentiles,
 score distribution and defect rate).
+
+The names the delivery backends read live here as constants: the local
+scraper finds them on ``/metrics`` pages, the PromQL client asks
+Prometheus for them.
 """
 
 from __future__ import annotations
@@ -18,10 +22,15 @@ SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 BREAKER_STATE_VALUES = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
 
-REQUESTS = Counter("defectkit_requests", "Inference requests by HTTP status code", ["model_version", "status"])
-LATENCY = Histogram("defectkit_request_latency_seconds", "Inference request latency, body received to response",
+REQUESTS_METRIC = "defectkit_requests"
+LATENCY_METRIC = "defectkit_request_latency_seconds"
+SCORE_METRIC = "defectkit_score"
+STATUS_LABEL = "status"
+
+REQUESTS = Counter(REQUESTS_METRIC, "Inference requests by HTTP status code", ["model_version", STATUS_LABEL])
+LATENCY = Histogram(LATENCY_METRIC, "Inference request latency, body received to response",
                     ["model_version"], buckets=LATENCY_BUCKETS)
-SCORES = Histogram("defectkit_score", "Defect scores returned", ["model_version"], buckets=SCORE_BUCKETS)
+SCORES = Histogram(SCORE_METRIC, "Defect scores returned", ["model_version"], buckets=SCORE_BUCKETS)
 PREDICTIONS = Counter("defectkit_predictions", "Images labelled, by label (defect rate = defect / all)",
                       ["model_version", "label"])
 BATCH_SIZE = Histogram("defectkit_batch_size", "Images per model forward (micro-batching)", ["model_version"],
@@ -32,6 +41,16 @@ BREAKER_STATE = Gauge("defectkit_breaker_state", "Circuit breaker of the primary
                       ["model_version"])
 MODEL_INFO = Gauge("defectkit_model_info", "Models loaded by this server (value 1)",
                    ["model_version", "role", "architecture", "image_size", "weights_sha256"])
+
+
+def counter_series(counter: str) -> str:
+    """The series a counter's value is exported as: the exposition format adds ``_total`` to its name."""
+    return counter + "_total"
+
+
+def bucket_series(histogram: str) -> str:
+    """The series of a histogram's cumulative bucket counts, one per ``le`` bound."""
+    return histogram + "_bucket"
 
 
 def request_done(model_version: str, status: int, seconds: float) -> None:

@@ -8,7 +8,6 @@ Measured rollback times and traffic splits are printed (visible with ``pytest -q
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import signal
@@ -24,21 +23,16 @@ import torch
 
 from defectkit import registry
 from defectkit.data import Manifest
-from defectkit.delivery import manifest, record
+from defectkit.cli import build_parser
+from defectkit.delivery import record
 from defectkit.delivery.analysis import CanaryPolicy
 from defectkit.delivery.controller import Controller
 from defectkit.delivery.traffic import LoadGenerator
-from defectkit.golden import build_golden, read_golden
-from defectkit.delivery.local import (
-    LocalBackend,
-    StackOptions,
-    histogram_quantile,
-    parse_metrics,
-    read_stack,
-    stop_stack,
-    window_metrics,
-)
-from defectkit.delivery.router import RouterConfig, SmoothWeightedRoundRobin
+from defectkit.evaluation import build_golden
+from defectkit.golden import read_golden
+from defectkit.delivery.local import LocalBackend, StackOptions, read_stack, stop_stack
+from defectkit.delivery.local.scrape import histogram_quantile, parse_metrics, window_metrics
+from defectkit.delivery.local.router import RouterConfig, SmoothWeightedRoundRobin
 from defectkit.delivery.state import PROMOTED, ROLLED_BACK, StateStore
 from defectkit.models import ModelMetadata, build_model, save_model
 from defectkit.preprocess import PreprocessSpec
@@ -106,11 +100,13 @@ def first_event(state, name: str) -> float:
     return next(e["t"] for e in state.timeline if e["event"] == name)
 
 
-def deploy_parser() -> argparse.ArgumentParser:
-    """``defectkit deploy`` as defectkit.cli registers it."""
-    parser = argparse.ArgumentParser(prog="defectkit")
-    manifest.add_commands(parser.add_subparsers(dest="command", required=True))
-    return parser
+def sent_between(load: LoadGenerator, start: float, end: float) -> list[tuple]:
+    return [r for r in load.results if start <= r[0] < end]
+
+
+def stable_failures(load: LoadGenerator) -> list[tuple]:
+    """Answers the stable server (or the router on its behalf) gave with a non-2xx status, and lost requests."""
+    return [r for r in load.results if r[2] == 0 or (r[3] != "canary" and not 200 <= r[2] < 300)]
 
 
 # --------------------------------------------------------------------------- the parts, without servers
@@ -212,7 +208,7 @@ def test_a_bad_candidate_is_rolled_back_within_the_failure_threshold(fault, work
     # Bound: failure_threshold intervals + one interval, plus one more interval of slack for a loaded machine.
     assert restored <= (policy.failure_threshold + 2) * policy.interval_s
     assert last_canary <= restored
-    assert load.stable_failures() == []
+    assert stable_failures(load) == []
     assert not [r for r in load.results if r[0] > first_traffic + restored + 0.2 and r[3] == "canary"]
     assert record.read_record(tmp_path / "record")["verdict"] == ROLLED_BACK
 
@@ -243,8 +239,8 @@ def test_a_good_candidate_is_promoted_under_load_with_a_tight_split(work, models
     candidate = registry.register(config, models[1])
     golden_dir = build_golden(dataset_dir, models[1], tmp_path / "golden", count=6)
     interval = SPLIT_MIN_REQUESTS / SPLIT_LOAD_RATE + 1.0
-    args = deploy_parser().parse_args([
-        "deploy", "--backend", "local", "--work", str(work), "--model", candidate.uri,
+    args = build_parser().parse_args([
+        "rollout", "start", "--backend", "local", "--work", str(work), "--model", candidate.uri,
         "--tracking-uri", config.tracking_uri, "--golden", str(golden_dir), "--state", str(tmp_path / "state.json"),
         "--record-dir", str(tmp_path / "record"), "--steps", "10,25,50,100", "--interval-s", str(interval),
         "--min-requests", "20", "--max-p99-latency-s", "1.0", "--serve-arg=--threads=1",
@@ -277,15 +273,15 @@ def test_a_good_candidate_is_promoted_under_load_with_a_tight_split(work, models
         assert answer.json()["model_version"] == candidate.version
     finally:
         backend.close()
-    assert {r[4] for r in load.between(promoted_at, float("inf")) if r[2] == 200} == {candidate.version}
-    assert load.stable_failures() == []
+    assert {r[4] for r in sent_between(load, promoted_at, float("inf")) if r[2] == 200} == {candidate.version}
+    assert stable_failures(load) == []
 
     # The split the clients saw, per step, against the weight set.
     lines = []
     for analysis in state.analyses:
         set_at = max(e["t"] for e in state.timeline
                      if e["event"] == "candidate traffic set" and e["weight"] == analysis["weight"])
-        seen = load.between(set_at, analysis["t"])
+        seen = sent_between(load, set_at, analysis["t"])
         canary = sum(1 for r in seen if r[3] == "canary")
         observed = 100 * canary / len(seen)
         lines.append(f"{analysis['weight']}%: {canary}/{len(seen)} = {observed:.2f}%")
@@ -303,13 +299,9 @@ def test_a_good_candidate_is_promoted_under_load_with_a_tight_split(work, models
 
 
 LAUNCH = """
-import argparse, logging, sys
-from defectkit.delivery import manifest
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-parser = argparse.ArgumentParser()
-manifest.add_commands(parser.add_subparsers(dest="command", required=True))
-args = parser.parse_args(sys.argv[1:])
-sys.exit(args.func(args))
+import sys
+from defectkit.cli import main
+sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -317,7 +309,7 @@ def test_a_controller_killed_mid_rollout_resumes_and_recorded_weight_is_actual(w
                                                                                tmp_path, capsys):
     golden_dir = build_golden(dataset_dir, models[3], tmp_path / "golden", count=4)
     state_path = tmp_path / "state.json"
-    argv = ["deploy", "--backend", "local", "--work", str(work), "--model", str(models[3]),
+    argv = ["rollout", "start", "--backend", "local", "--work", str(work), "--model", str(models[3]),
             "--golden", str(golden_dir), "--state", str(state_path), "--record-dir", str(tmp_path / "record"),
             "--steps", "10,25,50,100", "--interval-s", "2", "--min-requests", "5", "--max-p99-latency-s", "1.0",
             "--serve-arg=--threads=1", "--scrape-interval-s", str(SCRAPE_INTERVAL_S)]
@@ -349,7 +341,7 @@ def test_a_controller_killed_mid_rollout_resumes_and_recorded_weight_is_actual(w
             state = store.load()
             assert state.target_weight is None and state.weight == backend.traffic() == 25
             time.sleep(1.0)  # traffic keeps flowing with nobody watching
-            args = deploy_parser().parse_args(argv)
+            args = build_parser().parse_args(argv)
             assert args.func(args) == 0
             state = store.load()
             assert state.phase == PROMOTED and state.weight == backend.traffic() == 100
@@ -359,8 +351,8 @@ def test_a_controller_killed_mid_rollout_resumes_and_recorded_weight_is_actual(w
     assert resumed and resumed[0]["interrupted_phase"] == "analysing"
     assert [a["weight"] for a in state.analyses if a["verdict"] == "pass"] == [10, 25, 50]
     assert read_stack(work).stable.model == str(models[3])
-    assert load.stable_failures() == []
-    during = load.between(killed_at, resumed[0]["t"])
+    assert stable_failures(load) == []
+    during = sent_between(load, killed_at, resumed[0]["t"])
     report(capsys, f"controller SIGKILLed at 25%: the stack kept the split while it was down "
                    f"({sum(r[3] == 'canary' for r in during)}/{len(during)} requests to the canary), then the "
                    f"restarted controller resumed and promoted")

@@ -1,6 +1,6 @@
 """The weighted router of the local serving stack: one address in front of a stable and a canary model server.
 
-    python -m defectkit.delivery.router --port P --state FILE [--stable URL] [--host 127.0.0.1]
+    python -m defectkit.delivery.local.router --port P --state FILE [--stable URL] [--host 127.0.0.1]
 
 ``POST /v2/models/<name>/infer`` goes to the canary for ``weight`` percent of requests and
 to the stable server for the rest, by smooth weighted round robin (the nginx algorithm):
@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from defectkit.delivery.backend import CANARY, STABLE, validate_percent
+
 log = logging.getLogger(__name__)
 
-STABLE = "stable"
-CANARY = "canary"
 VARIANT_HEADER = "x-defectkit-variant"
 CONFIG_PATH = "/router/config"
 HEALTH_PATH = "/router/health"
@@ -49,8 +49,7 @@ class RouterConfig:
     weight: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.weight, bool) or not isinstance(self.weight, int) or not 0 <= self.weight <= 100:
-            raise ValueError(f"canary weight {self.weight!r} must be an integer from 0 to 100")
+        validate_percent(self.weight)
         for name in (STABLE, CANARY):
             url = getattr(self, name)
             if url is not None and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
@@ -202,7 +201,7 @@ def build_app(router: Router, *, timeout_s: float = 60.0):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m defectkit.delivery.router", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m defectkit.delivery.local.router", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     parser.add_argument("--state", type=Path, help="routing state file: read at start, rewritten on every change")

@@ -1,12 +1,22 @@
 """Canary analysis: the policy's validation and each check's verdict on known figures."""
 
+import math
+
 import numpy as np
 import pytest
 from scipy import stats
 
 from defectkit.delivery.analysis import FAIL, INCONCLUSIVE, PASS, CanaryPolicy, analyse, parse_steps
-from defectkit.delivery.backend import VariantMetrics, from_stats
-from defectkit.delivery.prometheus import VariantStats
+from defectkit.delivery.backend import VariantMetrics, metrics_by_variant
+from defectkit.delivery.prometheus import (
+    Sample,
+    Variant,
+    error_count_query,
+    latency_quantile_query,
+    request_count_query,
+    score_buckets_query,
+    variant_metrics,
+)
 
 POLICY = CanaryPolicy(min_requests=50, max_error_rate=0.01, max_p99_latency_s=0.5, max_score_shift=0.2, alpha=0.01)
 
@@ -112,13 +122,32 @@ def test_unknown_latency_fails_the_latency_check():
     assert checks(result)["score_shift"].passed  # no canary scores: not evaluated
 
 
-def test_kserve_variant_stats_convert():
-    stats_ = VariantStats(requests=12.5, errors=0.5, p50_latency_s=0.01, p99_latency_s=None, scores=(0.1, 0.2))
-    converted = from_stats(stats_)
-    assert converted == VariantMetrics(12.5, 0.5, 0.01, None, (0.1, 0.2))
+class CannedPrometheus:
+    """Answers to the instant queries of one variant, keyed by their PromQL."""
+
+    def __init__(self, values: dict[str, float | None], samples: dict[str, list[Sample]]) -> None:
+        self.values, self.samples = values, samples
+
+    def value(self, promql: str) -> float | None:
+        return self.values[promql]
+
+    def query(self, promql: str) -> list[Sample]:
+        return self.samples[promql]
+
+
+def test_kserve_figures_are_variant_metrics():
+    revision = Variant("ml", "defect", "defect-predictor-00002")
+    buckets = [Sample({"le": le}, n) for le, n in (("0.05", 0.0), ("0.15", 1.0), ("0.25", 2.0), ("+Inf", 2.0))]
+    client = CannedPrometheus(
+        values={request_count_query(revision, 60): 12.5, error_count_query(revision, 60): 0.5,
+                latency_quantile_query(revision, 60, 0.5): 0.01, latency_quantile_query(revision, 60, 0.99): math.inf},
+        samples={score_buckets_query(revision, 60): buckets},
+    )
+    converted = variant_metrics(client, revision, 60)
+    assert converted == VariantMetrics(12.5, 0.5, 0.01, None, (0.1, 0.2))  # a p99 beyond the last bucket is unknown
     assert converted.error_rate == pytest.approx(0.04)
-    with pytest.raises(TypeError, match="lacks 'errors'"):
-        from_stats(object.__new__(type("Partial", (), {"requests": 1})))
+    with pytest.raises(TypeError, match="not VariantMetrics"):
+        metrics_by_variant({"stable": converted, "canary": object.__new__(type("Partial", (), {"requests": 1}))})
 
 
 @pytest.mark.parametrize("kwargs, message", [
