@@ -7,27 +7,17 @@ of the code only ever sees relative POSIX paths and bytes.
 from __future__ import annotations
 
 import logging
-import random
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 from urllib.parse import urlparse
 
 from defectkit.files import write_bytes_atomic
+from defectkit.retry import RetryPolicy
+from defectkit.retry import retry as retrying
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with jitter for idempotent storage calls."""
-
-    attempts: int = 5
-    initial_delay_s: float = 0.2
-    max_delay_s: float = 8.0
 
 
 DEFAULT_RETRY = RetryPolicy()
@@ -56,18 +46,8 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def retry(call: Callable[[], T], what: str, policy: RetryPolicy = DEFAULT_RETRY) -> T:
-    """Run an idempotent ``call``, retrying transient errors with backoff."""
-    delay = policy.initial_delay_s
-    for attempt in range(1, policy.attempts + 1):
-        try:
-            return call()
-        except Exception as exc:  # noqa: BLE001 - filtered by _is_transient
-            if attempt == policy.attempts or not _is_transient(exc):
-                raise
-            log.warning("%s failed (%s), retry %d/%d in %.1fs", what, exc, attempt, policy.attempts - 1, delay)
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, policy.max_delay_s)
-    raise AssertionError("unreachable")
+    """Run an idempotent storage ``call``, retrying transient errors with backoff."""
+    return retrying(call, what, policy, transient=_is_transient)
 
 
 def is_gcs(uri: str) -> bool:
@@ -132,6 +112,20 @@ class Store:
             return retry(blob.download_as_bytes, f"read {self.root}/{rel}", self.retry_policy)
         return (self._path / rel).read_bytes()
 
+    def read_if_exists(self, rel: str) -> bytes | None:
+        """The file at ``rel``, or None where there is none."""
+        if is_gcs(self.root):
+            from google.api_core.exceptions import NotFound
+
+            try:
+                return self.read(rel)
+            except NotFound:
+                return None
+        try:
+            return self.read(rel)
+        except FileNotFoundError:
+            return None
+
     def write(self, rel: str, data: bytes, *, overwrite: bool = True) -> None:
         """Write ``data`` at ``rel``; with ``overwrite=False`` an existing file is an error."""
         if is_gcs(self.root):
@@ -156,13 +150,6 @@ def download_tree(uri: str, dest: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(store.read(rel))
     return dest
-
-
-def upload_tree(src: Path, uri: str) -> None:
-    """Copy every file under local ``src`` to ``uri``."""
-    store = Store(uri)
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
-        store.write(path.relative_to(src).as_posix(), path.read_bytes())
 
 
 def fetch_file(uri: str, dest_dir: Path) -> Path:

@@ -13,10 +13,8 @@ Conflict where the change can be re-made (merge patches; read-modify-write cycle
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -25,28 +23,38 @@ from urllib.parse import quote
 import requests
 
 from defectkit.delivery import manifest
-from defectkit.delivery.prometheus import PodLabels, PrometheusClient, Variant, VariantStats, variant_stats
-from defectkit.storage import RetryPolicy
+from defectkit.delivery.backend import (
+    CANARY,
+    EMPTY,
+    PROBE_BATCH,
+    SCORE_OUTPUT,
+    STABLE,
+    VariantMetrics,
+    infer_request,
+    validate_percent,
+)
+from defectkit.delivery.prometheus import PodLabels, PrometheusClient, Variant, variant_metrics
+from defectkit.retry import TRANSIENT_HTTP_STATUS, RetryableResponse, RetryPolicy, retry, retry_after_s
 
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
-_TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 _PROBE_TRANSIENT_STATUS = frozenset({502, 503, 504})
 
 
 class KubeApiError(RuntimeError):
     """The Kubernetes API refused a request; ``status`` and ``reason`` come from its Status object."""
 
-    def __init__(self, status: int, reason: str, message: str, what: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, what: str, retry_after_s: float = 0.0) -> None:
         self.status = status
         self.reason = reason
         self.api_message = message
+        self.retry_after_s = retry_after_s
         hint = {
             401: " Check the bearer token (or kubeconfig credentials).",
             403: " Grant the caller get, create and patch on inferenceservices.serving.kserve.io in this namespace.",
             404: " Create the InferenceService first (KServeBackend.ensure_exists, or "
-                 "`defectkit deploy --backend kserve --dry-run ... | kubectl apply -f -`).",
+                 "`defectkit rollout manifest ... | kubectl apply -f -`).",
         }.get(status, "")
         super().__init__(f"{what}: HTTP {status} {reason}: {message}.{hint}")
 
@@ -182,41 +190,32 @@ class KubeApi:
     ) -> dict[str, Any]:
         """The decoded JSON answer of ``method path``; a refusal raises KubeApiError."""
         what = f"{method} {path}"
-        retry_status = _TRANSIENT_STATUS | ({409} if retry_conflict else set())
+        retry_status = TRANSIENT_HTTP_STATUS | ({409} if retry_conflict else set())
         data = None if body is None else json.dumps(body).encode()
-        delay = self.retry_policy.initial_delay_s
-        for attempt in range(1, self.retry_policy.attempts + 1):
+
+        def send() -> dict[str, Any]:
             headers = {"Accept": "application/json"}
             if data is not None:
                 headers["Content-Type"] = content_type
             authorization = self._authorization()
             if authorization:
                 headers["Authorization"] = authorization
-            try:
-                response = self._session.request(
-                    method, self.api_url + path, data=data, headers=headers, params=params, timeout=self.timeout_s
-                )
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                if attempt == self.retry_policy.attempts:
-                    raise
-                problem, wait = str(exc), delay
-            else:
-                for warning in response.headers.get("Warning", "").split(", "):
-                    if warning:
-                        log.warning("Kubernetes API warning on %s: %s", what, warning)
-                if response.ok:
-                    return response.json()
-                error = self._error(response, what)
-                if response.status_code not in retry_status or attempt == self.retry_policy.attempts:
-                    raise error
-                problem = f"HTTP {response.status_code} {error.reason}"
-                retry_after = response.headers.get("Retry-After", "")
-                wait = max(delay, float(retry_after)) if retry_after.isdigit() else delay
-            log.warning("%s failed (%s), retry %d/%d in %.1fs",
-                        what, problem, attempt, self.retry_policy.attempts - 1, wait)
-            time.sleep(wait * (0.5 + random.random()))
-            delay = min(delay * 2, self.retry_policy.max_delay_s)
-        raise AssertionError("unreachable")
+            response = self._session.request(
+                method, self.api_url + path, data=data, headers=headers, params=params, timeout=self.timeout_s
+            )
+            for warning in response.headers.get("Warning", "").split(", "):
+                if warning:
+                    log.warning("Kubernetes API warning on %s: %s", what, warning)
+            if response.ok:
+                return response.json()
+            raise self._error(response, what)
+
+        def transient(exc: BaseException) -> bool:
+            if isinstance(exc, KubeApiError):
+                return exc.status in retry_status
+            return isinstance(exc, (requests.ConnectionError, requests.Timeout))
+
+        return retry(send, what, self.retry_policy, transient=transient)
 
     @staticmethod
     def _error(response: requests.Response, what: str) -> KubeApiError:
@@ -231,28 +230,15 @@ class KubeApi:
             status.get("reason") or response.reason or "",
             status.get("message") or response.text[:300],
             what,
+            retry_after_s(response.headers),
         )
-
-
-def _infer_request(images: list[bytes]) -> dict[str, Any]:
-    """An Open Inference Protocol v2 REST request carrying encoded images as base64 BYTES elements.
-
-    JSON BYTES elements are strings, so raw image bytes travel base64-encoded. The binary
-    tensor extension is no way round it: KServe 0.21's REST server re-encodes binary BYTES
-    inputs as UTF-8 text and answers 500 for any image that is not valid UTF-8.
-    """
-    return {
-        "inputs": [{"name": "image", "shape": [len(images)], "datatype": "BYTES",
-                    "data": [base64.b64encode(image).decode("ascii") for image in images]}],
-        "outputs": [{"name": "score"}],
-    }
 
 
 def _scores(body: Mapping[str, Any]) -> list[float]:
     for output in body.get("outputs") or []:
-        if output.get("name") == "score":
+        if output.get("name") == SCORE_OUTPUT:
             return [float(x) for x in output["data"]]
-    raise ValueError(f"the inference response has no 'score' output: {json.dumps(body)[:300]}")
+    raise ValueError(f"the inference response has no {SCORE_OUTPUT!r} output: {json.dumps(body)[:300]}")
 
 
 class KServeBackend:
@@ -276,7 +262,7 @@ class KServeBackend:
         model_name: str = "defectkit",
         probe_url: str | None = None,
         probe_headers: Mapping[str, str] | None = None,
-        probe_batch: int = 16,
+        probe_batch: int = PROBE_BATCH,
         pod_labels: PodLabels = PodLabels(),
         traffic_timeout_s: float = 300.0,
         ready_timeout_s: float = 900.0,
@@ -389,7 +375,7 @@ class KServeBackend:
         At 100 KServe records the candidate as the rolled-out revision, after which
         canaryTrafficPercent can no longer send traffic back: use promote() to finish.
         """
-        manifest.validate_percent(canary_percent)
+        validate_percent(canary_percent)
         patched = self._patch(manifest.patch_for_traffic(canary_percent))
         self._wait_for_candidate(patched, canary_percent)
 
@@ -454,17 +440,16 @@ class KServeBackend:
             time.sleep(self.poll_interval_s)
             service = self.get()
 
-    def metrics(self, window_s: float) -> dict[str, VariantStats]:
+    def metrics(self, window_s: float) -> dict[str, VariantMetrics]:
         """Requests, 5xx errors, latency quantiles and a score sample per variant ("stable", "canary")
         from Prometheus over the last ``window_s``; a variant with no revision in the status gets zeros."""
         split = read_traffic(self.get())
         result = {}
-        for variant, revision in (("stable", split.stable_revision), ("canary", split.candidate_revision)):
+        for variant, revision in ((STABLE, split.stable_revision), (CANARY, split.candidate_revision)):
             if revision is None:
-                result[variant] = VariantStats(requests=0.0, errors=0.0, p50_latency_s=None, p99_latency_s=None,
-                                               scores=())
+                result[variant] = EMPTY
             else:
-                result[variant] = variant_stats(
+                result[variant] = variant_metrics(
                     self.prometheus, Variant(self.namespace, self.name, revision, self.pod_labels), window_s
                 )
         return result
@@ -488,28 +473,27 @@ class KServeBackend:
         scores: list[float] = []
         for start in range(0, len(images), self.probe_batch):
             batch = images[start: start + self.probe_batch]
-            batch_scores = _scores(self._post_probe(url, _infer_request(batch)))
+            batch_scores = _scores(self._post_probe(url, infer_request(batch, (SCORE_OUTPUT,))))
             if len(batch_scores) != len(batch):
                 raise ValueError(f"{url} returned {len(batch_scores)} scores for {len(batch)} images")
             scores += batch_scores
         return scores
 
     def _post_probe(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
-        policy = self.api.retry_policy
-        delay = policy.initial_delay_s
-        for attempt in range(1, policy.attempts + 1):
-            try:
-                response = self._probe_session.post(url, json=body, headers=self.probe_headers, timeout=60)
-            except (requests.ConnectionError, requests.Timeout):
-                if attempt == policy.attempts:
-                    raise
-            else:
-                # Scale-from-zero and revision warm-up answer 502-504 for a while; anything else is final.
-                if response.status_code not in _PROBE_TRANSIENT_STATUS or attempt == policy.attempts:
-                    if not response.ok:
-                        raise ValueError(f"probe {url} failed: HTTP {response.status_code}: {response.text[:300]}")
-                    return response.json()
-            log.warning("probe %s failed, retry %d/%d in %.1fs", url, attempt, policy.attempts - 1, delay)
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, policy.max_delay_s)
-        raise AssertionError("unreachable")
+        def post() -> dict[str, Any]:
+            response = self._probe_session.post(url, json=body, headers=self.probe_headers, timeout=60)
+            # Scale-from-zero and revision warm-up answer 502-504 for a while; anything else is final.
+            if response.status_code in _PROBE_TRANSIENT_STATUS:
+                raise RetryableResponse(response, response.status_code, response.headers)
+            if not response.ok:
+                raise ValueError(f"probe {url} failed: HTTP {response.status_code}: {response.text[:300]}")
+            return response.json()
+
+        def transient(exc: BaseException) -> bool:
+            return isinstance(exc, (RetryableResponse, requests.ConnectionError, requests.Timeout))
+
+        try:
+            return retry(post, f"probe {url}", self.api.retry_policy, transient=transient)
+        except RetryableResponse as exc:
+            raise ValueError(f"probe {url} failed: HTTP {exc.response.status_code}: "
+                             f"{exc.response.text[:300]}") from None

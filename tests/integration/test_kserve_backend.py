@@ -11,7 +11,7 @@ import yaml
 from defectkit.delivery import prometheus as prom
 from defectkit.delivery.kserve import KServeBackend, KubeApi, KubeApiError, RolloutTimeout, read_traffic
 from defectkit.delivery.manifest import ServiceConfig, patch_for_canary
-from defectkit.storage import RetryPolicy
+from defectkit.retry import RetryPolicy
 from tests.crd import assert_valid
 from tests.kube_api import KubeApiStandIn
 from tests.servers import free_port, start_server
@@ -277,7 +277,7 @@ def test_promql_selects_the_revision_pods():
     )
     assert prom.latency_quantile_query(variant, 30.4, 0.99).startswith(
         "histogram_quantile(0.99, sum by (le) (rate(defectkit_request_latency_seconds_bucket{")
-    assert 'status=~"5.."' in prom.error_rate_query(variant, 60)
+    assert 'status=~"5.."' in prom.error_count_query(variant, 60)
     assert prom.Variant("ml", 'a"b', "r").selector().count('\\"') == 1
     with pytest.raises(ValueError, match="window"):
         prom.request_count_query(variant, 0)

@@ -11,7 +11,7 @@ from defectkit.delivery.controller import Controller
 from defectkit.delivery.kserve import KServeBackend, KubeApi, read_traffic
 from defectkit.delivery.manifest import ServiceConfig
 from defectkit.delivery.state import PROMOTED, ROLLED_BACK
-from defectkit.storage import RetryPolicy
+from defectkit.retry import RetryPolicy
 from tests.kube_api import KubeApiStandIn
 from tests.stand_ins import JsonServer, ManualClock
 
