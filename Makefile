@@ -21,12 +21,12 @@ run: $(STAMP)
 # Ships a deliberately broken candidate against the champion of `make run`.
 demo-rollback: $(STAMP)
 	test -f $(WORK)/mlflow.db || $(PY) -m defectkit demo --work $(WORK)
-	$(PY) -m defectkit demo-rollback --work $(WORK)
+	$(PY) -m defectkit demo rollback --work $(WORK)
 
 # Serves the champion, sends it brighter images, detects the drift, retrains and canaries the result.
 demo-drift: $(STAMP)
 	test -f $(WORK)/mlflow.db || $(PY) -m defectkit demo --work $(WORK)
-	$(PY) -m defectkit demo-drift --work $(WORK)
+	$(PY) -m defectkit demo drift --work $(WORK)
 
 test: $(STAMP)
 	mkdir -p $(WORK)/tmp

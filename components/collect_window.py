@@ -31,19 +31,17 @@ def collect_window(
         until: End of the window (UNIX seconds).
     """
     import logging
-    import shutil
     import tempfile
     import time
     from pathlib import Path
 
     from defectkit import models, registry, sampling
+    from defectkit.reference import copy_model_reference
 
     logging.basicConfig(level=logging.INFO, force=True)
     end = until or time.time()
     model_dir = registry.fetch_model(model_uri, Path(tempfile.mkdtemp()) / "model", tracking_uri=tracking_uri)
-    if not (model_dir / "reference").is_dir():
-        raise ValueError(f"{model_uri} has no reference/ (drift reference); evaluate it with this version of defectkit")
-    shutil.copytree(model_dir / "reference", reference.path, dirs_exist_ok=True)
+    copy_model_reference(model_dir, Path(reference.path), name=model_uri)
     window = sampling.window_to_dataset(sample_uri, end - window_s, end, Path(current.path),
                                         model=models.load_model(model_dir, "cpu"))
     outputs = NamedTuple("CollectWindowOutputs", [("new_images", int), ("since", float), ("until", float)])

@@ -58,6 +58,7 @@ def decide_retraining(
     from pathlib import Path
 
     from defectkit import monitor
+    from defectkit_kfp.pipelines.run import retraining_starter
 
     logging.basicConfig(level=logging.INFO, force=True)
     policy = monitor.MonitorPolicy(min_new_images=min_new_images, cooldown_s=cooldown_s, window_s=until - since)
@@ -73,8 +74,8 @@ def decide_retraining(
         retraining_data_uri=retraining_data_uri,
         training_arguments=json.loads(training_arguments),
         defect_class=defect_class or None,
-        kfp_host=kfp_host,
-        local_work_dir=Path(local_work_dir) if local_work_dir else None,
+        start_run=retraining_starter(kfp_host=kfp_host,
+                                     local_work_dir=Path(local_work_dir) if local_work_dir else None),
         validation_problems=validation_problems,
     )
     Path(record.path).write_text(json.dumps(entry, indent=1))

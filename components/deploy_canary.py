@@ -6,6 +6,8 @@ from kfp.dsl import Artifact, Input, Markdown, Metrics, Model, Output
 from defectkit_kfp.components.images import DEPLOY_IMAGE
 
 
+# The policy defaults are CanaryPolicy's (defectkit.delivery.analysis); they are literals here because KFP
+# embeds this function's source in the compiled YAML. tests/cli/test_policy_defaults.py keeps them equal.
 @dsl.component(base_image=DEPLOY_IMAGE, install_kfp_package=False)
 def deploy_canary(
     model: Input[Model],
@@ -15,15 +17,19 @@ def deploy_canary(
     decision_record_json: Output[Artifact],
     metrics: Output[Metrics],
     golden: Optional[Input[Artifact]] = None,
-    model_name: str = "defectkit",
+    registered_model: str = "defectkit",
     backend: str = "local",
     steps: str = "10,25,50,100",
     interval_s: float = 30.0,
     failure_threshold: int = 2,
     max_error_rate: float = 0.01,
     max_p99_latency_s: float = 0.5,
+    max_p99_ratio: float = 0.0,
     max_score_shift: float = 0.2,
+    alpha: float = 0.01,
     min_requests: int = 50,
+    probe_tolerance: float = 0.0001,
+    max_inconclusive: int = 10,
     work_dir: str = "runs",
     namespace: str = "default",
     service_name: str = "defectkit",
@@ -44,15 +50,19 @@ def deploy_canary(
         tracking_uri: MLflow tracking URI of the registry: a tracking server (http://...) or sqlite:///<dir>/mlflow.db.
         model_version: Registry version of the model (register_model's version output).
         golden: Golden set (golden.json and images: test images with their offline scores); the candidate must reproduce the scores before it gets traffic. Without it the probe is skipped.
-        model_name: Registered model name in MLflow.
+        registered_model: Registered model name in MLflow.
         backend: local (model servers on 127.0.0.1 behind a weighted router, in work_dir) or kserve (an InferenceService).
         steps: Comma-separated canary traffic percents held in turn; a final 100 is the promotion itself.
         interval_s: Seconds each step is held before its metrics are analysed.
         failure_threshold: Failed analyses that roll the candidate back.
         max_error_rate: Highest accepted share of 5xx answers from the candidate.
-        max_p99_latency_s: Highest accepted p99 latency of the candidate, in seconds.
-        max_score_shift: Highest accepted Kolmogorov-Smirnov statistic between candidate and stable defect scores (counted only when significant at alpha 0.01).
+        max_p99_latency_s: Highest accepted p99 latency of the candidate, in seconds; 0 turns this check off (then max_p99_ratio must be set).
+        max_p99_ratio: Highest accepted ratio of candidate p99 latency to stable p99 latency in the same window; 0 turns this check off.
+        max_score_shift: Highest accepted Kolmogorov-Smirnov statistic between candidate and stable defect scores (counted only when significant at alpha).
+        alpha: Significance level of the Kolmogorov-Smirnov test on the score distributions.
         min_requests: Candidate requests a window needs to be judged; fewer make it inconclusive.
+        probe_tolerance: Largest accepted difference between a golden image's served score and its offline score.
+        max_inconclusive: Inconclusive windows in a row (too little traffic to judge) that roll the candidate back.
         work_dir: Directory holding the local serving stack and the delivery state; it must outlive this step for a crashed delivery to be resumed or restored (a volume or /gcs/ mount on a cluster).
         namespace: Kubernetes namespace of the InferenceService (kserve backend).
         service_name: InferenceService name (kserve backend).
@@ -64,34 +74,20 @@ def deploy_canary(
     import logging
     from pathlib import Path
 
-    from defectkit.delivery import controller, record
-    from defectkit.delivery.analysis import CanaryPolicy, parse_steps
+    from defectkit.delivery import record, rollout
 
     logging.basicConfig(level=logging.INFO, force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    if backend == "kserve":
-        candidate = storage_uri or model.uri
-    else:
-        # The registry copy outlives this run's artifacts, so the stack can restart its servers from it.
-        candidate = f"models:/{model_name}/{model_version}"
-    config = controller.DeliveryConfig(
-        model=candidate,
-        backend=backend,
-        version=model_version,
-        policy=CanaryPolicy(steps=parse_steps(steps), interval_s=interval_s,
-                            failure_threshold=failure_threshold, max_error_rate=max_error_rate,
-                            max_p99_latency_s=max_p99_latency_s, max_score_shift=max_score_shift,
-                            min_requests=min_requests),
-        work_dir=work_dir,
-        golden_dir=golden.path if golden is not None else None,
-        tracking_uri=tracking_uri,
-        registered_model=model_name,
-        namespace=namespace,
-        service_name=service_name,
-        prometheus_url=prometheus_url or None,
-        api_url=kube_api_url or None,
-    )
-    state = controller.deliver(config)
+    policy = rollout.policy_from_parameters(
+        steps=steps, interval_s=interval_s, failure_threshold=failure_threshold, max_error_rate=max_error_rate,
+        max_p99_latency_s=max_p99_latency_s, max_p99_ratio=max_p99_ratio, max_score_shift=max_score_shift,
+        alpha=alpha, min_requests=min_requests, probe_tolerance=probe_tolerance, max_inconclusive=max_inconclusive)
+    config = rollout.DeliveryConfig.for_registered_version(
+        registered_model, model_version, artifact_uri=model.uri, storage_uri=storage_uri, backend=backend,
+        policy=policy, work_dir=work_dir, golden_dir=golden.path if golden is not None else None,
+        tracking_uri=tracking_uri, namespace=namespace, service_name=service_name,
+        prometheus_url=prometheus_url or None, api_url=kube_api_url or None)
+    state = rollout.deliver(config)
     built = record.build_record(state)
     Path(decision_record.path).write_text(record.render_markdown(built))
     Path(decision_record_json.path).write_text(json.dumps(built, indent=2))

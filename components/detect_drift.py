@@ -46,12 +46,7 @@ def detect_drift(
     result = drift.detect_artifact_drift(Path(reference.path), Path(current.path), thresholds, Path(report.path))
     Path(scores.path).write_text(json.dumps(result.to_json(), indent=1))
     Path(summary.path).write_text(result.to_markdown())
-    verdict = result.features.result
-    metrics.log_metric("drifted_features", len(verdict.drifted_columns))
-    metrics.log_metric("features", len(verdict.columns))
-    metrics.log_metric("max_psi", max(c.psi for c in verdict.columns))
-    metrics.log_metric("current_rows", verdict.n_current)
-    if result.embeddings is not None:
-        metrics.log_metric("drifted_embedding_dimensions", len(result.embeddings.drifted_columns))
+    for name, value in result.metrics().items():
+        metrics.log_metric(name, value)
     outputs = NamedTuple("DetectDriftOutputs", [("drifted", bool), ("drifted_features", str)])
     return outputs(result.drifted, json.dumps(list(result.drifted_features)))

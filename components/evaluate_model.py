@@ -47,36 +47,25 @@ def evaluate_model(
     """
     import json
     import logging
-    import shutil
-    import tempfile
     from pathlib import Path
 
     from defectkit import evaluation
-    from defectkit.golden import build_golden
 
     logging.basicConfig(level=logging.INFO, force=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        result = evaluation.evaluate(
-            Path(model.path),
-            Path(preprocessed.path),
-            Path(scratch) / "out",
-            policy=evaluation.ThresholdPolicy(kind=threshold_policy, target_fpr=target_fpr),
-            gates=evaluation.Gates(
-                min_auroc=min_auroc,
-                min_recall=min_recall,
-                max_fpr=max_fpr,
-                max_auroc_drop=max_auroc_drop,
-                max_f1_drop=max_f1_drop,
-            ),
-            champion_dir=Path(champion.path) if (Path(champion.path) / "model.json").is_file() else None,
-            dataset_dir=Path(dataset.path),
-            device=device,
-        )
-        shutil.copytree(Path(scratch) / "out" / "model", judged_model.path)
-        # Scores a served candidate must reproduce before it gets traffic.
-        build_golden(Path(dataset.path), Path(judged_model.path), Path(golden.path), device=device)
-        shutil.copyfile(Path(scratch) / "out" / "metrics.json", verdict.path)
-        shutil.copyfile(Path(scratch) / "out" / "report.md", report.path)
+    result = evaluation.judge(
+        Path(model.path),
+        Path(preprocessed.path),
+        Path(dataset.path),
+        Path(champion.path),
+        judged_model_dir=Path(judged_model.path),
+        golden_dir=Path(golden.path),
+        metrics_path=Path(verdict.path),
+        report_path=Path(report.path),
+        policy=evaluation.ThresholdPolicy(kind=threshold_policy, target_fpr=target_fpr),
+        gates=evaluation.Gates(min_auroc=min_auroc, min_recall=min_recall, max_fpr=max_fpr,
+                               max_auroc_drop=max_auroc_drop, max_f1_drop=max_f1_drop),
+        device=device,
+    )
     for name, value in result.metrics.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(name, value)

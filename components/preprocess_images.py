@@ -25,23 +25,19 @@ def preprocess_images(
         The dataset fingerprint, passed through for downstream cache keys.
     """
     import logging
-    import time
     from pathlib import Path
 
     from defectkit import preprocess
 
     logging.basicConfig(level=logging.INFO, force=True)
-    started = time.perf_counter()
-    preprocess.preprocess_dataset(
-        Path(dataset.path), Path(preprocessed.path), preprocess.PreprocessSpec(image_size=image_size), workers=workers or None
+    result = preprocess.preprocess_dataset(
+        Path(dataset.path),
+        Path(preprocessed.path),
+        preprocess.PreprocessSpec(image_size=image_size),
+        workers=workers or None,
+        expected_fingerprint=dataset_fingerprint,
     )
-    info = preprocess.read_info(Path(preprocessed.path))
-    if info["dataset_fingerprint"] != dataset_fingerprint:
-        raise ValueError(
-            f"dataset fingerprint {info['dataset_fingerprint']} does not match the expected {dataset_fingerprint}"
-        )
-    images = sum(info["counts"].values())
-    metrics.log_metric("images", images)
-    metrics.log_metric("images_per_second", images / (time.perf_counter() - started))
+    metrics.log_metric("images", sum(result.counts.values()))
+    metrics.log_metric("images_per_second", result.images_per_s)
     preprocessed.metadata.update({"fingerprint": dataset_fingerprint, "image_size": image_size})
     return dataset_fingerprint

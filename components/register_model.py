@@ -11,7 +11,7 @@ def register_model(
     model: Input[Model],
     tracking_uri: str,
     registered: Output[Artifact],
-    model_name: str = "defectkit",
+    registered_model: str = "defectkit",
     dataset_fingerprint: str = "",
     kfp_run_id: str = "",
 ) -> NamedTuple("RegisterOutputs", [("version", str), ("model_uri", str)]):
@@ -23,7 +23,7 @@ def register_model(
     Args:
         model: Judged model from evaluate_model (model.safetensors and model.json, threshold set).
         tracking_uri: MLflow tracking URI: a tracking server (http://...) or sqlite:///<dir>/mlflow.db.
-        model_name: Registered model name in MLflow.
+        registered_model: Registered model name in MLflow.
         dataset_fingerprint: Fingerprint of the training dataset; must agree with model.json.
         kfp_run_id: The KFP run that produced the model (pass dsl.PIPELINE_JOB_ID_PLACEHOLDER); tagged for lineage.
     """
@@ -39,7 +39,7 @@ def register_model(
         registry.DATASET_FINGERPRINT: dataset_fingerprint,
         "kfp_model_uri": model.uri,
     }
-    config = registry.RegistryConfig.for_uri(tracking_uri, model_name=model_name)
+    config = registry.RegistryConfig.for_uri(tracking_uri, model_name=registered_model)
     ref = registry.register(config, Path(model.path), tags=tags)
     record = {"name": ref.name, "version": ref.version, "model_uri": ref.uri, "run_id": ref.run_id,
               "source": ref.source}

@@ -11,7 +11,7 @@ def resolve_champion(
     champion: Output[Model],
     champion_uri: str = "",
     tracking_uri: str = "",
-    model_name: str = "defectkit",
+    registered_model: str = "defectkit",
 ) -> NamedTuple("ChampionOutputs", [("found", bool), ("source", str)]):
     """Fetch the model the candidate is judged against, with its weights verified.
 
@@ -22,7 +22,7 @@ def resolve_champion(
     Args:
         champion_uri: Explicit champion: models:/<name>@<alias>, models:/<name>/<version>, a local path or a gs:// URI. Empty uses the registry's champion alias.
         tracking_uri: MLflow tracking URI of the registry; empty (and no champion_uri) means no champion.
-        model_name: Registered model name in MLflow.
+        registered_model: Registered model name in MLflow.
     """
     import logging
     from pathlib import Path
@@ -32,7 +32,7 @@ def resolve_champion(
     logging.basicConfig(level=logging.INFO, force=True)
     Path(champion.path).mkdir(parents=True, exist_ok=True)
     source = registry.fetch_champion(
-        Path(champion.path), champion_uri=champion_uri, tracking_uri=tracking_uri, model_name=model_name
+        Path(champion.path), champion_uri=champion_uri, tracking_uri=tracking_uri, model_name=registered_model
     )
     champion.metadata.update({"found": source is not None, "source": source or ""})
     outputs = NamedTuple("ChampionOutputs", [("found", bool), ("source", str)])

@@ -6,7 +6,7 @@ from defectkit_kfp.components.images import DEPLOY_IMAGE
 @dsl.component(base_image=DEPLOY_IMAGE, install_kfp_package=False)
 def restore_traffic(
     tracking_uri: str = "",
-    model_name: str = "defectkit",
+    registered_model: str = "defectkit",
     backend: str = "local",
     work_dir: str = "runs",
     namespace: str = "default",
@@ -24,7 +24,7 @@ def restore_traffic(
 
     Args:
         tracking_uri: MLflow tracking URI of the registry; empty skips the registry tag and record.
-        model_name: Registered model name in MLflow.
+        registered_model: Registered model name in MLflow.
         backend: local or kserve, as given to deploy_canary.
         work_dir: The work directory given to deploy_canary (where the delivery state lives).
         namespace: Kubernetes namespace of the InferenceService (kserve backend).
@@ -34,17 +34,17 @@ def restore_traffic(
     """
     import logging
 
-    from defectkit.delivery import controller
+    from defectkit.delivery import rollout
 
     logging.basicConfig(level=logging.INFO, force=True)
-    config = controller.DeliveryConfig(
+    config = rollout.DeliveryConfig(
         backend=backend,
         work_dir=work_dir,
         tracking_uri=tracking_uri or None,
-        registered_model=model_name,
+        registered_model=registered_model,
         namespace=namespace,
         service_name=service_name,
         prometheus_url=prometheus_url or None,
         api_url=kube_api_url or None,
     )
-    return controller.restore(config, reason="the pipeline run ended before the delivery finished")
+    return rollout.restore(config, reason="the pipeline run ended before the delivery finished")

@@ -38,26 +38,23 @@ def train_model(
         pretrained_weights_uri: Optional state dict (.safetensors or .pth) at a local path or gs:// URI; never downloaded from the internet.
     """
     import logging
-    import tempfile
     from pathlib import Path
 
-    from defectkit import storage, train
+    from defectkit import train
 
     logging.basicConfig(level=logging.INFO, force=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        weights = storage.fetch_file(pretrained_weights_uri, Path(scratch)) if pretrained_weights_uri else None
-        config = train.TrainConfig(
-            architecture=architecture,
-            epochs=epochs,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            patience=patience,
-            seed=seed,
-            device=device,
-            compile=compile_model,
-            pretrained_weights=str(weights or ""),
-        )
-        result = train.train(Path(preprocessed.path), Path(model.path), config)
+    config = train.TrainConfig(
+        architecture=architecture,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        patience=patience,
+        seed=seed,
+        device=device,
+        compile=compile_model,
+        pretrained_weights=pretrained_weights_uri,
+    )
+    result = train.train(Path(preprocessed.path), Path(model.path), config)
     for epoch in result.history:
         metrics.log_metric(f"val_auroc_epoch_{epoch['epoch']}", epoch["val_auroc"])
     metrics.log_metric("best_val_auroc", result.best_val_auroc)

@@ -46,7 +46,10 @@ import numpy as np
 if TYPE_CHECKING:
     import pandas as pd
 
+from defectkit.preprocess import FEATURES_FILE
+from defectkit.reference import EMBEDDINGS_FILE as REFERENCE_EMBEDDINGS_FILE
 from defectkit.reference import _KNOT_SPACING, Reference, _bin_proportions, _require_finite, _transposed
+from defectkit.sampling import EMBEDDINGS_FILE as CURRENT_EMBEDDINGS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +57,6 @@ CORRECTIONS = ("bh", "bonferroni", "none")
 _CORRECTION_NAMES = {"bh": "Benjamini-Hochberg corrected", "bonferroni": "Bonferroni corrected", "none": "uncorrected"}
 # Empty PSI bins get this share instead of 0, so that the log ratio stays finite (the value evidently uses).
 PSI_EPSILON = 1e-4
-FEATURES_FILE = "features.csv"
-REFERENCE_EMBEDDINGS_FILE = "embeddings.npz"
-CURRENT_EMBEDDINGS_FILE = "embeddings.npy"
 
 # KS search: the ECDF gap is first bounded at every _STRIDE-th sorted current value, with the
 # reference counted only to within _KNOT_SPACING values; only what can beat the best gap is then
@@ -573,6 +573,15 @@ class ArtifactDrift:
             "embeddings": self.embeddings.to_json() if self.embeddings is not None else None,
             "notes": list(self.notes),
         }
+
+    def metrics(self) -> dict[str, float]:
+        """The figures a pipeline shows for this check (KFP Metrics)."""
+        verdict = self.features.result
+        figures = {"drifted_features": float(len(verdict.drifted_columns)), "features": float(len(verdict.columns)),
+                   "max_psi": max(c.psi for c in verdict.columns), "current_rows": float(verdict.n_current)}
+        if self.embeddings is not None:
+            figures["drifted_embedding_dimensions"] = float(len(self.embeddings.drifted_columns))
+        return figures
 
     def to_markdown(self) -> str:
         parts = [f"# Drift check: {'DRIFTED' if self.drifted else 'no drift'}\n",

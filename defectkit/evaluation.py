@@ -16,14 +16,16 @@ import json
 import logging
 import math
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from defectkit import models, preprocess
+from defectkit import models, preprocess, reference
+from defectkit.data import GOOD, Manifest
+from defectkit.golden import write_golden
 from defectkit.reference import Reference, embedding_names
-from defectkit.data import GOOD
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +34,6 @@ MAX_ROC_POINTS = 200
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 MODEL_SUBDIR = "model"
-# Inside the judged model: the layout defectkit.drift.detect_artifact_drift reads as its reference.
-REFERENCE_SUBDIR = "reference"
-REFERENCE_FEATURES_FILE = "features.csv"
-REFERENCE_EMBEDDINGS_FILE = "embeddings.npz"
 REFERENCE_MAX_ROWS = 20000
 
 
@@ -376,7 +374,7 @@ def evaluate(model_dir: Path, preprocessed_dir: Path, out_dir: Path, *, policy: 
     out_dir.mkdir(parents=True, exist_ok=True)
     judged_model_dir = _write_judged_model(model_dir, candidate.metadata, metrics, policy, out_dir / MODEL_SUBDIR)
     train = preprocess.load_split(preprocessed_dir, "train")
-    write_reference(judged_model_dir / REFERENCE_SUBDIR, preprocessed_dir,
+    write_reference(judged_model_dir / reference.MODEL_DIR, preprocessed_dir,
                     candidate.embeddings(_images_for(candidate, train, shard_spec, dataset_dir, model_dir)))
     record = {**metrics, "approved": blessing.approved, "reasons": list(blessing.reasons),
               "champion": champion_metrics, "confusion_matrix": confusion, "gates": asdict(gates)}
@@ -384,6 +382,32 @@ def evaluate(model_dir: Path, preprocessed_dir: Path, out_dir: Path, *, policy: 
     (out_dir / REPORT_FILE).write_text(render_report(metrics, champion_metrics, blessing, confusion))
     return Evaluation(metrics, champion_metrics, blessing, confusion, _downsampled_roc(test.labels, test_scores),
                       test_scores, judged_model_dir)
+
+
+def champion_in(champion_dir: Path) -> Path | None:
+    """The champion model in ``champion_dir``, or None where it holds none (the first run: absolute gates only)."""
+    return Path(champion_dir) if (Path(champion_dir) / models.METADATA_FILE).is_file() else None
+
+
+def judge(model_dir: Path, preprocessed_dir: Path, dataset_dir: Path, champion_dir: Path, *, judged_model_dir: Path,
+          golden_dir: Path, metrics_path: Path, report_path: Path, policy: ThresholdPolicy = ThresholdPolicy(),
+          gates: Gates = Gates(), device: str = "auto") -> Evaluation:
+    """:func:`evaluate` the candidate against the champion in ``champion_dir`` (if it holds one) and write
+    everything delivery needs where it is asked for (e.g. a KFP task's outputs).
+
+    ``judged_model_dir`` gets the judged model, ``golden_dir`` its golden set (the scores
+    a served candidate must reproduce before it gets traffic: see :mod:`defectkit.golden`),
+    ``metrics_path`` and ``report_path`` the metrics JSON and the Markdown report.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch)
+        result = evaluate(model_dir, preprocessed_dir, out, policy=policy, gates=gates,
+                          champion_dir=champion_in(champion_dir), dataset_dir=dataset_dir, device=device)
+        shutil.copytree(result.model_dir, judged_model_dir)
+        shutil.copyfile(out / METRICS_FILE, metrics_path)
+        shutil.copyfile(out / REPORT_FILE, report_path)
+    build_golden(Path(dataset_dir), Path(judged_model_dir), Path(golden_dir), device=device)
+    return replace(result, model_dir=Path(judged_model_dir))
 
 
 _TEST_METRIC_KEYS = ("image_auroc", "precision", "recall", "f1", "accuracy", "fpr", "tp", "fp", "tn", "fn",
@@ -410,7 +434,7 @@ def write_reference(target: Path, preprocessed_dir: Path, train_embeddings: np.n
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     source = Path(preprocessed_dir) / preprocess.FEATURES_FILE
-    with source.open(newline="") as inp, (target / REFERENCE_FEATURES_FILE).open("w", newline="") as out:
+    with source.open(newline="") as inp, (target / preprocess.FEATURES_FILE).open("w", newline="") as out:
         rows = csv.DictReader(inp)
         writer = csv.DictWriter(out, rows.fieldnames)
         writer.writeheader()
@@ -426,7 +450,7 @@ def write_reference(target: Path, preprocessed_dir: Path, train_embeddings: np.n
                          f"both must come from the same preprocessed directory")
     embeddings = Reference.from_array(train_embeddings, embedding_names(train_embeddings.shape[1]),
                                       max_rows=REFERENCE_MAX_ROWS)
-    embeddings.save(target / REFERENCE_EMBEDDINGS_FILE)
+    embeddings.save(target / reference.EMBEDDINGS_FILE)
     log.info("drift reference: %d train images, %d embedding dimensions in %s", kept,
              train_embeddings.shape[1], target)
     return target
@@ -472,3 +496,26 @@ def render_report(metrics: dict, champion_metrics: dict | None, blessing: Blessi
               "| actual \\ predicted | good | defect |", "|---|---|---|",
               f"| {GOOD} | {tn} | {fp} |", f"| defect | {fn} | {tp} |", ""]
     return "\n".join(lines)
+
+
+def build_golden(dataset_dir: Path, model_dir: Path, out_dir: Path, *, count: int = 8, device: str = "cpu") -> Path:
+    """Copy ``count`` test images of the dataset artifact (good and defective alike) to ``out_dir`` with the
+    model's offline scores for them: the golden set a served candidate must reproduce."""
+    if count < 1:
+        raise ValueError(f"golden image count {count} must be at least 1")
+    dataset_dir = Path(dataset_dir)
+    entries = sorted(Manifest.read(dataset_dir).split("test"), key=lambda e: e.path)
+    if not entries:
+        raise ValueError(f"{dataset_dir} has no test images to take golden images from")
+    good = [e for e in entries if e.class_name == GOOD]
+    defects = [e for e in entries if e.class_name != GOOD]
+    # Both kinds, so that a candidate that calls everything good (or defective) is caught too.
+    chosen = [e for pair in zip(good, defects) for e in pair] + good[len(defects):] + defects[len(good):]
+    chosen = chosen[:count]
+    model = models.load_model(Path(model_dir), device)
+    files = [(dataset_dir / e.path).read_bytes() for e in chosen]
+    scores = model.scores(np.stack([preprocess.to_model_input(data, model.metadata.preprocess, name=e.path)
+                                    for data, e in zip(files, chosen)]))
+    return write_golden(out_dir, [(e.path, e.class_name, data, score)
+                                  for e, data, score in zip(chosen, files, scores.tolist())],
+                        model.metadata.weights_sha256)

@@ -1,4 +1,4 @@
-"""Drift-triggered retraining: the decision, its record, the data it retrains on, and starting the run.
+"""Drift-triggered retraining: the decision, its record, and the data it retrains on.
 
 **The decision** (:func:`decide`) is pure: retrain only when the production
 window passed validation, drifted, holds at least ``min_new_images`` new
@@ -18,8 +18,10 @@ champion, stays the same:
 A ``labeler`` (e.g. the result of a human review) overrides the model's
 label per sample; returning None leaves a sample out.
 
-GPU-safe at import (numpy-free even); kfp and the pipelines package are
-imported only by :func:`trigger` and :func:`create_recurring_run`.
+**Starting the run** is left to the caller (:func:`act` takes a
+:data:`RunStarter`): the monitor decides, the orchestration layer
+(``defectkit_kfp.pipelines.run``) knows how to start a training run on a
+cluster or on this machine.
 """
 
 from __future__ import annotations
@@ -34,17 +36,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from defectkit import decision_record as records
 from defectkit import storage
 from defectkit.data import GOOD
+from defectkit.decision_record import iso
 from defectkit.sampling import SAMPLES_FILE, Sample
 
 log = logging.getLogger(__name__)
 
 MARKER_FILE = "last_retrain.json"
-RECORD_JSON = "decision_record.json"
-RECORD_MD = "decision_record.md"
 PRODUCTION_PREFIX = "prod-"
 Labeler = Callable[[Sample], "str | None"]
+# Starts a training run with these pipeline arguments under this run name; returns its run id or location.
+RunStarter = Callable[[Mapping[str, Any], str], str]
 
 
 @dataclass(frozen=True)
@@ -105,15 +109,8 @@ def decide(drifted: bool, new_images: int, last_retrain_at: float | None, now: f
 
 def read_last_retrain(state_uri: str | Path) -> dict | None:
     """The marker written by :func:`write_last_retrain` under ``state_uri``, or None before the first retraining."""
-    store = storage.Store(str(state_uri))
-    try:
-        return json.loads(store.read(MARKER_FILE))
-    except FileNotFoundError:
-        return None
-    except Exception as exc:  # gs://: google.api_core.exceptions.NotFound, without importing it here
-        if type(exc).__name__ == "NotFound":
-            return None
-        raise
+    data = storage.Store(str(state_uri)).read_if_exists(MARKER_FILE)
+    return None if data is None else json.loads(data)
 
 
 def write_last_retrain(state_uri: str | Path, at: float, run: str) -> None:
@@ -127,9 +124,6 @@ def decision_record(*, window: tuple[float, float], drift: Mapping[str, Any], ne
                     last_retrain: dict | None, now: float, policy: MonitorPolicy, decision: Decision,
                     run: str | None = None, validation: str = "", retraining_data: str | None = None) -> dict:
     """Everything one monitor run saw and decided, as JSON-ready data."""
-    def iso(at: float) -> str:
-        return datetime.fromtimestamp(at, timezone.utc).isoformat()
-
     return {
         "format": "defectkit.monitor-decision/v1",
         "time": iso(now),
@@ -169,11 +163,8 @@ def render_record(record: Mapping[str, Any]) -> str:
 
 
 def write_record(record: Mapping[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RECORD_JSON).write_text(json.dumps(record, indent=1))
-    (out_dir / RECORD_MD).write_text(render_record(record))
-    return out_dir / RECORD_JSON, out_dir / RECORD_MD
+    """Write the record as JSON and Markdown into ``out_dir``; returns both paths."""
+    return records.write(record, render_record(record), out_dir)
 
 
 # --------------------------------------------------------------------------- retraining data
@@ -220,80 +211,35 @@ def merge_for_retraining(base_root: str | Path, window_dir: Path, out_root: str 
     return MergeResult(str(out_root), added, skipped)
 
 
-# --------------------------------------------------------------------------- starting runs
-
-
-def trigger(arguments: Mapping[str, Any], *, host: str = "", work_dir: Path | None = None,
-            package: Path | None = None, experiment: str = "defectkit", run_name: str | None = None,
-            namespace: str | None = None) -> str:
-    """Start the training pipeline: on the KFP cluster at ``host``, else locally (kfp.local) in ``work_dir``.
-
-    Returns the KFP run id, or the local run's pipeline root.
-    """
-    from defectkit_kfp.pipelines import run
-
-    package = Path(package) if package is not None else run.TRAINING_YAML
-    if host:
-        return run.submit(host, package, dict(arguments), experiment=experiment, run_name=run_name,
-                          namespace=namespace)
-    if work_dir is None:
-        raise ValueError("a local retraining run needs work_dir; give host to run on a KFP cluster instead")
-    # A process of its own: the monitor itself may be a kfp.local task, and kfp.local does not nest.
-    import os
-    import subprocess
-    import sys
-
-    Path(work_dir).mkdir(parents=True, exist_ok=True)
-    # A KFP task runs with _KFP_RUNTIME=true, under which kfp skips the imports a pipeline run needs.
-    env = {k: v for k, v in os.environ.items() if k != "_KFP_RUNTIME"}
-    subprocess.run([sys.executable, "-m", "defectkit_kfp.pipelines.run", str(package), str(work_dir), json.dumps(dict(arguments))],
-                   check=True, cwd=work_dir, env=env)
-    return str(Path(work_dir) / "pipeline_root")
-
-
-def create_recurring_run(host: str, package: Path, cron: str, params: Mapping[str, Any], *,
-                         experiment: str = "defectkit", job_name: str = "defectkit-monitor",
-                         namespace: str | None = None) -> str:
-    """Schedule a compiled pipeline (the monitor) on a KFP cluster; ``cron`` has KFP's 6 fields (seconds first)."""
-    import kfp
-
-    if len(cron.split()) != 6:
-        raise ValueError(f"cron {cron!r} must have 6 fields (second minute hour day month weekday), "
-                         f"e.g. '0 0 * * * *' for hourly")
-    scope = {"namespace": namespace} if namespace else {}
-    client = kfp.Client(host=host, **scope)
-    experiment_id = client.create_experiment(experiment, **scope).experiment_id
-    job = client.create_recurring_run(experiment_id, job_name, cron_expression=cron, pipeline_package_path=str(package),
-                                      params=dict(params), max_concurrency=1)
-    log.info("scheduled %s (%s) at %s: recurring run %s", package.name, cron, host, job.recurring_run_id)
-    return job.recurring_run_id
+# --------------------------------------------------------------------------- acting on the decision
 
 
 def act(*, drifted: bool, drifted_features: list[str], new_images: int, window: tuple[float, float],
         window_dir: Path, state_uri: str, policy: MonitorPolicy, base_dataset_uri: str, retraining_data_uri: str,
-        training_arguments: Mapping[str, Any], defect_class: str | None = None, kfp_host: str = "",
-        local_work_dir: Path | None = None, now: float | None = None, validation_problems: str = "") -> dict[str, Any]:
+        training_arguments: Mapping[str, Any], defect_class: str | None = None, start_run: RunStarter | None = None,
+        now: float | None = None, validation_problems: str = "") -> dict[str, Any]:
     """Decide on retraining and, when it is due, merge the window into the training data and start the run.
 
     The merged data goes to a folder of its own under ``retraining_data_uri``
     (``retrain-YYYYmmdd-HHMMSS``, UTC), so that a recurring monitor never mixes two windows.
     ``validation_problems`` is the window's validation failure message (empty: it passed).
-    The run starts on the KFP cluster at ``kfp_host``, or locally in ``local_work_dir``;
-    with neither, the decision is only recorded. Returns the decision record.
+    ``start_run`` starts the training run (its arguments are ``training_arguments`` with
+    ``source_uri`` set to the merged data); without it the decision is only recorded.
+    Returns the decision record.
     """
     now = time.time() if now is None else now
     last = read_last_retrain(state_uri)
     decision = decide(drifted, new_images, None if last is None else float(last["at"]), now, policy,
                       window_valid=not validation_problems)
     run = data_uri = None
-    if decision.retrain and (kfp_host or local_work_dir is not None):
+    if decision.retrain and start_run is not None:
         data_uri = retraining_data_folder(retraining_data_uri, now)
         merge_for_retraining(base_dataset_uri, Path(window_dir), data_uri, defect_class=defect_class)
         arguments = {**training_arguments, "source_uri": data_uri}
-        run = trigger(arguments, host=kfp_host, work_dir=local_work_dir, run_name=f"retrain-{int(now)}")
+        run = start_run(arguments, f"retrain-{int(now)}")
         write_last_retrain(state_uri, now, run)
     elif decision.retrain:
-        log.warning("retraining is due but neither a KFP host nor a local work dir was given: decision recorded only")
+        log.warning("retraining is due but no way to start a run was given: decision recorded only")
     return decision_record(window=window, drift={"drifted": drifted, "drifted_features": list(drifted_features)},
                            new_images=new_images, last_retrain=last, now=now, policy=policy, decision=decision,
                            run=run, validation=validation_problems, retraining_data=data_uri)

@@ -165,17 +165,23 @@ def preprocess_dataset(
     *,
     workers: int | None = None,
     shard_size: int = 1024,
+    expected_fingerprint: str | None = None,
 ) -> PreprocessResult:
     """Decode and resize every image of a dataset artifact on all cores; write shards, features and preprocess.json.
 
     Output order is manifest order within each split, whatever ``workers`` is. Resized
     images stream from the workers straight into the shard files: memory never holds more
-    than one shard's results, whatever the dataset size.
+    than one shard's results, whatever the dataset size. With ``expected_fingerprint``,
+    a dataset with another fingerprint is refused before anything is written, so that
+    changed data never passes for the data a cache key or lineage names.
     """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
     manifest = Manifest.read(dataset_dir)
+    if expected_fingerprint is not None and manifest.fingerprint != expected_fingerprint:
+        raise ValueError(f"dataset fingerprint {manifest.fingerprint} of {dataset_dir} does not match the expected "
+                         f"{expected_fingerprint}; give the dataset artifact that the fingerprint was taken of")
     classes = manifest.classes
     class_index = {name: i for i, name in enumerate(classes)}
     by_split = {split: manifest.split(split) for split in SPLITS}

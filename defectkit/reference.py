@@ -3,12 +3,18 @@
 Stored with the model artifact at training time (numpy only, so the training
 image writes it without the monitoring stack); defectkit.drift compares
 production data against it.
+
+A judged model carries its training data's reference in ``reference/``
+(:data:`MODEL_DIR`): the rows of the training images in ``features.csv`` and a
+saved :class:`Reference` of their embeddings in ``embeddings.npz``, the layout
+``defectkit.drift.detect_artifact_drift`` reads as its reference.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,6 +25,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FORMAT = "defectkit.drift-reference/v1"
+MODEL_DIR = "reference"  # inside a judged model artifact
+EMBEDDINGS_FILE = "embeddings.npz"
 DEFAULT_BINS = 10
 EMBEDDING_PREFIX = "embedding_"
 _KNOT_SPACING = 32
@@ -149,6 +157,19 @@ def _transposed(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def copy_model_reference(model_dir: Path, dest: Path, *, name: str | None = None) -> Path:
+    """Copy the drift reference a judged model carries into ``dest`` (merged into what is there); returns ``dest``.
+
+    ``name`` is how errors name the model (e.g. the URI it was fetched from); ``model_dir`` by default.
+    """
+    source = Path(model_dir) / MODEL_DIR
+    if not source.is_dir():
+        raise ValueError(f"{name or model_dir} has no {MODEL_DIR}/ (drift reference); evaluate it with this version "
+                         f"of defectkit")
+    shutil.copytree(source, dest, dirs_exist_ok=True)
+    return Path(dest)
+
+
 # --------------------------------------------------------------------------- statistics
 
 
@@ -156,3 +177,4 @@ def embedding_names(width: int) -> tuple[str, ...]:
     """Column names for ``width`` embedding dimensions, as a Reference of embeddings should use."""
     digits = len(str(max(width - 1, 0)))
     return tuple(f"{EMBEDDING_PREFIX}{i:0{digits}d}" for i in range(width))
+

@@ -38,6 +38,9 @@ from typing import Any
 
 from defectkit import artifact
 from defectkit.artifact import ModelIntegrityError
+from defectkit.decision_record import JSON_NAME as DECISION_RECORD_JSON
+from defectkit.decision_record import MARKDOWN_NAME as DECISION_RECORD_MD
+from defectkit.reference import MODEL_DIR as REFERENCE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +49,6 @@ CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous-champion"
 
 MODEL_ARTIFACT_PATH = "model"
-REFERENCE_DIR = "reference"  # evaluation writes it inside the judged model
-DECISION_RECORD_JSON = "decision_record.json"
-DECISION_RECORD_MD = "decision_record.md"
 
 # Lineage tags, on the run and on the model version.
 DATASET_FINGERPRINT = "dataset_fingerprint"
@@ -135,8 +135,8 @@ def pin(uri: ModelUri, tracking_uri: str) -> ModelVersionRef:
     aliases = _aliases(client, uri.name)
     if uri.alias not in aliases:
         known = ", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
-        raise LookupError(f"{uri}: registered model {uri.name!r} has no alias {uri.alias!r} in {tracking_uri} "
-                          f"(its aliases: {known})")
+        raise LookupError(f"{uri}: registered model {uri.name!r} has no alias {uri.alias!r} "
+                          f"(its aliases: {known}) in {tracking_uri}")
     return _ref(client.get_model_version(uri.name, aliases[uri.alias]))
 
 

@@ -13,6 +13,7 @@ import gc
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from defectkit import models, preprocess
+from defectkit import models, preprocess, storage
 from defectkit.data import GOOD
 from defectkit.evaluation import roc_auc
 
@@ -47,7 +48,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool = False  # torch.compile the model (CUDA only)
-    pretrained_weights: str = ""  # local .safetensors/.pth state dict; "" trains from scratch
+    pretrained_weights: str = ""  # .safetensors/.pth state dict, a local path or gs:// URI; "" trains from scratch
     augment: bool = True
     min_batch_size: int = 4  # out-of-memory halving stops here
 
@@ -152,8 +153,9 @@ def load_data(preprocessed_dir: Path, device: torch.device,
 
 def make_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(module, the callable to train): the same module, or its torch.compile wrapper."""
-    weights = Path(config.pretrained_weights) if config.pretrained_weights else None
-    module = models.build_model(config.architecture, pretrained_weights=weights)
+    with tempfile.TemporaryDirectory() as scratch:
+        weights = storage.fetch_file(config.pretrained_weights, Path(scratch)) if config.pretrained_weights else None
+        module = models.build_model(config.architecture, pretrained_weights=weights)
     module = module.to(device, memory_format=torch.channels_last)
     if config.compile and device.type != "cuda":
         log.warning("compile=True is only used on CUDA; training on %s without torch.compile", device)
@@ -280,7 +282,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn
     return loss.detach()
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -306,7 +308,7 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
                           augment_generator if config.augment else None, device)
         total_loss += loss * labels.numel()
         seen += labels.numel()
-    _synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - started
     return {"loss": float(total_loss) / seen, "images": seen, "seconds": seconds,
             "images_per_s": seen / seconds if seconds > 0 else 0.0, "lr": lr}
@@ -429,77 +431,3 @@ def train(preprocessed_dir: Path, out_dir: Path, config: TrainConfig) -> TrainRe
         models.save_model(module, metadata, out_dir)
     log.info("best epoch %d (val AUROC %.4f); model written to %s", stopping.best_epoch, stopping.best_auroc, out_dir)
     return TrainResult(out_dir, stopping.best_epoch, stopping.best_auroc, tuple(history), images_per_s, str(device))
-
-
-def _endless_batches(data: TensorData, batch_size: int, device: torch.device,
-                     generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    while True:
-        yield from iterate_batches(data, torch.randperm(len(data), generator=generator), batch_size, device)
-
-
-def _images_per_s(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                  batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, warmup: int,
-                  device: torch.device) -> float:
-    for _ in range(warmup):
-        step(*next(batches))
-    _synchronize(device)
-    seen = 0
-    started = time.perf_counter()
-    for _ in range(steps):
-        images, labels = next(batches)
-        step(images, labels)
-        seen += labels.numel()
-    _synchronize(device)
-    return seen / (time.perf_counter() - started)
-
-
-def measure_throughput(preprocessed_dir: Path, config: TrainConfig, *, steps: int = 30, warmup: int = 10) -> dict:
-    """Steady-state training images/s fed from the real shards vs a synthetic batch already on the device.
-
-    Both runs use the same model, optimizer, precision, batch size and
-    ``train_step``; their ratio is the cost of the input pipeline.
-    """
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"steps={steps} must be at least 1 and warmup={warmup} non-negative")
-    device = models.resolve_device(config.device)
-    with runtime(device, config.seed):
-        data, spec, _ = load_data(Path(preprocessed_dir), device, splits=("train",))
-        train_data = data["train"]
-        if len(train_data) < config.batch_size:
-            raise ValueError(f"the train split has {len(train_data)} images, fewer than batch_size="
-                             f"{config.batch_size}; use a larger sample or a smaller batch")
-        module, model = make_model(config, device)
-        optimizer = make_optimizer(module, config)
-        loss_fn = make_loss(train_data.labels)
-        order_generator, augment_generator = make_generators(config.seed, device)
-        model.train()
-
-        def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return train_step(model, optimizer, loss_fn, images, labels, spec,
-                              augment_generator if config.augment else None, device)
-
-        real = _images_per_s(step, _endless_batches(train_data, config.batch_size, device, order_generator),
-                             steps, warmup, device)
-        synthetic_batch = (
-            torch.randint(0, 256, (config.batch_size, *train_data.images.shape[1:]), dtype=torch.uint8,
-                          device=device, generator=augment_generator),
-            (torch.arange(config.batch_size, device=device) % 2).float(),
-        )
-        synthetic = _images_per_s(step, iter(lambda: synthetic_batch, None), steps, warmup, device)
-    result = {
-        "real_images_per_s": real,
-        "synthetic_images_per_s": synthetic,
-        "ratio": real / synthetic,
-        "architecture": config.architecture,
-        "batch_size": config.batch_size,
-        "image_size": spec.image_size,
-        "precision": "bf16" if device.type == "cuda" else "fp32",
-        "channels_last": True,
-        "compile": config.compile and device.type == "cuda",
-        "steps": steps,
-        "warmup": warmup,
-        "device": str(device),
-    }
-    log.info("training throughput on %s: %.1f images/s from shards, %.1f images/s synthetic (ratio %.3f)",
-             device, real, synthetic, result["ratio"])
-    return result

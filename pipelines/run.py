@@ -1,25 +1,37 @@
 """Run compiled pipelines: locally through kfp.local, or on a cluster through the KFP API.
 
 Both paths take the committed YAML, so what runs on a laptop is exactly what
-users upload to Kubeflow.
+users upload to Kubeflow. This is the one home of Kubeflow API client code:
+single runs (:func:`submit`), recurring runs (:func:`create_recurring_run`),
+and the starter the drift monitor retrains with (:func:`retraining_starter`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    import kfp
+
+    from defectkit.monitor import RunStarter
 
 log = logging.getLogger(__name__)
 
 PIPELINE_DIR = Path(__file__).resolve().parent
 TRAINING_YAML = PIPELINE_DIR / "training.yaml"
 MONITOR_YAML = PIPELINE_DIR / "monitor.yaml"
+PIPELINE_ROOT_DIR = "pipeline_root"  # under a local run's work dir
 
 _PARAMETER_TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": bool}
 
@@ -77,12 +89,36 @@ def run_local(package: Path, arguments: dict[str, Any], work_dir: Path) -> Local
     tmp.mkdir(exist_ok=True)
     os.environ["TMPDIR"] = str(tmp)
     tempfile.tempdir = None
-    pipeline_root = work_dir / "pipeline_root"
+    pipeline_root = work_dir / PIPELINE_ROOT_DIR
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
     pipeline = components.load_component_from_file(str(package))
     log.info("running %s locally; artifacts under %s", package.name, pipeline_root)
     task = pipeline(**arguments)
     return LocalRun(dict(task.outputs), pipeline_root)
+
+
+def run_local_in_process(package: Path, arguments: Mapping[str, Any], work_dir: Path) -> Path:
+    """:func:`run_local` in a process of its own (see :func:`main`); returns the run's pipeline root.
+
+    For starting a run from inside a KFP task: the caller may itself be a
+    kfp.local task, and kfp.local does not nest in one interpreter.
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    # A KFP task runs with _KFP_RUNTIME=true, under which kfp skips the imports a pipeline run needs.
+    env = {k: v for k, v in os.environ.items() if k != "_KFP_RUNTIME"}
+    subprocess.run([sys.executable, "-m", "defectkit_kfp.pipelines.run", str(package), str(work_dir),
+                    json.dumps(dict(arguments))], check=True, cwd=work_dir, env=env)
+    return work_dir / PIPELINE_ROOT_DIR
+
+
+def _client(host: str, namespace: str | None, existing_token: str | None = None) -> tuple[kfp.Client, dict[str, str]]:
+    """A KFP API client for ``host``, and the namespace keyword to pass on to its calls."""
+    import kfp
+
+    # kfp.Client treats namespace=None differently from "not given" (multi-user lookup).
+    scope = {"namespace": namespace} if namespace else {}
+    return kfp.Client(host=host, existing_token=existing_token, **scope), scope
 
 
 def submit(
@@ -96,16 +132,52 @@ def submit(
     existing_token: str | None = None,
 ) -> str:
     """Create a run of a compiled pipeline on a Kubeflow Pipelines cluster; returns the run id."""
-    import kfp
-
-    # kfp.Client treats namespace=None differently from "not given" (multi-user lookup).
-    scope = {"namespace": namespace} if namespace else {}
-    client = kfp.Client(host=host, existing_token=existing_token, **scope)
+    client, scope = _client(host, namespace, existing_token)
     result = client.create_run_from_pipeline_package(
         str(package), arguments=arguments, run_name=run_name, experiment_name=experiment, **scope
     )
     log.info("created run %s in experiment %s at %s", result.run_id, experiment, host)
     return result.run_id
+
+
+def create_recurring_run(host: str, package: Path, cron: str, params: Mapping[str, Any], *,
+                         experiment: str = "defectkit", job_name: str = "defectkit-monitor",
+                         namespace: str | None = None) -> str:
+    """Schedule a compiled pipeline (the monitor) on a KFP cluster, one run at a time; returns the recurring run id.
+
+    ``cron`` has KFP's 6 fields (seconds first).
+    """
+    if len(cron.split()) != 6:
+        raise ValueError(f"cron {cron!r} must have 6 fields (second minute hour day month weekday), "
+                         f"e.g. '0 0 * * * *' for hourly")
+    client, scope = _client(host, namespace)
+    experiment_id = client.create_experiment(experiment, **scope).experiment_id
+    job = client.create_recurring_run(experiment_id, job_name, cron_expression=cron, pipeline_package_path=str(package),
+                                      params=dict(params), max_concurrency=1)
+    log.info("scheduled %s (%s) at %s: recurring run %s", package.name, cron, host, job.recurring_run_id)
+    return job.recurring_run_id
+
+
+def retraining_starter(*, kfp_host: str = "", local_work_dir: Path | None = None, package: Path = TRAINING_YAML,
+                       experiment: str = "defectkit", namespace: str | None = None) -> RunStarter | None:
+    """How the drift monitor starts a training run: on the KFP cluster at ``kfp_host``, else locally (kfp.local)
+    in ``local_work_dir``; None with neither, so that the monitor only records its decision.
+
+    The starter returns the KFP run id, or the local run's pipeline root.
+    """
+    if kfp_host:
+        def on_cluster(arguments: Mapping[str, Any], run_name: str) -> str:
+            return submit(kfp_host, package, dict(arguments), experiment=experiment, run_name=run_name,
+                          namespace=namespace)
+
+        return on_cluster
+    if local_work_dir is not None:
+        def on_this_machine(arguments: Mapping[str, Any], run_name: str) -> str:
+            # kfp.local names no runs: the work dir tells them apart.
+            return str(run_local_in_process(package, arguments, Path(local_work_dir)))
+
+        return on_this_machine
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     retraining), where kfp.local cannot be nested in the same interpreter.
     """
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(prog="python -m defectkit_kfp.pipelines.run", description=main.__doc__)
     parser.add_argument("package", type=Path)

@@ -11,8 +11,11 @@ from kfp.dsl import Artifact, Input, Model
 from defectkit_kfp.components.deploy_canary import deploy_canary
 from defectkit_kfp.components.register_model import register_model
 from defectkit_kfp.components.restore_traffic import restore_traffic
+from defectkit.delivery.rollout import policy_parameters
 
 NAME = "defectkit-shipping"
+# The canary policy's defaults, in the pipeline encoding (0 = an optional limit off).
+CANARY = policy_parameters()
 
 
 @dsl.pipeline(name=NAME, description="Register a judged defect model and ship it through an automated canary.")
@@ -20,17 +23,21 @@ def ship_model(
     model: Input[Model],
     golden: Input[Artifact],
     tracking_uri: str,
-    model_name: str = "defectkit",
+    registered_model: str = "defectkit",
     dataset_fingerprint: str = "",
     deploy_backend: str = "local",
     serving_work_dir: str = "runs",
-    canary_steps: str = "10,25,50,100",
-    canary_interval_s: float = 30.0,
-    canary_failure_threshold: int = 2,
-    canary_max_error_rate: float = 0.01,
-    canary_max_p99_latency_s: float = 0.5,
-    canary_max_score_shift: float = 0.2,
-    canary_min_requests: int = 50,
+    canary_steps: str = CANARY["steps"],
+    canary_interval_s: float = CANARY["interval_s"],
+    canary_failure_threshold: int = CANARY["failure_threshold"],
+    canary_max_error_rate: float = CANARY["max_error_rate"],
+    canary_max_p99_latency_s: float = CANARY["max_p99_latency_s"],
+    canary_max_p99_ratio: float = CANARY["max_p99_ratio"],
+    canary_max_score_shift: float = CANARY["max_score_shift"],
+    canary_alpha: float = CANARY["alpha"],
+    canary_min_requests: int = CANARY["min_requests"],
+    canary_probe_tolerance: float = CANARY["probe_tolerance"],
+    canary_max_inconclusive: int = CANARY["max_inconclusive"],
     kserve_namespace: str = "default",
     kserve_service: str = "defectkit",
     prometheus_url: str = "",
@@ -42,7 +49,7 @@ def ship_model(
         model: Judged model (threshold set) from evaluate_model.
         golden: Golden set from evaluate_model: test images with their offline scores.
         tracking_uri: MLflow tracking URI of the model registry.
-        model_name: Registered model name in MLflow.
+        registered_model: Registered model name in MLflow.
         dataset_fingerprint: Fingerprint of the training dataset, tagged for lineage.
         deploy_backend: local (model servers on 127.0.0.1) or kserve (an InferenceService).
         serving_work_dir: Directory of the local serving stack and the delivery state; must outlive the run (a volume or /gcs/ mount on a cluster).
@@ -50,9 +57,13 @@ def ship_model(
         canary_interval_s: Seconds each canary step is held and analysed.
         canary_failure_threshold: Failed analyses that roll the candidate back.
         canary_max_error_rate: Highest accepted share of 5xx answers from the candidate.
-        canary_max_p99_latency_s: Highest accepted p99 latency of the candidate, in seconds.
+        canary_max_p99_latency_s: Highest accepted p99 latency of the candidate, in seconds; 0 turns this check off (then canary_max_p99_ratio must be set).
+        canary_max_p99_ratio: Highest accepted ratio of candidate p99 latency to stable p99 latency in the same window; 0 turns this check off.
         canary_max_score_shift: Highest accepted Kolmogorov-Smirnov statistic between candidate and stable defect scores.
+        canary_alpha: Significance level of the Kolmogorov-Smirnov test; a score shift counts only when significant.
         canary_min_requests: Candidate requests an analysis window needs to be judged.
+        canary_probe_tolerance: Largest accepted difference between a golden image's served score and its offline score.
+        canary_max_inconclusive: Inconclusive analyses in a row (too little traffic to judge) that roll the candidate back.
         kserve_namespace: Namespace of the InferenceService (kserve backend).
         kserve_service: InferenceService name (kserve backend).
         prometheus_url: Prometheus scraping the predictor pods (kserve backend).
@@ -62,7 +73,7 @@ def ship_model(
     # half-way is rolled back, a finished one is left alone.
     restore = restore_traffic(
         tracking_uri=tracking_uri,
-        model_name=model_name,
+        registered_model=registered_model,
         backend=deploy_backend,
         work_dir=serving_work_dir,
         namespace=kserve_namespace,
@@ -75,7 +86,7 @@ def ship_model(
         register = register_model(
             model=model,
             tracking_uri=tracking_uri,
-            model_name=model_name,
+            registered_model=registered_model,
             dataset_fingerprint=dataset_fingerprint,
             kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         ).set_caching_options(False)
@@ -85,15 +96,19 @@ def ship_model(
             golden=golden,
             tracking_uri=tracking_uri,
             model_version=register.outputs["version"],
-            model_name=model_name,
+            registered_model=registered_model,
             backend=deploy_backend,
             steps=canary_steps,
             interval_s=canary_interval_s,
             failure_threshold=canary_failure_threshold,
             max_error_rate=canary_max_error_rate,
             max_p99_latency_s=canary_max_p99_latency_s,
+            max_p99_ratio=canary_max_p99_ratio,
             max_score_shift=canary_max_score_shift,
+            alpha=canary_alpha,
             min_requests=canary_min_requests,
+            probe_tolerance=canary_probe_tolerance,
+            max_inconclusive=canary_max_inconclusive,
             work_dir=serving_work_dir,
             namespace=kserve_namespace,
             service_name=kserve_service,
@@ -108,17 +123,21 @@ def release_if_approved(
     model: Input[Model],
     golden: Input[Artifact],
     tracking_uri: str,
-    model_name: str = "defectkit",
+    registered_model: str = "defectkit",
     dataset_fingerprint: str = "",
     deploy_backend: str = "local",
     serving_work_dir: str = "runs",
-    canary_steps: str = "10,25,50,100",
-    canary_interval_s: float = 30.0,
-    canary_failure_threshold: int = 2,
-    canary_max_error_rate: float = 0.01,
-    canary_max_p99_latency_s: float = 0.5,
-    canary_max_score_shift: float = 0.2,
-    canary_min_requests: int = 50,
+    canary_steps: str = CANARY["steps"],
+    canary_interval_s: float = CANARY["interval_s"],
+    canary_failure_threshold: int = CANARY["failure_threshold"],
+    canary_max_error_rate: float = CANARY["max_error_rate"],
+    canary_max_p99_latency_s: float = CANARY["max_p99_latency_s"],
+    canary_max_p99_ratio: float = CANARY["max_p99_ratio"],
+    canary_max_score_shift: float = CANARY["max_score_shift"],
+    canary_alpha: float = CANARY["alpha"],
+    canary_min_requests: int = CANARY["min_requests"],
+    canary_probe_tolerance: float = CANARY["probe_tolerance"],
+    canary_max_inconclusive: int = CANARY["max_inconclusive"],
     kserve_namespace: str = "default",
     kserve_service: str = "defectkit",
     prometheus_url: str = "",
@@ -131,7 +150,7 @@ def release_if_approved(
         model: Judged model (threshold set) from evaluate_model.
         golden: Golden set from evaluate_model: test images with their offline scores.
         tracking_uri: MLflow tracking URI of the model registry.
-        model_name: Registered model name in MLflow.
+        registered_model: Registered model name in MLflow.
         dataset_fingerprint: Fingerprint of the training dataset, tagged for lineage.
         deploy_backend: local (model servers on 127.0.0.1) or kserve (an InferenceService).
         serving_work_dir: Directory of the local serving stack and the delivery state; must outlive the run (a volume or /gcs/ mount on a cluster).
@@ -139,9 +158,13 @@ def release_if_approved(
         canary_interval_s: Seconds each canary step is held and analysed.
         canary_failure_threshold: Failed analyses that roll the candidate back.
         canary_max_error_rate: Highest accepted share of 5xx answers from the candidate.
-        canary_max_p99_latency_s: Highest accepted p99 latency of the candidate, in seconds.
+        canary_max_p99_latency_s: Highest accepted p99 latency of the candidate, in seconds; 0 turns this check off (then canary_max_p99_ratio must be set).
+        canary_max_p99_ratio: Highest accepted ratio of candidate p99 latency to stable p99 latency in the same window; 0 turns this check off.
         canary_max_score_shift: Highest accepted Kolmogorov-Smirnov statistic between candidate and stable defect scores.
+        canary_alpha: Significance level of the Kolmogorov-Smirnov test; a score shift counts only when significant.
         canary_min_requests: Candidate requests an analysis window needs to be judged.
+        canary_probe_tolerance: Largest accepted difference between a golden image's served score and its offline score.
+        canary_max_inconclusive: Inconclusive analyses in a row (too little traffic to judge) that roll the candidate back.
         kserve_namespace: Namespace of the InferenceService (kserve backend).
         kserve_service: InferenceService name (kserve backend).
         prometheus_url: Prometheus scraping the predictor pods (kserve backend).
@@ -153,7 +176,7 @@ def release_if_approved(
                 model=model,
                 golden=golden,
                 tracking_uri=tracking_uri,
-                model_name=model_name,
+                registered_model=registered_model,
                 dataset_fingerprint=dataset_fingerprint,
                 deploy_backend=deploy_backend,
                 serving_work_dir=serving_work_dir,
@@ -162,8 +185,12 @@ def release_if_approved(
                 canary_failure_threshold=canary_failure_threshold,
                 canary_max_error_rate=canary_max_error_rate,
                 canary_max_p99_latency_s=canary_max_p99_latency_s,
+                canary_max_p99_ratio=canary_max_p99_ratio,
                 canary_max_score_shift=canary_max_score_shift,
+                canary_alpha=canary_alpha,
                 canary_min_requests=canary_min_requests,
+                canary_probe_tolerance=canary_probe_tolerance,
+                canary_max_inconclusive=canary_max_inconclusive,
                 kserve_namespace=kserve_namespace,
                 kserve_service=kserve_service,
                 prometheus_url=prometheus_url,

@@ -10,7 +10,7 @@ from defectkit_kfp.components.preprocess_images import preprocess_images
 from defectkit_kfp.components.resolve_champion import resolve_champion
 from defectkit_kfp.components.train_model import train_model
 from defectkit_kfp.components.validate_images import validate_images
-from defectkit_kfp.pipelines.shipping import release_if_approved
+from defectkit_kfp.pipelines.shipping import CANARY, release_if_approved
 
 NAME = "defectkit-training"
 
@@ -51,17 +51,21 @@ def training_pipeline(
     max_f1_drop: float = 0.02,
     champion_uri: str = "",
     tracking_uri: str = "",
-    model_name: str = "defectkit",
+    registered_model: str = "defectkit",
     pretrained_weights_uri: str = "",
     deploy_backend: str = "local",
     serving_work_dir: str = "runs",
-    canary_steps: str = "10,25,50,100",
-    canary_interval_s: float = 30.0,
-    canary_failure_threshold: int = 2,
-    canary_max_error_rate: float = 0.01,
-    canary_max_p99_latency_s: float = 0.5,
-    canary_max_score_shift: float = 0.2,
-    canary_min_requests: int = 50,
+    canary_steps: str = CANARY["steps"],
+    canary_interval_s: float = CANARY["interval_s"],
+    canary_failure_threshold: int = CANARY["failure_threshold"],
+    canary_max_error_rate: float = CANARY["max_error_rate"],
+    canary_max_p99_latency_s: float = CANARY["max_p99_latency_s"],
+    canary_max_p99_ratio: float = CANARY["max_p99_ratio"],
+    canary_max_score_shift: float = CANARY["max_score_shift"],
+    canary_alpha: float = CANARY["alpha"],
+    canary_min_requests: int = CANARY["min_requests"],
+    canary_probe_tolerance: float = CANARY["probe_tolerance"],
+    canary_max_inconclusive: int = CANARY["max_inconclusive"],
     kserve_namespace: str = "default",
     kserve_service: str = "defectkit",
     prometheus_url: str = "",
@@ -87,7 +91,7 @@ def training_pipeline(
         max_f1_drop: How far the candidate's test F1 may fall below the champion's on the same test set.
         champion_uri: Model to judge the candidate against on the same test set (models:/..., path or gs://); empty uses the registry's champion alias.
         tracking_uri: MLflow tracking URI of the model registry; an approved model is registered there. Empty skips registration.
-        model_name: Registered model name in MLflow.
+        registered_model: Registered model name in MLflow.
         pretrained_weights_uri: Optional starting weights (local path or gs://).
         deploy_backend: Where an approved, registered model is shipped: local (model servers on 127.0.0.1) or kserve (an InferenceService).
         serving_work_dir: Directory of the local serving stack and the delivery state; must outlive the run (a volume or /gcs/ mount on a cluster).
@@ -95,9 +99,13 @@ def training_pipeline(
         canary_interval_s: Seconds each canary step is held and analysed.
         canary_failure_threshold: Failed analyses that roll the candidate back.
         canary_max_error_rate: Highest accepted share of 5xx answers from the candidate.
-        canary_max_p99_latency_s: Highest accepted p99 latency of the candidate, in seconds.
+        canary_max_p99_latency_s: Highest accepted p99 latency of the candidate, in seconds; 0 turns this check off (then canary_max_p99_ratio must be set).
+        canary_max_p99_ratio: Highest accepted ratio of candidate p99 latency to stable p99 latency in the same window; 0 turns this check off.
         canary_max_score_shift: Highest accepted Kolmogorov-Smirnov statistic between candidate and stable defect scores.
+        canary_alpha: Significance level of the Kolmogorov-Smirnov test; a score shift counts only when significant.
         canary_min_requests: Candidate requests an analysis window needs to be judged.
+        canary_probe_tolerance: Largest accepted difference between a golden image's served score and its offline score.
+        canary_max_inconclusive: Inconclusive analyses in a row (too little traffic to judge) that roll the candidate back.
         kserve_namespace: Namespace of the InferenceService (kserve backend).
         kserve_service: InferenceService name (kserve backend).
         prometheus_url: Prometheus scraping the predictor pods (kserve backend).
@@ -137,7 +145,7 @@ def training_pipeline(
 
     # The registry's champion can change between runs: never cached.
     champion = resolve_champion(
-        champion_uri=champion_uri, tracking_uri=tracking_uri, model_name=model_name
+        champion_uri=champion_uri, tracking_uri=tracking_uri, registered_model=registered_model
     ).set_caching_options(False)
     champion.set_retry(2, backoff_duration="30s")
 
@@ -161,7 +169,7 @@ def training_pipeline(
         model=evaluate.outputs["judged_model"],
         golden=evaluate.outputs["golden"],
         tracking_uri=tracking_uri,
-        model_name=model_name,
+        registered_model=registered_model,
         dataset_fingerprint=fingerprint,
         deploy_backend=deploy_backend,
         serving_work_dir=serving_work_dir,
@@ -170,8 +178,12 @@ def training_pipeline(
         canary_failure_threshold=canary_failure_threshold,
         canary_max_error_rate=canary_max_error_rate,
         canary_max_p99_latency_s=canary_max_p99_latency_s,
+        canary_max_p99_ratio=canary_max_p99_ratio,
         canary_max_score_shift=canary_max_score_shift,
+        canary_alpha=canary_alpha,
         canary_min_requests=canary_min_requests,
+        canary_probe_tolerance=canary_probe_tolerance,
+        canary_max_inconclusive=canary_max_inconclusive,
         kserve_namespace=kserve_namespace,
         kserve_service=kserve_service,
         prometheus_url=prometheus_url,

@@ -26,7 +26,7 @@ def sample_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def dataset_dir(sample_dir, tmp_path_factory) -> Path:
-    from defectkit.validation import ValidationConfig, validate_dataset
+    from defectkit.validation.dataset import ValidationConfig, validate_dataset
 
     out = tmp_path_factory.mktemp("dataset")
     validate_dataset(str(sample_dir), out, ValidationConfig(min_images_per_class=2, min_side=16))

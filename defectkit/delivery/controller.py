@@ -1,7 +1,7 @@
 """The delivery controller: deploy -> probe -> step traffic -> analyse -> promote | roll back.
 
-    defectkit deploy --model DIR|models:/<name>/<version> [--backend local|kserve] [--work DIR] ...
-    defectkit deploy --restore [--work DIR]      (the pipeline's exit handler: stable traffic back)
+This module is the state machine alone; :mod:`defectkit.delivery.rollout` configures a
+delivery (backend, registry, golden set) and runs it.
 
 Phases, each persisted (:mod:`defectkit.delivery.state`) before the next begins:
 
@@ -45,12 +45,9 @@ revision once it had all of it).
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from defectkit.delivery import analysis, record
@@ -78,23 +75,18 @@ from defectkit.delivery.state import (
     StateStore,
     iso,
 )
-from defectkit.golden import Golden, read_golden
+from defectkit.golden import Golden
 
 log = logging.getLogger(__name__)
 
-DELIVERY_DIR = "delivery"
-STATE_FILE = "state.json"
-CANARY_TAG = "canary"
-EXIT_PROMOTED, EXIT_ERROR, EXIT_ROLLED_BACK = 0, 2, 3
+# The command that rolls back an unfinished delivery, named in the messages that leave one behind.
+RESTORE_COMMAND = "defectkit rollout restore"
 
 Hook = Callable[[RolloutState], None]
 
 
 class RolloutInProgress(ValueError):
     """Another candidate's delivery is unfinished in the same state file (the request conflicts with it)."""
-
-
-# --------------------------------------------------------------------------- golden images
 
 
 # --------------------------------------------------------------------------- the state machine
@@ -147,7 +139,7 @@ class Controller:
                     self._begin_rollback(state, f"the backend failed during {state.phase}: {exc}", error=str(exc))
         except (KeyboardInterrupt, SystemExit):
             log.warning("delivery of %s interrupted in phase %s at %d%%; run it again to resume, or restore stable "
-                        "traffic (defectkit deploy --restore)", self.candidate, state.phase, state.weight)
+                        "traffic (%s)", self.candidate, state.phase, state.weight, RESTORE_COMMAND)
             raise
         except Exception as exc:
             self._fail_safe(state, exc)
@@ -173,7 +165,7 @@ class Controller:
             raise RolloutInProgress(
                 f"{self.store.path} holds an unfinished delivery of {state.candidate} (phase {state.phase}, "
                 f"{state.weight}% traffic); resume it by delivering that model again, or roll it back with "
-                f"defectkit deploy --restore, before delivering {self.candidate}")
+                f"{RESTORE_COMMAND}, before delivering {self.candidate}")
         state = RolloutState(candidate=self.candidate, candidate_version=self.candidate_version, stable=self.stable,
                              backend=self.backend_name, policy=self.policy.to_json())
         state.event("delivery started", steps=",".join(map(str, self.policy.analysed_steps)) + ",promote")
@@ -377,7 +369,7 @@ class Controller:
         promoting = state.phase == PROMOTING
         state.phase, state.error = FAILED, error
         remedy = "run the delivery again to finish the promotion" if promoting else \
-            "restore stable traffic with defectkit deploy --restore"
+            f"restore stable traffic with {RESTORE_COMMAND}"
         state.reason = f"{state.reason or 'the delivery failed'} (could not finish: {error}; {remedy})"
         state.event("delivery failed", error=error)
         self.store.save(state)
@@ -433,330 +425,3 @@ def restore_stable(backend: Backend, state_path: Path, *, reason: str = "restore
     if record_dir is not None:
         record.write_record(state, record_dir)
     return True
-
-
-# --------------------------------------------------------------------------- deliveries as configured
-
-
-@dataclass(frozen=True)
-class DeliveryConfig:
-    """One delivery, as ``defectkit deploy`` and the deploy_canary component describe it.
-
-    ``model`` is the candidate: a model directory or ``models:/<name>/<version>`` (an alias
-    is pinned to its version) for the local backend, a ``gs://`` storage URI for kserve.
-    ``version`` is its registry version, for the registry hooks and the decision record's
-    run. ``stable`` is what a local stack that is not running starts with (default: the
-    registry's champion; with none, the delivery is a first deployment). The state file
-    and the decision record default to ``work_dir/delivery/``; for the kserve backend
-    ``work_dir`` must outlive the step running the delivery (a volume, a /gcs/ mount) for a
-    crash to be resumed or restored.
-    """
-
-    model: str = ""
-    backend: str = "local"
-    version: str | None = None
-    policy: CanaryPolicy = CanaryPolicy()
-    work_dir: str = "runs"
-    state_path: str | None = None
-    record_dir: str | None = None
-    golden_dir: str | None = None
-    tracking_uri: str | None = None
-    registered_model: str = "defectkit"
-    stable: str | None = None
-    model_name: str = "defectkit"
-    router_port: int = 0
-    server_args: tuple[str, ...] = ()
-    candidate_args: tuple[str, ...] = ()
-    scrape_interval_s: float = 1.0
-    namespace: str = "default"
-    service_name: str = "defectkit"
-    api_url: str | None = None
-    prometheus_url: str | None = None
-    probe_url: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.backend not in ("local", "kserve"):
-            raise ValueError(f"backend {self.backend!r} must be 'local' or 'kserve'")
-        if self.backend == "kserve" and not self.prometheus_url:
-            raise ValueError("the kserve backend needs prometheus_url (--prometheus-url): canary analysis reads "
-                             "the predictor pods' metrics from Prometheus")
-
-    @property
-    def state_file(self) -> Path:
-        return Path(self.state_path) if self.state_path else Path(self.work_dir) / DELIVERY_DIR / STATE_FILE
-
-    @property
-    def record_path(self) -> Path:
-        return Path(self.record_dir) if self.record_dir else Path(self.work_dir) / DELIVERY_DIR
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> DeliveryConfig:
-        return cls(
-            model=(args.storage_uri if args.backend == "kserve" else args.model) or "", backend=args.backend,
-            version=args.version, policy=policy_from_args(args), work_dir=args.work, state_path=args.state,
-            record_dir=args.record_dir, golden_dir=args.golden, tracking_uri=args.tracking_uri,
-            registered_model=args.registered_model, stable=args.stable, model_name=args.model_name,
-            router_port=args.router_port, server_args=tuple(args.serve_arg),
-            candidate_args=tuple(args.candidate_serve_arg), scrape_interval_s=args.scrape_interval_s,
-            namespace=args.namespace, service_name=args.name, api_url=args.api_url,
-            prometheus_url=args.prometheus_url, probe_url=args.probe_url)
-
-
-def make_backend(config: DeliveryConfig):
-    """The LocalBackend or KServeBackend ``config`` names; close() it when done (a LocalBackend scrapes)."""
-    if config.backend == "local":
-        from defectkit.delivery.local import LocalBackend, StackOptions
-
-        return LocalBackend(Path(config.work_dir), StackOptions(
-            model_name=config.model_name, tracking_uri=config.tracking_uri, router_port=config.router_port,
-            server_args=config.server_args, candidate_args=config.candidate_args,
-            scrape_interval_s=config.scrape_interval_s))
-    from defectkit.delivery.kserve import KServeBackend, KubeApi
-
-    api = KubeApi(config.api_url) if config.api_url else KubeApi.from_kubeconfig()
-    return KServeBackend(api, config.namespace, config.service_name, config.prometheus_url,
-                         model_name=config.model_name, probe_url=config.probe_url)
-
-
-def deliver(config: DeliveryConfig) -> RolloutState:
-    """Run (or resume) the delivery ``config`` describes; writes the decision record and, with a registry
-    and a version, moves the aliases and logs the record to the candidate's run."""
-    candidate, version = _pinned(config.model, config.tracking_uri, config.backend)
-    version = config.version or version
-    golden = read_golden(Path(config.golden_dir)) if config.golden_dir else None
-    if golden is not None and golden.weights_sha256 and (Path(candidate) / "model.json").is_file():
-        weights = json.loads((Path(candidate) / "model.json").read_text()).get("weights_sha256")
-        if weights != golden.weights_sha256:
-            raise ValueError(f"the golden set in {config.golden_dir} was scored by weights {golden.weights_sha256[:12]}"
-                             f" but the candidate {candidate} has weights {str(weights)[:12]}; build the golden set "
-                             f"with the candidate model")
-    on_promote, on_rollback = _hooks(config, version)
-    backend = make_backend(config)
-    try:
-        if config.backend == "local":
-            stable = _stable_for_stack(config)
-            if backend.stack() is None and stable is None:
-                state = _first_deployment(backend, config.state_file, candidate, version, config.policy, on_promote)
-            else:
-                stable = backend.ensure_stack(stable).stable.model
-                state = None
-        else:
-            stable, state = None, None
-        if state is None:
-            state = Controller(backend, config.policy, config.state_file, candidate=candidate,
-                               candidate_version=version, stable=stable, backend_name=config.backend, golden=golden,
-                               on_promote=on_promote, on_rollback=on_rollback).run()
-    finally:
-        _close(backend)
-    record.write_record(state, config.record_path)
-    if config.tracking_uri and version:
-        log_record(config.tracking_uri, config.registered_model, version, state)
-    return state
-
-
-def restore(config: DeliveryConfig, reason: str = "restore requested") -> bool:
-    """``restore_stable`` for the delivery recorded under ``config`` (the pipeline's exit handler)."""
-    state = StateStore(config.state_file).load()
-    if state is None:
-        log.info("no delivery recorded in %s; nothing to restore", config.state_file)
-        return False
-    _, on_rollback = _hooks(config, state.candidate_version)
-    backend = make_backend(config)
-    try:
-        restored = restore_stable(backend, config.state_file, reason=reason, on_rollback=on_rollback,
-                                  record_dir=config.record_path)
-    finally:
-        _close(backend)
-    if restored and config.tracking_uri and state.candidate_version:
-        log_record(config.tracking_uri, config.registered_model, state.candidate_version,
-                   StateStore(config.state_file).load())
-    return restored
-
-
-def _close(backend) -> None:
-    close = getattr(backend, "close", None)  # a LocalBackend's scraper thread; KServeBackend holds nothing
-    if close is not None:
-        close()
-
-
-def _hooks(config: DeliveryConfig, version: str | None) -> tuple[Hook | None, Hook | None]:
-    if not (config.tracking_uri and version):
-        return None, None
-    return registry_hooks(config.tracking_uri, config.registered_model, version)
-
-
-def _pinned(uri: str, tracking_uri: str | None, backend: str) -> tuple[str, str | None]:
-    """(candidate URI, registry version): an alias is pinned to the version it points to now."""
-    if not uri:
-        raise ValueError("no candidate given: pass --model (local backend: a model directory or models:/ URI) or "
-                         "--storage-uri (kserve backend: the gs:// model directory)")
-    from defectkit import registry
-
-    parsed = registry.ModelUri.parse(uri)
-    if parsed is not None and parsed.alias is None:
-        return uri, parsed.version
-    if parsed is not None:
-        if not tracking_uri:
-            raise ValueError(f"{uri} is a registry URI: give the registry with --tracking-uri")
-        ref = registry.pin(parsed, tracking_uri)
-        return ref.uri, ref.version
-    if backend == "kserve":
-        from defectkit.delivery.manifest import validate_storage_uri
-
-        return validate_storage_uri(uri), None
-    if "://" in uri:
-        return uri, None
-    path = Path(uri).resolve()
-    if not (path / "model.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model directory (no model.json); give the judged model")
-    return str(path), None
-
-
-def _stable_for_stack(config: DeliveryConfig) -> str | None:
-    if config.stable:
-        return _pinned(config.stable, config.tracking_uri, "local")[0]
-    if config.tracking_uri:
-        from defectkit import registry
-
-        ref = registry.champion(registry.RegistryConfig.for_uri(config.tracking_uri,
-                                                                model_name=config.registered_model))
-        return ref.uri if ref is not None else None
-    return None
-
-
-def _first_deployment(backend, state_path: Path, candidate: str, version: str | None, policy: CanaryPolicy,
-                      on_promote: Hook | None) -> RolloutState:
-    """Nothing serves yet: the candidate becomes the stable version of a new stack, with nothing to compare."""
-    store = StateStore(state_path)
-    state = RolloutState(candidate=candidate, candidate_version=version, backend="local", policy=policy.to_json())
-    state.event("first deployment: no stable version serves yet")
-    state.target_weight = 100
-    store.save(state)
-    backend.ensure_stack(candidate, first_deployment=True)
-    state.weight, state.target_weight = 100, None
-    state.event("candidate serves all traffic")
-    store.save(state)
-    if on_promote is not None:
-        on_promote(state)
-    state.phase = PROMOTED
-    state.reason = "first deployment: no stable version served, so there was nothing to compare the candidate with"
-    state.event("delivery finished: promoted")
-    store.save(state)
-    return state
-
-
-# --------------------------------------------------------------------------- registry hooks
-
-
-def registry_hooks(tracking_uri: str, model_name: str, version: str) -> tuple[Hook, Hook]:
-    """on_promote (alias champion -> version) and on_rollback (tag canary=rolled_back, champion kept)."""
-    from defectkit import registry
-
-    config = registry.RegistryConfig.for_uri(tracking_uri, model_name=model_name)
-
-    def promoted(state: RolloutState) -> None:
-        registry.promote(config, version)
-        registry.mark(config, version, CANARY_TAG, PROMOTED)
-
-    def rolled_back(state: RolloutState) -> None:
-        registry.mark(config, version, CANARY_TAG, ROLLED_BACK)
-
-    return promoted, rolled_back
-
-
-def log_record(tracking_uri: str, model_name: str, version: str, state: RolloutState) -> None:
-    """Attach the decision record to the run of the registered ``version``."""
-    from mlflow import MlflowClient
-
-    from defectkit import registry
-
-    config = registry.RegistryConfig.for_uri(tracking_uri, model_name=model_name)
-    run_id = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri) \
-        .get_model_version(model_name, version).run_id
-    built = record.build_record(state)
-    registry.log_decision_record(config, run_id, built, record.render_markdown(built))
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``defectkit deploy`` beyond the manifest's (which defectkit.delivery.manifest registers)."""
-    defaults = CanaryPolicy()
-    parser.add_argument("--model", help="candidate model: a model directory or models:/<name>/<version> "
-                        "(local backend; the kserve backend takes --storage-uri)")
-    parser.add_argument("--work", default="runs", help="work directory: the local serving stack and the delivery "
-                        "state live under it (default %(default)s)")
-    parser.add_argument("--restore", action="store_true",
-                        help="roll back an unfinished delivery recorded in the work directory, then stop")
-    parser.add_argument("--tracking-uri", help="MLflow registry: promotion moves alias champion, and the decision "
-                        "record is logged to the candidate's run")
-    parser.add_argument("--registered-model", default="defectkit", help="registered model name (default %(default)s)")
-    parser.add_argument("--version", help="registry version of the candidate (implied by models:/<name>/<version>)")
-    parser.add_argument("--stable", help="model the local stack starts with when it is not running "
-                        "(default: the registry's champion; none means a first deployment)")
-    parser.add_argument("--golden", help="golden set directory (golden.json + images) probed before any traffic")
-    parser.add_argument("--record-dir", help="where the decision record goes (default WORK/delivery)")
-    parser.add_argument("--state", help="rollout state file (default WORK/delivery/state.json)")
-    policy = parser.add_argument_group("canary policy")
-    policy.add_argument("--steps", default=",".join(map(str, defaults.steps)),
-                        help="canary traffic percents; a final 100 is the promotion (default %(default)s)")
-    policy.add_argument("--interval-s", type=float, default=defaults.interval_s, help="(default %(default)s)")
-    policy.add_argument("--failure-threshold", type=int, default=defaults.failure_threshold,
-                        help="failed analyses that roll back (default %(default)s)")
-    policy.add_argument("--max-error-rate", type=float, default=defaults.max_error_rate, help="(default %(default)s)")
-    policy.add_argument("--max-p99-latency-s", type=float, default=defaults.max_p99_latency_s,
-                        help="absolute p99 limit, 0 for none (default %(default)s)")
-    policy.add_argument("--max-p99-ratio", type=float, default=0.0,
-                        help="limit of canary p99 / stable p99, 0 for none (default none)")
-    policy.add_argument("--max-score-shift", type=float, default=defaults.max_score_shift,
-                        help="KS statistic limit on the score distribution (default %(default)s)")
-    policy.add_argument("--alpha", type=float, default=defaults.alpha, help="KS significance (default %(default)s)")
-    policy.add_argument("--min-requests", type=int, default=defaults.min_requests,
-                        help="canary requests a window needs to be judged (default %(default)s)")
-    policy.add_argument("--probe-tolerance", type=float, default=defaults.probe_tolerance, help="(default %(default)s)")
-    policy.add_argument("--max-inconclusive", type=int, default=defaults.max_inconclusive,
-                        help="inconclusive windows in a row that roll back (default %(default)s)")
-    local = parser.add_argument_group("local backend")
-    local.add_argument("--router-port", type=int, default=0, help="router port (default: a free one, then kept)")
-    local.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
-                       help="argument for every model server, e.g. --serve-arg=--threads=1 (repeatable)")
-    local.add_argument("--candidate-serve-arg", action="append", default=[], metavar="ARG",
-                       help="argument for the candidate's server only, e.g. "
-                            "--candidate-serve-arg=--fault-error-rate=0.5 to rehearse a rollback (repeatable)")
-    local.add_argument("--scrape-interval-s", type=float, default=1.0, help="(default %(default)s)")
-    kube = parser.add_argument_group("kserve backend")
-    kube.add_argument("--api-url", help="Kubernetes API URL (default: kubeconfig, or in-cluster credentials)")
-    kube.add_argument("--prometheus-url", help="Prometheus scraping the predictor pods")
-    kube.add_argument("--probe-url", help="the candidate's own URL (default: its tag URL from the status)")
-
-
-def policy_from_args(args: argparse.Namespace) -> CanaryPolicy:
-    return CanaryPolicy(
-        steps=analysis.parse_steps(args.steps), interval_s=args.interval_s, failure_threshold=args.failure_threshold,
-        max_error_rate=args.max_error_rate, max_p99_latency_s=args.max_p99_latency_s or None,
-        max_p99_ratio=args.max_p99_ratio or None, max_score_shift=args.max_score_shift, alpha=args.alpha,
-        min_requests=args.min_requests, probe_tolerance=args.probe_tolerance, max_inconclusive=args.max_inconclusive)
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """``defectkit deploy`` (all but a kserve dry run, which only prints the manifest).
-
-    Exit status: 0 promoted, 3 rolled back, 2 failed.
-    """
-    # One line per scrape and router call otherwise.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    config = DeliveryConfig.from_args(args)
-    if args.restore:
-        restored = restore(config, reason="restore requested (defectkit deploy --restore)")
-        print("stable traffic restored" if restored else "nothing to restore")
-        return 0
-    if args.dry_run:
-        candidate, version = _pinned(config.model, config.tracking_uri, config.backend)
-        print(json.dumps({"backend": config.backend, "candidate": candidate, "version": config.version or version,
-                          "policy": config.policy.to_json(), "golden": config.golden_dir,
-                          "state": str(config.state_file)}, indent=2))
-        return 0
-    state = deliver(config)
-    print(f"{state.phase.upper()}: {state.reason}\ndecision record: {config.record_path / record.MARKDOWN_NAME}")
-    return {PROMOTED: EXIT_PROMOTED, ROLLED_BACK: EXIT_ROLLED_BACK}.get(state.phase, EXIT_ERROR)

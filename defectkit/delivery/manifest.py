@@ -13,17 +13,13 @@ taken from the live object with only ``STORAGE_URI`` changed.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import importlib
-import logging
 import re
-import sys
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-log = logging.getLogger(__name__)
+from defectkit.delivery.backend import validate_percent
 
 API_VERSION = "serving.kserve.io/v1beta1"
 KIND = "InferenceService"
@@ -59,8 +55,6 @@ _DECIMAL_SUFFIX = {"n": "1e-9", "u": "1e-6", "m": "1e-3", "": "1", "k": "1e3", "
 # Knative reserves these ports for its queue-proxy sidecar.
 _KNATIVE_RESERVED_PORTS = frozenset({8012, 8013, 8022, 9090, 9091})
 GPU_RESOURCE = "nvidia.com/gpu"
-# Runs deliveries other than a kserve dry run; owns the options it needs (add_arguments).
-CONTROLLER_MODULE = "defectkit.delivery.controller"
 
 
 def parse_quantity(value: str) -> Decimal:
@@ -100,17 +94,12 @@ def validate_storage_uri(value: str) -> str:
     return value
 
 
-def validate_percent(value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
-        raise ValueError(f"canary traffic percent {value!r} must be an integer from 0 to 100")
-    return value
-
-
 @dataclass(frozen=True)
 class ServiceConfig:
     """What to serve and how big: everything ``build_inference_service`` turns into a manifest.
 
     ``image`` is the serve image (``defectkit_kfp.components.images.SERVE_IMAGE`` in this project).
+    ``served_name`` is the model's name in the ``/v2/models/<name>`` routes.
     ``env`` holds extra container variables as (name, value) pairs.
     """
 
@@ -119,7 +108,7 @@ class ServiceConfig:
     image: str
     storage_uri: str
     canary_traffic_percent: int | None = None
-    model_name: str = "defectkit"
+    served_name: str = "defectkit"
     cpu_request: str = "1"
     memory_request: str = "2Gi"
     cpu_limit: str = "2"
@@ -147,9 +136,9 @@ class ServiceConfig:
         validate_storage_uri(self.storage_uri)
         if self.canary_traffic_percent is not None:
             validate_percent(self.canary_traffic_percent)
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", self.model_name):
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", self.served_name):
             raise ValueError(
-                f"model name {self.model_name!r} must be letters, digits, '_', '.' or '-' (it is part of the URL path)"
+                f"served name {self.served_name!r} must be letters, digits, '_', '.' or '-' (it is part of the URL path)"
             )
         pairs = (("cpu", self.cpu_request, self.cpu_limit), ("memory", self.memory_request, self.memory_limit))
         for what, request, limit in pairs:
@@ -210,7 +199,7 @@ def build_inference_service(config: ServiceConfig) -> dict[str, Any]:
         name=CONTAINER_NAME,
         image=config.image,
         command=["defectkit", "serve"],
-        args=["--model", MODEL_MOUNT, "--port", str(config.port), "--host", "0.0.0.0", "--name", config.model_name],
+        args=["--model", MODEL_MOUNT, "--port", str(config.port), "--host", "0.0.0.0", "--served-name", config.served_name],
         env=[V1EnvVar(name=STORAGE_URI_ENV, value=config.storage_uri)]
         + [V1EnvVar(name=name, value=value) for name, value in config.env],
         ports=[V1ContainerPort(container_port=config.port, name="http1", protocol="TCP")],
@@ -219,7 +208,7 @@ def build_inference_service(config: ServiceConfig) -> dict[str, Any]:
         ),
         # Knative routes traffic to a revision only once this passes: the model is loaded, not just the process up.
         readiness_probe=V1Probe(
-            http_get=V1HTTPGetAction(path=f"/v2/models/{config.model_name}/ready", port=config.port),
+            http_get=V1HTTPGetAction(path=f"/v2/models/{config.served_name}/ready", port=config.port),
             period_seconds=5,
         ),
         security_context=V1SecurityContext(run_as_non_root=True, allow_privilege_escalation=False),
@@ -281,7 +270,7 @@ def patch_for_canary(live: Mapping[str, Any], storage_uri: str, percent: int = 0
         name = live.get("metadata", {}).get("name")
         raise ValueError(
             f"InferenceService {name!r} has no predictor container named {CONTAINER_NAME!r}; "
-            "create it with build_inference_service (defectkit deploy --backend kserve --dry-run shows one)"
+            "create it with build_inference_service (defectkit rollout manifest prints one)"
         )
     env = [var for var in target.get("env") or [] if var.get("name") != STORAGE_URI_ENV]
     target["env"] = [{"name": STORAGE_URI_ENV, "value": storage_uri}, *env]
@@ -305,89 +294,3 @@ def patch_for_promotion() -> dict[str, Any]:
 def patch_for_rollback() -> dict[str, Any]:
     """Merge patch that sends all traffic back to the last rolled-out revision (canary at 0%)."""
     return patch_for_traffic(0)
-
-
-def _env_pair(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--env {text!r} must be NAME=VALUE")
-    return name, value
-
-
-def _controller_hook(attribute: str) -> Callable[..., Any] | None:
-    """``attribute`` of the delivery controller module, or None where that module or attribute is absent."""
-    try:
-        module = importlib.import_module(CONTROLLER_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != CONTROLLER_MODULE:
-            raise
-        return None
-    return getattr(module, attribute, None)
-
-
-def cmd_deploy(args: argparse.Namespace) -> int:
-    if args.backend == "kserve" and args.dry_run:
-        missing = [flag for flag, value in (("--storage-uri", args.storage_uri), ("--image", args.image)) if not value]
-        if missing:
-            raise ValueError(f"defectkit deploy --backend kserve --dry-run needs {' and '.join(missing)}")
-        config = ServiceConfig(
-            name=args.name,
-            namespace=args.namespace,
-            image=args.image,
-            storage_uri=args.storage_uri,
-            canary_traffic_percent=args.canary_percent,
-            model_name=args.model_name,
-            cpu_request=args.cpu,
-            memory_request=args.memory,
-            cpu_limit=args.cpu_limit,
-            memory_limit=args.memory_limit,
-            gpu=args.gpu,
-            min_replicas=args.min_replicas,
-            max_replicas=args.max_replicas,
-            service_account=args.service_account,
-            env=tuple(args.env),
-        )
-        import yaml
-
-        sys.stdout.write(yaml.safe_dump(build_inference_service(config), sort_keys=False))
-        return 0
-    run_from_args = _controller_hook("run_from_args")
-    if run_from_args is None:
-        log.error(
-            "defectkit deploy --backend %s%s needs defectkit.delivery.controller.run_from_args, which this "
-            "installation lacks; --backend kserve --dry-run still prints the manifest",
-            args.backend, " --dry-run" if args.dry_run else "",
-        )
-        return 2
-    return run_from_args(args)
-
-
-def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Register ``defectkit deploy``; the delivery controller may add its own options through ``add_arguments``."""
-    deploy = commands.add_parser(
-        "deploy",
-        help="ship a model through a canary (local servers or a KServe InferenceService)",
-        description="With --backend kserve --dry-run, print the InferenceService manifest and change nothing.",
-    )
-    deploy.add_argument("--backend", choices=("kserve", "local"), default="local", help="default %(default)s")
-    deploy.add_argument("--dry-run", action="store_true", help="print what would be applied, change nothing")
-    deploy.add_argument("--name", default="defectkit", help="InferenceService name (default %(default)s)")
-    deploy.add_argument("--namespace", default="default", help="Kubernetes namespace (default %(default)s)")
-    deploy.add_argument("--storage-uri", help="gs:// URI of the model directory (model.json + model.safetensors)")
-    deploy.add_argument("--image", help="serve image with an explicit tag, e.g. ghcr.io/defectkit/serve:0.1.0")
-    deploy.add_argument("--canary-percent", type=int, help="initial canaryTrafficPercent (0-100)")
-    deploy.add_argument("--model-name", default="defectkit", help="model name in the /v2/models/<name> routes")
-    deploy.add_argument("--cpu", default=ServiceConfig.cpu_request, help="CPU request (default %(default)s)")
-    deploy.add_argument("--memory", default=ServiceConfig.memory_request, help="memory request (default %(default)s)")
-    deploy.add_argument("--cpu-limit", default=ServiceConfig.cpu_limit, help="CPU limit (default %(default)s)")
-    deploy.add_argument("--memory-limit", default=ServiceConfig.memory_limit, help="memory limit (default %(default)s)")
-    deploy.add_argument("--gpu", type=int, default=0, help="NVIDIA GPUs per replica (default %(default)s)")
-    deploy.add_argument("--min-replicas", type=int, default=ServiceConfig.min_replicas, help="0 allows scale to zero")
-    deploy.add_argument("--max-replicas", type=int, default=ServiceConfig.max_replicas)
-    deploy.add_argument("--service-account", help="service account with read access to the model bucket")
-    deploy.add_argument("--env", type=_env_pair, action="append", default=[], metavar="NAME=VALUE",
-                        help="extra container environment variable (repeatable)")
-    deploy.set_defaults(func=cmd_deploy)
-    add_arguments = _controller_hook("add_arguments")
-    if add_arguments is not None:
-        add_arguments(deploy)

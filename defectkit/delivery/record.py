@@ -1,22 +1,20 @@
 """The decision record of a delivery: what was shipped, every analysis with its figures, the timeline, the verdict.
 
-Written as ``decision_record.json`` and ``decision_record.md`` (the names
-``defectkit.registry`` logs them under) from the rollout state, so it can be rebuilt
-at any time from the state file alone.
+Built from the rollout state, so it can be rebuilt at any time from the state
+file alone, and written through :mod:`defectkit.decision_record` (file names,
+atomic writes) like every decision record.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from defectkit.delivery.state import FAILED, PROMOTED, ROLLED_BACK, RolloutState, iso
-from defectkit.files import write_json_atomic
+from defectkit import decision_record
+from defectkit.decision_record import JSON_NAME as JSON_NAME, MARKDOWN_NAME as MARKDOWN_NAME, iso
+from defectkit.delivery.state import FAILED, PROMOTED, ROLLED_BACK, RolloutState
 
 FORMAT = "defectkit.decision-record/v1"
-JSON_NAME = "decision_record.json"
-MARKDOWN_NAME = "decision_record.md"
 IN_PROGRESS = "in_progress"
 
 
@@ -106,13 +104,11 @@ def render_markdown(record: dict[str, Any]) -> str:
 
 def write_record(state: RolloutState, out_dir: Path) -> tuple[dict[str, Any], str]:
     """Write the record of ``state`` as JSON and Markdown into ``out_dir``; returns (record, markdown)."""
-    out_dir = Path(out_dir)
     record = build_record(state)
     markdown = render_markdown(record)
-    write_json_atomic(out_dir / JSON_NAME, record)
-    (out_dir / MARKDOWN_NAME).write_text(markdown)
+    decision_record.write(record, markdown, out_dir)
     return record, markdown
 
 
 def read_record(out_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(out_dir) / JSON_NAME).read_text())
+    return decision_record.read(out_dir)

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from defectkit.decision_record import iso
 from defectkit.files import write_json_atomic
 
 FORMAT = "defectkit.rollout/v1"
@@ -35,10 +35,6 @@ ROLLED_BACK = "rolled_back"
 FAILED = "failed"
 PHASES = (DEPLOYING, PROBING, STEPPING, ANALYSING, PROMOTING, PROMOTED, ROLLING_BACK, ROLLED_BACK, FAILED)
 TERMINAL = frozenset({PROMOTED, ROLLED_BACK, FAILED})
-
-
-def iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
 
 
 @dataclass

@@ -81,7 +81,7 @@ def run() -> dict:
     from defectkit.models import ModelMetadata, build_model, save_model
     from defectkit.preprocess import PreprocessSpec
     from defectkit.sampling import SamplingConfig
-    from defectkit.serving.server import import_kserve
+    from defectkit.serving.kserve_runtime import import_kserve
 
     import_kserve()
     from defectkit.serving.predictor import DefectPredictor, ServingConfig

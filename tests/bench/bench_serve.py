@@ -88,8 +88,8 @@ def oip_request(jpeg: bytes) -> tuple[bytes, dict[str, str]]:
 def start_model_server(model_dir: Path, log_path: Path, *args: str) -> ServerProcess:
     port = free_port()
     return start_server(
-        [sys.executable, "-m", "defectkit.serving", "--model", str(model_dir), "--port", str(port),
-         "--name", MODEL_NAME, *args],
+        [sys.executable, "-m", "defectkit", "serve", "--model", str(model_dir), "--port", str(port),
+         "--served-name", MODEL_NAME, *args],
         url=f"http://127.0.0.1:{port}", health_path=f"/v2/models/{MODEL_NAME}/ready", log_path=log_path,
         env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )

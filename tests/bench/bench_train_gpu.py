@@ -22,7 +22,8 @@ from defectkit import image
 from defectkit.data import Manifest, ManifestEntry, assign_validation, parse_layout, sha256_bytes
 from defectkit.preprocess import PreprocessSpec, preprocess_dataset
 from defectkit.synthetic import generate_sample
-from defectkit.train import TrainConfig, measure_throughput
+from defectkit.train import TrainConfig
+from tests.bench.throughput import measure_throughput
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def _dataset_artifact(sample: Path, out: Path) -> Path:
     GPU machines carry only the training stack; the sample is valid by construction.
     """
     try:
-        from defectkit.validation import ValidationConfig, validate_dataset
+        from defectkit.validation.dataset import ValidationConfig, validate_dataset
 
         validate_dataset(str(sample), out, ValidationConfig(min_images_per_class=2, min_side=16))
         return out

@@ -12,7 +12,8 @@ import torch
 from defectkit import models
 from defectkit.evaluation import evaluate
 from defectkit.preprocess import load_split
-from defectkit.train import TrainConfig, measure_throughput, run_with_oom_backoff, train
+from defectkit.train import TrainConfig, run_with_oom_backoff, train
+from tests.bench.throughput import measure_throughput
 from tests.bench.bench_train_gpu import preprocessed_sample
 
 pytestmark = [pytest.mark.gpu,

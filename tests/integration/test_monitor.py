@@ -22,7 +22,8 @@ from defectkit.synthetic import generate_sample
 from defectkit.serving.predictor import DefectPredictor, ServingConfig
 from defectkit.serving.kserve_runtime import import_kserve
 from defectkit.train import TrainConfig, train
-from defectkit.validation import ValidationConfig, validate_dataset
+from defectkit.validation.dataset import ValidationConfig, validate_dataset
+from defectkit_kfp.pipelines.run import retraining_starter
 from tests import shifts
 
 import_kserve()  # kserve parses sys.argv when first imported, where pytest's own options could abort it
@@ -195,7 +196,7 @@ def test_monitor_act_starts_a_local_retraining_run_on_the_merged_data(judged_mod
         policy=POLICY, base_dataset_uri=str(sample_dir), retraining_data_uri=str(tmp_path / "retraining"),
         training_arguments={"image_size": TINY_IMAGE_SIZE, "epochs": 1, "batch_size": 16, "device": "cpu",
                             "min_images_per_class": 2, "min_auroc": 0.0},
-        defect_class="stain", local_work_dir=tmp_path / "retrain", now=now,
+        defect_class="stain", start_run=retraining_starter(local_work_dir=tmp_path / "retrain"), now=now,
     )
     assert record["run"] and monitor.read_last_retrain(tmp_path / "state")["at"] == now
     dataset = Manifest.read(next((tmp_path / "retrain").rglob("validate-images/dataset")))

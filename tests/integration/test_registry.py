@@ -247,14 +247,14 @@ def test_register_model_component_in_a_local_pipeline(mlflow_server, models, tmp
 
     # kfp reads the return annotation as a type, which is why this module has no `from __future__ import annotations`.
     @dsl.pipeline
-    def register_only(model_uri: str, tracking_uri: str, model_name: str) -> str:
+    def register_only(model_uri: str, tracking_uri: str, registered_model: str) -> str:
         model = dsl.importer(artifact_uri=model_uri, artifact_class=Model, reimport=False)
-        task = register_model(model=model.output, tracking_uri=tracking_uri, model_name=model_name,
+        task = register_model(model=model.output, tracking_uri=tracking_uri, registered_model=registered_model,
                               dataset_fingerprint=FINGERPRINT, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         task.set_caching_options(False)
         return task.outputs["model_uri"]
 
-    task = register_only(model_uri=str(models[2]), tracking_uri=mlflow_server.config.tracking_uri, model_name=name)
+    task = register_only(model_uri=str(models[2]), tracking_uri=mlflow_server.config.tracking_uri, registered_model=name)
 
     assert task.output == f"models:/{name}/1"
     config = dataclasses.replace(mlflow_server.config, model_name=name)

@@ -97,7 +97,7 @@ def servers(judged, tmp_path_factory):
     def start(label: str, *args: str) -> ServerProcess:
         port = free_port()
         return start_server(
-            [sys.executable, "-m", "defectkit.serving", "--port", str(port), "--name", NAME, *args],
+            [sys.executable, "-m", "defectkit", "serve", "--port", str(port), "--served-name", NAME, *args],
             url=f"http://127.0.0.1:{port}", health_path="/v2/health/ready", log_path=root / f"{label}.log",
             env={"PYTHONPATH": str(REPO)}, timeout=120,
         )
@@ -397,7 +397,7 @@ def test_tampered_weights_stop_the_server_before_it_listens(judged, tmp_path):
     weights = bytearray((judged.model_dir / "model.safetensors").read_bytes())
     weights[-1] ^= 0xFF
     (tampered / "model.safetensors").write_bytes(bytes(weights))
-    result = subprocess.run([sys.executable, "-m", "defectkit.serving", "--model", str(tampered), "--port",
+    result = subprocess.run([sys.executable, "-m", "defectkit", "serve", "--model", str(tampered), "--port",
                              str(free_port())], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from defectkit.data import Manifest
-from defectkit.storage import upload_tree
+from defectkit.storage import Store
 from defectkit_kfp.pipelines.run import TRAINING_YAML, run_local
 from tests.conftest import TINY_IMAGE_SIZE
 
@@ -18,7 +18,9 @@ TINY = {"image_size": TINY_IMAGE_SIZE, "epochs": 2, "batch_size": 16, "min_image
 @pytest.fixture(scope="module")
 def gs_run(sample_dir, gcs_emulator, tmp_path_factory):
     """One pipeline run over a gs:// copy of the sample, served by the storage emulator."""
-    upload_tree(sample_dir, "gs://defectkit-test/surfaces")
+    store = Store("gs://defectkit-test/surfaces")
+    for path in sorted(p for p in sample_dir.rglob("*") if p.is_file()):
+        store.write(path.relative_to(sample_dir).as_posix(), path.read_bytes())
     run = run_local(TRAINING_YAML, {"source_uri": "gs://defectkit-test/surfaces", **TINY}, tmp_path_factory.mktemp("run"))
     return run
 

@@ -2,7 +2,7 @@
 
 The serving platform here is an in-memory stand-in that keeps the Backend contract (as
 tests/kube_api.py stands in for Kubernetes); the real local stack is exercised by
-tests/integration/test_delivery_local.py.
+tests/integration/test_local_rollout.py.
 """
 
 import json
@@ -299,7 +299,7 @@ def test_a_rollback_that_broke_off_is_finished_by_a_restore(tmp_path, clock):
     backend.kill = ("rollback", 1, "error")
     state = controller(backend, tmp_path, clock).run()
     assert state.phase == FAILED and state.target_weight == 0 and backend.weight == 10
-    assert "defectkit deploy --restore" in state.reason
+    assert "defectkit rollout restore" in state.reason
     with pytest.raises(RolloutInProgress):
         controller(backend, tmp_path, clock, candidate="other-model").run()
     assert restore_stable(backend, tmp_path / "state.json") is True

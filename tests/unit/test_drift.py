@@ -310,3 +310,26 @@ def test_detect_drift_component_runs_in_a_pipeline(image_root, tmp_path, monkeyp
     assert set(scores["features"]["evidently"]["scores"]) == set(FEATURE_NAMES)
     assert "Image features: DRIFTED" in next(outputs.rglob("detect-drift/summary")).read_text()
     assert "<html" in next(outputs.rglob("detect-drift/report")).read_text().lower()
+
+
+# --------------------------------------------------------------------------- the reference a judged model carries
+
+
+def test_a_judged_models_reference_is_copied_and_its_absence_named(tmp_path):
+    from defectkit.reference import copy_model_reference
+
+    model = tmp_path / "model"
+    (model / "reference").mkdir(parents=True)
+    (model / "reference" / "features.csv").write_text("path,brightness\na.png,0.5\n")
+    Reference.from_array(np.arange(40.0).reshape(20, 2), ["e0", "e1"]).save(model / "reference" / "embeddings.npz")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "kept.txt").write_text("there before")
+    assert copy_model_reference(model, tmp_path / "out") == tmp_path / "out"
+    assert (tmp_path / "out" / "features.csv").read_text() == "path,brightness\na.png,0.5\n"
+    assert Reference.load(tmp_path / "out" / "embeddings.npz").names == ("e0", "e1")
+    assert (tmp_path / "out" / "kept.txt").read_text() == "there before"
+
+    (tmp_path / "old").mkdir()
+    with pytest.raises(ValueError, match=r"models:/defectkit@champion has no reference/ .*evaluate it"):
+        copy_model_reference(tmp_path / "old", tmp_path / "nowhere", name="models:/defectkit@champion")
+    assert not (tmp_path / "nowhere").exists()

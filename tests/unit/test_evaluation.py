@@ -19,12 +19,15 @@ from defectkit.evaluation import (
     ThresholdPolicy,
     binary_metrics,
     bless,
+    champion_in,
     choose_threshold,
     evaluate,
+    judge,
     recall_by_class,
     roc_auc,
     roc_curve,
 )
+from defectkit.golden import read_golden
 from defectkit.preprocess import PreprocessSpec, load_split, preprocess_dataset
 from defectkit.train import TrainConfig, train
 
@@ -275,3 +278,27 @@ def test_candidate_identical_to_its_champion_is_approved(candidate_dir, preproce
                       gates=Gates(min_auroc=0.0))
     assert result.blessing.approved
     assert result.metrics["deltas"]["image_auroc"] == 0.0 and result.metrics["deltas"]["f1"] == 0.0
+
+
+def test_judge_writes_what_delivery_needs_and_finds_the_champion_only_where_there_is_one(
+        candidate_dir, preprocessed_dir, dataset_dir, tmp_path):
+    (tmp_path / "no-champion").mkdir()  # what a first run's empty champion artifact looks like
+    assert champion_in(tmp_path / "no-champion") is None and champion_in(candidate_dir) == candidate_dir
+    first = judge(candidate_dir, preprocessed_dir, dataset_dir, tmp_path / "no-champion",
+                  judged_model_dir=tmp_path / "judged", golden_dir=tmp_path / "golden",
+                  metrics_path=tmp_path / "metrics.json", report_path=tmp_path / "report.md",
+                  gates=Gates(min_auroc=0.0), device="cpu")
+    assert first.champion_metrics is None and first.model_dir == tmp_path / "judged"
+    judged = models.load_model(tmp_path / "judged")
+    assert judged.metadata.threshold == first.metrics["threshold"] and (tmp_path / "judged" / "reference").is_dir()
+    golden = read_golden(tmp_path / "golden")
+    assert golden.weights_sha256 == judged.metadata.weights_sha256 and len(golden.scores) == 8
+    assert json.loads((tmp_path / "metrics.json").read_text())["champion"] is None
+    assert (tmp_path / "report.md").read_text().startswith("# Model evaluation: APPROVED")
+
+    against = judge(candidate_dir, preprocessed_dir, dataset_dir, candidate_dir,
+                    judged_model_dir=tmp_path / "judged-again", golden_dir=tmp_path / "golden-again",
+                    metrics_path=tmp_path / "metrics-again.json", report_path=tmp_path / "report-again.md",
+                    gates=Gates(min_auroc=0.0), device="cpu")
+    assert against.champion_metrics["image_auroc"] == against.metrics["image_auroc"]
+    assert "| metric | candidate | champion | delta |" in (tmp_path / "report-again.md").read_text()

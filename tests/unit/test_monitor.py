@@ -10,11 +10,13 @@ import pytest
 from defectkit.monitor import (
     Decision,
     MonitorPolicy,
+    act,
     decide,
     decision_record,
     merge_for_retraining,
     read_last_retrain,
     render_record,
+    retraining_data_folder,
     write_last_retrain,
     write_record,
 )
@@ -124,3 +126,43 @@ def test_merge_with_a_defect_class_or_a_labeler(tmp_path):
     assert reviewed.added == {"scratch": 1} and reviewed.skipped == 1
     with pytest.raises(ValueError, match="defect_class"):
         merge_for_retraining(_base(tmp_path), window, tmp_path / "bad", defect_class="good")
+
+
+def _act(tmp_path: Path, start_run, *, now: float = NOW) -> dict:
+    """A drifted window of one good and one defect image, acted on with ``start_run``."""
+    window = tmp_path / "window" if (tmp_path / "window").exists() else _window(tmp_path, ["good", "defect"])
+    return act(drifted=True, drifted_features=["brightness"], new_images=500, window=(now - 600, now),
+               window_dir=window, state_uri=str(tmp_path / "state"), policy=POLICY,
+               base_dataset_uri=str(_base(tmp_path)), retraining_data_uri=str(tmp_path / "retraining"),
+               training_arguments={"epochs": 3}, defect_class="scratch", start_run=start_run, now=now)
+
+
+def test_act_hands_the_merged_data_to_the_starter_and_remembers_the_run(tmp_path):
+    started = []
+
+    def start_run(arguments, run_name):
+        started.append((dict(arguments), run_name))
+        return "run-7"
+
+    record = _act(tmp_path, start_run)
+    data = retraining_data_folder(str(tmp_path / "retraining"), NOW)
+    assert started == [({"epochs": 3, "source_uri": data}, f"retrain-{int(NOW)}")]
+    assert record["run"] == "run-7" and record["retraining_data"] == data and record["retrain"] is True
+    assert read_last_retrain(tmp_path / "state") == {"at": NOW, "run": "run-7"}
+    assert (Path(data) / "train" / "scratch" / "prod-s1.jpg").is_file()
+
+    again = _act(tmp_path, start_run, now=NOW + 60)
+    assert again["run"] is None and len(started) == 1, "the cooldown holds the second retraining back"
+
+
+def test_act_without_a_starter_only_records_the_decision(tmp_path):
+    record = _act(tmp_path, None)
+    assert record["retrain"] is True and record["run"] is None and record["retraining_data"] is None
+    assert read_last_retrain(tmp_path / "state") is None and not (tmp_path / "retraining").exists()
+
+
+def test_last_retrain_marker_on_gcs(gcs_emulator):
+    uri = "gs://defectkit-test/monitor-state"
+    assert read_last_retrain(uri) is None, "a missing marker on gs:// means no earlier retraining"
+    write_last_retrain(uri, NOW, "run-1")
+    assert read_last_retrain(uri) == {"at": NOW, "run": "run-1"}

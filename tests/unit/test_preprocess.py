@@ -300,3 +300,12 @@ def test_reading_something_that_is_not_preprocessed_output_says_so(tmp_path):
     (tmp_path / "preprocess.json").write_text(json.dumps({"format": "other/v9"}))
     with pytest.raises(ValueError, match="other/v9"):
         read_spec(tmp_path)
+
+
+def test_a_dataset_with_another_fingerprint_is_refused_before_anything_is_written(dataset, tmp_path):
+    fingerprint = Manifest.read(dataset).fingerprint
+    with pytest.raises(ValueError, match=f"does not match the expected {'0' * 64}"):
+        preprocess_dataset(dataset, tmp_path / "refused", SPEC, workers=1, expected_fingerprint="0" * 64)
+    assert not (tmp_path / "refused").exists()
+    preprocess_dataset(dataset, tmp_path / "out", SPEC, workers=1, expected_fingerprint=fingerprint)
+    assert read_info(tmp_path / "out")["dataset_fingerprint"] == fingerprint

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import time
@@ -27,7 +26,9 @@ from defectkit.serving.predictor import (
     model_version,
 )
 from defectkit.serving.kserve_runtime import import_kserve
-from defectkit.serving.server import add_commands, config_from_args, resolve_model
+from defectkit.cli import build_parser
+from defectkit.cli.serve import config_from_args
+from defectkit.serving.server import resolve_model
 
 import_kserve()  # kserve parses sys.argv when first imported, where pytest's own options could abort it
 
@@ -292,13 +293,12 @@ def test_resolve_model_for_directories(models_dir, tmp_path):
 
 
 def test_serve_command_options():
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers())
+    parser = build_parser()
     args = parser.parse_args(["serve", "--model", "m", "--port", "9000", "--max-batch", "4", "--max-wait-ms", "2",
                               "--fault-error-rate", "0.2", "--fault-latency-ms", "50", "--fault-score-shift", "0.1",
                               "--breaker-failures", "3", "--max-body-mb", "2"])
     assert args.func.__name__ == "cmd_serve"
-    assert (args.host, args.fallback, args.name, args.tracking_uri) == ("127.0.0.1", None, "defectkit", None)
+    assert (args.host, args.fallback, args.served_name, args.tracking_uri) == ("127.0.0.1", None, "defectkit", None)
     config = config_from_args(args)
     assert dataclasses.replace(config.batch, workers=1) == BatchConfig(max_batch=4, max_wait_ms=2, workers=1)
     assert config.faults == FaultConfig(error_rate=0.2, latency_ms=50, score_shift=0.1)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from defectkit.serving.protocol import INFERENCE_HEADER, encode_response, error_body, parse_request
-from defectkit.serving.server import import_kserve
+from defectkit.serving.kserve_runtime import import_kserve
 
 import_kserve()  # kserve parses sys.argv when first imported, where pytest's own options could abort it
 

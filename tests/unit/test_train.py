@@ -17,11 +17,11 @@ from defectkit.train import (
     TrainConfig,
     jitter,
     learning_rate,
-    measure_throughput,
     random_orientation,
     run_with_oom_backoff,
     train,
 )
+from tests.bench.throughput import measure_throughput
 
 TINY = TrainConfig(epochs=2, batch_size=16, device="cpu")
 

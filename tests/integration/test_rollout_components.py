@@ -15,7 +15,7 @@ from defectkit_kfp.components.deploy_canary import deploy_canary
 from defectkit_kfp.components.restore_traffic import restore_traffic
 from defectkit import registry
 from defectkit.delivery import record
-from defectkit.golden import build_golden
+from defectkit.evaluation import build_golden
 from defectkit.delivery.local import LocalBackend, read_stack, stop_stack
 from defectkit.delivery.state import PROMOTED, StateStore
 from defectkit.models import ModelMetadata, build_model, save_model

@@ -1,4 +1,5 @@
-"""The main job on embedded defaults (`make run`, `make demo-rollback`).
+"""``defectkit demo [rollback|drift]``: the main job on embedded defaults (`make run`, `make demo-rollback`,
+`make demo-drift`).
 
 Everything runs on this machine: a sample dataset, the committed training
 pipeline YAML through kfp.local, an MLflow registry on sqlite and a local
@@ -9,6 +10,7 @@ requests to judge.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import threading
@@ -37,7 +39,8 @@ class DemoDefaults:
     traffic_per_s: float = 20.0
     # The sample's test split is small: one image moves F1 by about 0.017.
     max_f1_drop: float = 0.05
-    model_name: str = "defectkit"
+    registered_model: str = "defectkit"
+    served_name: str = "defectkit"
 
 
 def tracking_uri(work: Path) -> str:
@@ -59,7 +62,7 @@ def _test_images(data: Path) -> list[bytes]:
 
 @contextmanager
 def production_traffic(work: Path, images: list[bytes], rate: float,
-                       model_name: str = DemoDefaults.model_name) -> Iterator[None]:
+                       served_name: str = DemoDefaults.served_name) -> Iterator[None]:
     """Replay ``images`` through the local router whenever it is up, until the block ends."""
     from defectkit.delivery.local import read_stack
     from defectkit.delivery.traffic import LoadGenerator
@@ -73,7 +76,7 @@ def production_traffic(work: Path, images: list[bytes], rate: float,
             if stack is None or stack.router is None or stack.stable is None:
                 stop.wait(0.5)
                 continue
-            with LoadGenerator(f"{stack.router.url}/v2/models/{model_name}/infer", images, rate) as load:
+            with LoadGenerator(f"{stack.router.url}/v2/models/{served_name}/infer", images, rate) as load:
                 sent.append(load)
                 while not stop.is_set() and read_stack(work) is not None:
                     stop.wait(0.5)
@@ -93,8 +96,8 @@ def production_traffic(work: Path, images: list[bytes], rate: float,
 
 def delivery_outcome(work: Path) -> dict | None:
     """The decision record of the last delivery in ``work``, if any."""
-    from defectkit.delivery.controller import DELIVERY_DIR
     from defectkit.delivery.record import JSON_NAME
+    from defectkit.delivery.rollout import DELIVERY_DIR
 
     path = work / DELIVERY_DIR / JSON_NAME
     return json.loads(path.read_text()) if path.is_file() else None
@@ -107,7 +110,7 @@ def _training_arguments(work: Path, defaults: DemoDefaults) -> dict:
         "batch_size": defaults.batch_size,
         "seed": defaults.seed,
         "tracking_uri": tracking_uri(work),
-        "model_name": defaults.model_name,
+        "registered_model": defaults.registered_model,
         "serving_work_dir": str(work),
         "canary_steps": defaults.canary_steps,
         "canary_interval_s": defaults.canary_interval_s,
@@ -122,7 +125,7 @@ def train_and_ship(work: Path, defaults: DemoDefaults = DemoDefaults()):
 
     data = ensure_sample(work, defaults)
     arguments = {"source_uri": str(data), **_training_arguments(work, defaults)}
-    with production_traffic(work, _test_images(data), defaults.traffic_per_s, defaults.model_name):
+    with production_traffic(work, _test_images(data), defaults.traffic_per_s, defaults.served_name):
         return run_local(TRAINING_YAML, arguments, work / "runs" / time.strftime("%Y%m%d-%H%M%S"))
 
 
@@ -143,17 +146,17 @@ def ship_broken_candidate(work: Path, defaults: DemoDefaults = DemoDefaults()) -
 
     from defectkit import models, registry
     from defectkit.delivery.analysis import CanaryPolicy, parse_steps
-    from defectkit.delivery.controller import DeliveryConfig, deliver
-    from defectkit.golden import build_golden
+    from defectkit.delivery.rollout import DeliveryConfig, deliver
+    from defectkit.evaluation import build_golden
 
     uri = tracking_uri(work)
-    config = registry.RegistryConfig.for_uri(uri, model_name=defaults.model_name)
+    config = registry.RegistryConfig.for_uri(uri, model_name=defaults.registered_model)
     champion = registry.champion(config)
     if champion is None:
         raise ValueError(f"no champion in {uri}: run `make run` first")
     scratch = work / "broken"
     shutil.rmtree(scratch, ignore_errors=True)
-    good = registry.resolve(f"models:/{defaults.model_name}/{champion.version}", scratch / "champion",
+    good = registry.resolve(f"models:/{defaults.registered_model}/{champion.version}", scratch / "champion",
                             tracking_uri=uri)
     model = models.load_model(good)
     with torch.no_grad():
@@ -164,10 +167,10 @@ def ship_broken_candidate(work: Path, defaults: DemoDefaults = DemoDefaults()) -
     golden = build_golden(_last_dataset_artifact(work), broken, scratch / "golden")
     policy = CanaryPolicy(steps=parse_steps(defaults.canary_steps), interval_s=defaults.canary_interval_s,
                           min_requests=defaults.canary_min_requests)
-    delivery = DeliveryConfig(model=f"models:/{defaults.model_name}/{ref.version}", version=ref.version,
-                              policy=policy, work_dir=str(work), golden_dir=str(golden), tracking_uri=uri,
-                              registered_model=defaults.model_name, model_name=defaults.model_name)
-    with production_traffic(work, _test_images(data), defaults.traffic_per_s, defaults.model_name):
+    delivery = DeliveryConfig.for_registered_version(
+        defaults.registered_model, ref.version, artifact_uri=str(broken), policy=policy, work_dir=str(work),
+        golden_dir=str(golden), tracking_uri=uri, served_name=defaults.served_name)
+    with production_traffic(work, _test_images(data), defaults.traffic_per_s, defaults.served_name):
         deliver(delivery)
     return delivery_outcome(work) or {}
 
@@ -194,7 +197,8 @@ def _serve_with_sampling(work: Path, images: list[bytes], samples: Path, default
     from defectkit.delivery.local import start_model_server, stop_process
 
     server = start_model_server(
-        "sampled", f"models:/{defaults.model_name}@champion", log_dir=work / "serving", name=defaults.model_name,
+        "sampled", f"models:/{defaults.registered_model}@champion", log_dir=work / "serving",
+        name=defaults.served_name,
         args=("--tracking-uri", tracking_uri(work), "--sample-rate", "1", "--sample-uri", str(samples)),
     )
     answered = 0
@@ -203,7 +207,7 @@ def _serve_with_sampling(work: Path, images: list[bytes], samples: Path, default
             for data in images:
                 body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                                     "data": [base64.b64encode(data).decode()]}]}
-                answered += client.post(f"{server.url}/v2/models/{defaults.model_name}/infer", json=body).is_success
+                answered += client.post(f"{server.url}/v2/models/{defaults.served_name}/infer", json=body).is_success
     finally:
         stop_process(server)  # SIGTERM: the sampler writes what is still queued on shutdown
     return answered
@@ -219,7 +223,7 @@ def drift_loop(work: Path, defaults: DemoDefaults = DemoDefaults()) -> dict:
     from defectkit_kfp.pipelines.run import MONITOR_YAML, run_local
 
     uri = tracking_uri(work)
-    if registry.champion(registry.RegistryConfig.for_uri(uri, model_name=defaults.model_name)) is None:
+    if registry.champion(registry.RegistryConfig.for_uri(uri, model_name=defaults.registered_model)) is None:
         raise ValueError(f"no champion in {uri}: run `make run` first")
     data = ensure_sample(work, defaults)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -229,7 +233,7 @@ def drift_loop(work: Path, defaults: DemoDefaults = DemoDefaults()) -> dict:
     log.info("production played: %d brighter images answered and sampled to %s", answered, samples)
     arguments = {
         "sample_uri": str(samples),
-        "model_uri": f"models:/{defaults.model_name}@champion",
+        "model_uri": f"models:/{defaults.registered_model}@champion",
         "tracking_uri": uri,
         "state_uri": str(work / "monitor"),
         "base_dataset_uri": str(data),
@@ -240,7 +244,7 @@ def drift_loop(work: Path, defaults: DemoDefaults = DemoDefaults()) -> dict:
         "training_arguments": json.dumps(_training_arguments(work, defaults)),
         "local_work_dir": str(work / "runs" / f"retrain-{stamp}"),
     }
-    with production_traffic(work, _test_images(data), defaults.traffic_per_s, defaults.model_name):
+    with production_traffic(work, _test_images(data), defaults.traffic_per_s, defaults.served_name):
         run = run_local(MONITOR_YAML, arguments, work / "runs" / f"monitor-{stamp}")
     record = json.loads(next(run.pipeline_root.rglob("decide-retraining/record")).read_text())
     verdicts = sorted((work / "runs" / f"retrain-{stamp}").glob("pipeline_root/*/evaluate-model/verdict"))
@@ -249,3 +253,91 @@ def drift_loop(work: Path, defaults: DemoDefaults = DemoDefaults()) -> dict:
         record["retraining_verdict"] = {"approved": verdict["approved"], "reasons": verdict["reasons"],
                                         "image_auroc": verdict["image_auroc"]}
     return record
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    demo = commands.add_parser("demo", help="sample data, train, judge, register and canary-ship on embedded "
+                               "defaults (`make run`); `demo rollback` and `demo drift` play the other outcomes")
+    demo.add_argument("--work", default="runs", help="work directory (default %(default)s)")
+    demo.set_defaults(func=cmd_demo)
+    scenarios = demo.add_subparsers(dest="scenario", metavar="SCENARIO")
+    rollback = scenarios.add_parser("rollback", help="ship a deliberately broken candidate against the champion of "
+                                    "`demo` and show it rolled back")
+    rollback.set_defaults(func=cmd_rollback)
+    drift = scenarios.add_parser("drift", help="serve the champion, send it shifted images, detect the drift, "
+                                 "retrain on the new data and canary the retrained model")
+    drift.set_defaults(func=cmd_drift)
+    for scenario in (rollback, drift):
+        # SUPPRESS: `demo --work W rollback` keeps W; a default here would overwrite it.
+        scenario.add_argument("--work", default=argparse.SUPPRESS, help="work directory of `demo` (default runs)")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from defectkit.cli.pipeline import collect, run_failed, summary
+
+    started = time.perf_counter()
+    work = Path(args.work).resolve()
+    try:
+        run = train_and_ship(work)
+    except RuntimeError as exc:
+        raise run_failed(exc, work) from exc
+    print(summary(run, collect(run, None), started=started) + _serving_summary(work))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    work = Path(args.work).resolve()
+    record = ship_broken_candidate(work)
+    print(_delivery_lines(record, title="broken candidate (calls every image defective)")
+          + _serving_summary(work, last_delivery=False))
+    return 0 if record.get("verdict") == "rolled_back" else 1
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from defectkit import monitor
+    from defectkit.cli.pipeline import run_failed
+
+    work = Path(args.work).resolve()
+    try:
+        record = drift_loop(work)
+    except RuntimeError as exc:
+        raise run_failed(exc, work) from exc
+    lines = ["", monitor.render_record(record)]
+    verdict = record.get("retraining_verdict")
+    if verdict:
+        lines.append(f"retrained    image AUROC {verdict['image_auroc']:.4f}: "
+                     f"{'APPROVED' if verdict['approved'] else 'NOT APPROVED'}")
+        lines += [f"  - {reason}" for reason in verdict["reasons"]]
+    print("\n".join(lines) + _serving_summary(work))
+    return 0
+
+
+def _delivery_lines(record: dict | None, *, title: str) -> str:
+    if not record:
+        return "\ndelivery     none (not approved, or no registry)"
+    candidate = record["candidate"]
+    lines = ["", f"canary       {title}, version {candidate.get('version')}: {record['verdict'].upper()} "
+                 f"after {record.get('duration_s')} s, candidate at {record['final_weight']}% traffic"]
+    if record.get("reason"):
+        lines.append(f"  why        {record['reason']}")
+    for entry in record.get("analyses", []):
+        lines.append(f"  step {entry['step']} at {entry['weight']}%: {entry['verdict']}: {entry['explanation']}")
+    return "\n".join(lines)
+
+
+def _serving_summary(work: Path, *, last_delivery: bool = True) -> str:
+    from defectkit.delivery.local import read_stack
+
+    lines = [_delivery_lines(delivery_outcome(work), title="last delivery")] if last_delivery else [""]
+    stack = read_stack(work)
+    if stack is not None and stack.router is not None:
+        lines += [
+            f"serving      champion at {stack.router.url}/v2/models/{DemoDefaults.served_name}/infer "
+            f"(Open Inference Protocol v2)",
+            f"             stop it with: .venv/bin/defectkit stack stop --work {work}",
+        ]
+    lines.append(f"registry     {tracking_uri(work)}")
+    return "\n".join(lines) + "\n"

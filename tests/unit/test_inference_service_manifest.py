@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
-import logging
-import sys
 
 import pytest
 import yaml
@@ -16,7 +13,6 @@ from defectkit.delivery.manifest import (
     MAX_NAME_LENGTH,
     STORAGE_URI_ENV,
     ServiceConfig,
-    add_commands,
     build_inference_service,
     parse_quantity,
     patch_for_canary,
@@ -25,6 +21,7 @@ from defectkit.delivery.manifest import (
     patch_for_traffic,
     storage_uri_of,
 )
+from defectkit.cli import build_parser, main
 from tests.crd import assert_valid, crd_schema, object_problems, patch_problems, schema_errors, unknown_fields
 from tests.kube_api import merge_patch
 
@@ -79,7 +76,7 @@ def test_every_manifest_and_patch_result_is_valid(canary, gpu, service_account, 
     serving = container(manifest)
     assert serving["name"] == CONTAINER_NAME
     assert serving["command"] + serving["args"] == [
-        "defectkit", "serve", "--model", "/mnt/models", "--port", "8080", "--host", "0.0.0.0", "--name", "defectkit"]
+        "defectkit", "serve", "--model", "/mnt/models", "--port", "8080", "--host", "0.0.0.0", "--served-name", "defectkit"]
     assert serving["env"] == [{"name": STORAGE_URI_ENV, "value": STABLE_URI}] + [
         {"name": k, "value": v} for k, v in env]
     assert serving["resources"]["limits"].get("nvidia.com/gpu") == (str(gpu) if gpu else None)
@@ -210,7 +207,7 @@ def test_schema_violations_are_reported(edit, message):
     ({"env": (("STORAGE_URI", "gs://x/y"),)}, "storage_uri"),
     ({"env": (("A", "1"), ("A", "2"))}, "repeat"),
     ({"env": (("1A", "x"),)}, "environment variable name"),
-    ({"model_name": "de fect"}, "model name"),
+    ({"served_name": "de fect"}, "served name"),
 ])
 def test_config_refuses_what_the_cluster_would(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -248,19 +245,12 @@ def test_canary_patch_carries_the_resource_version_precondition():
     assert "metadata" not in patch_for_canary(build_inference_service(config()), CANDIDATE_URI)
 
 
-def _deploy_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="defectkit")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
-def test_deploy_dry_run_prints_the_manifest(capsys):
-    args = _deploy_parser().parse_args([
-        "deploy", "--backend", "kserve", "--dry-run", "--name", "defect", "--namespace", "ml",
+def test_rollout_manifest_prints_the_manifest(capsys):
+    assert main([
+        "rollout", "manifest", "--name", "defect", "--namespace", "ml",
         "--storage-uri", CANDIDATE_URI, "--canary-percent", "10", "--image", IMAGE, "--gpu", "1",
         "--min-replicas", "0", "--service-account", "defectkit-serve", "--env", "LOG_LEVEL=debug",
-    ])
-    assert args.func(args) == 0
+    ]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert_valid(printed)
     assert printed == build_inference_service(config(
@@ -269,22 +259,10 @@ def test_deploy_dry_run_prints_the_manifest(capsys):
     ))
 
 
-def test_deploy_dry_run_names_what_is_missing():
-    args = _deploy_parser().parse_args(["deploy", "--backend", "kserve", "--dry-run", "--storage-uri", CANDIDATE_URI])
-    with pytest.raises(ValueError, match="--image"):
-        args.func(args)
+def test_rollout_manifest_names_what_is_missing(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["rollout", "manifest", "--storage-uri", CANDIDATE_URI])
+    assert exit_.value.code == 2 and "--image" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        _deploy_parser().parse_args(["deploy", "--env", "NOVALUE"])
-
-
-@pytest.mark.parametrize("argv", [
-    ["deploy", "--backend", "local"],
-    ["deploy", "--backend", "kserve", "--storage-uri", CANDIDATE_URI, "--image", IMAGE],
-])
-def test_deploy_without_a_controller_exits_2(argv, monkeypatch, caplog):
-    # As on an installation without the delivery controller: the import finds no module.
-    monkeypatch.setitem(sys.modules, "defectkit.delivery.controller", None)
-    args = _deploy_parser().parse_args(argv)
-    with caplog.at_level(logging.ERROR):
-        assert args.func(args) == 2
-    assert "defectkit.delivery.controller.run_from_args" in caplog.text
+        build_parser().parse_args(["rollout", "manifest", "--storage-uri", CANDIDATE_URI, "--image", IMAGE,
+                                   "--env", "NOVALUE"])

@@ -1,0 +1,302 @@
+"""A delivery as configured: which backend, which candidate, which registry, then the controller run.
+
+:mod:`defectkit.delivery.controller` is the state machine; this module wires it to a backend
+(local stack or KServe), the MLflow registry (alias moves on promotion, the decision record on
+the candidate's run) and the golden set, for ``defectkit rollout`` and the deploy_canary and
+restore_traffic components.
+
+Pipelines cannot pass None, so the policy travels through them as parameters
+(:func:`policy_parameters`): steps comma-separated, and an optional limit that is off as 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from defectkit.delivery import analysis, record
+from defectkit.delivery.analysis import CanaryPolicy
+from defectkit.delivery.controller import Controller, Hook, restore_stable
+from defectkit.delivery.state import PROMOTED, ROLLED_BACK, RolloutState, StateStore
+from defectkit.golden import read_golden
+
+log = logging.getLogger(__name__)
+
+DELIVERY_DIR = "delivery"
+STATE_FILE = "state.json"
+CANARY_TAG = "canary"
+BACKENDS = ("local", "kserve")
+# CanaryPolicy fields that may be None (no limit); a pipeline parameter of 0 means None.
+OPTIONAL_LIMITS = ("max_p99_latency_s", "max_p99_ratio")
+
+
+def policy_parameters(policy: CanaryPolicy = CanaryPolicy()) -> dict[str, Any]:
+    """``policy`` as pipeline parameters: steps as "10,25,50,100", a limit that is off as 0."""
+    parameters = policy.to_json()
+    parameters["steps"] = ",".join(map(str, policy.steps))
+    for name in OPTIONAL_LIMITS:
+        if parameters[name] is None:
+            parameters[name] = 0.0
+    return parameters
+
+
+def policy_from_parameters(**parameters: Any) -> CanaryPolicy:
+    """The inverse of :func:`policy_parameters`; fields left out keep CanaryPolicy's defaults."""
+    values = dict(parameters)
+    if "steps" in values:
+        values["steps"] = analysis.parse_steps(values["steps"])
+    for name in OPTIONAL_LIMITS:
+        if name in values and not values[name]:
+            values[name] = None
+    return CanaryPolicy.from_json(values)
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """One delivery, as ``defectkit rollout start`` and the deploy_canary component describe it.
+
+    ``model`` is the candidate: a model directory or ``models:/<name>/<version>`` (an alias
+    is pinned to its version) for the local backend, a ``gs://`` storage URI for kserve.
+    ``version`` is its registry version, for the registry hooks and the decision record's
+    run. ``stable`` is what a local stack that is not running starts with (default: the
+    registry's champion; with none, the delivery is a first deployment). The state file
+    and the decision record default to ``work_dir/delivery/``; for the kserve backend
+    ``work_dir`` must outlive the step running the delivery (a volume, a /gcs/ mount) for a
+    crash to be resumed or restored. ``registered_model`` is the MLflow registered model name;
+    ``served_name`` is the name in the servers' ``/v2/models/<name>/infer`` route.
+    """
+
+    model: str = ""
+    backend: str = "local"
+    version: str | None = None
+    policy: CanaryPolicy = CanaryPolicy()
+    work_dir: str = "runs"
+    state_path: str | None = None
+    record_dir: str | None = None
+    golden_dir: str | None = None
+    tracking_uri: str | None = None
+    registered_model: str = "defectkit"
+    stable: str | None = None
+    served_name: str = "defectkit"
+    router_port: int = 0
+    server_args: tuple[str, ...] = ()
+    candidate_args: tuple[str, ...] = ()
+    scrape_interval_s: float = 1.0
+    namespace: str = "default"
+    service_name: str = "defectkit"
+    api_url: str | None = None
+    prometheus_url: str | None = None
+    probe_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} must be 'local' or 'kserve'")
+        if self.backend == "kserve" and not self.prometheus_url:
+            raise ValueError("the kserve backend needs prometheus_url (--prometheus-url): canary analysis reads "
+                             "the predictor pods' metrics from Prometheus")
+
+    @property
+    def state_file(self) -> Path:
+        return Path(self.state_path) if self.state_path else Path(self.work_dir) / DELIVERY_DIR / STATE_FILE
+
+    @property
+    def record_path(self) -> Path:
+        return Path(self.record_dir) if self.record_dir else Path(self.work_dir) / DELIVERY_DIR
+
+    @classmethod
+    def for_registered_version(cls, registered_model: str, version: str, *, artifact_uri: str,
+                               storage_uri: str = "", **settings: Any) -> DeliveryConfig:
+        """The delivery of ``version`` of ``registered_model``, whose judged artifact lives at ``artifact_uri``.
+
+        The local backend serves the registry's copy, which outlives the run's artifacts, so the
+        stack can restart its servers from it; KServe's storage initializer downloads
+        ``storage_uri``, or the artifact itself when none is given.
+        """
+        backend = settings.get("backend", "local")
+        model = (storage_uri or artifact_uri) if backend == "kserve" else f"models:/{registered_model}/{version}"
+        return cls(model=model, version=version, registered_model=registered_model, **settings)
+
+
+def make_backend(config: DeliveryConfig):
+    """The LocalBackend or KServeBackend ``config`` names; close() it when done (a LocalBackend scrapes)."""
+    if config.backend == "local":
+        from defectkit.delivery.local import LocalBackend, StackOptions
+
+        return LocalBackend(Path(config.work_dir), StackOptions(
+            model_name=config.served_name, tracking_uri=config.tracking_uri, router_port=config.router_port,
+            server_args=config.server_args, candidate_args=config.candidate_args,
+            scrape_interval_s=config.scrape_interval_s))
+    from defectkit.delivery.kserve import KServeBackend, KubeApi
+
+    api = KubeApi(config.api_url) if config.api_url else KubeApi.from_kubeconfig()
+    return KServeBackend(api, config.namespace, config.service_name, config.prometheus_url,
+                         model_name=config.served_name, probe_url=config.probe_url)
+
+
+def deliver(config: DeliveryConfig) -> RolloutState:
+    """Run (or resume) the delivery ``config`` describes; writes the decision record and, with a registry
+    and a version, moves the aliases and logs the record to the candidate's run."""
+    candidate, version = _pinned(config.model, config.tracking_uri, config.backend)
+    version = config.version or version
+    golden = read_golden(Path(config.golden_dir)) if config.golden_dir else None
+    if golden is not None and golden.weights_sha256 and (Path(candidate) / "model.json").is_file():
+        weights = json.loads((Path(candidate) / "model.json").read_text()).get("weights_sha256")
+        if weights != golden.weights_sha256:
+            raise ValueError(f"the golden set in {config.golden_dir} was scored by weights {golden.weights_sha256[:12]}"
+                             f" but the candidate {candidate} has weights {str(weights)[:12]}; build the golden set "
+                             f"with the candidate model")
+    on_promote, on_rollback = _hooks(config, version)
+    backend = make_backend(config)
+    try:
+        if config.backend == "local":
+            stable = _stable_for_stack(config)
+            if backend.stack() is None and stable is None:
+                state = _first_deployment(backend, config.state_file, candidate, version, config.policy, on_promote)
+            else:
+                stable = backend.ensure_stack(stable).stable.model
+                state = None
+        else:
+            stable, state = None, None
+        if state is None:
+            state = Controller(backend, config.policy, config.state_file, candidate=candidate,
+                               candidate_version=version, stable=stable, backend_name=config.backend, golden=golden,
+                               on_promote=on_promote, on_rollback=on_rollback).run()
+    finally:
+        _close(backend)
+    record.write_record(state, config.record_path)
+    if config.tracking_uri and version:
+        log_record(config.tracking_uri, config.registered_model, version, state)
+    return state
+
+
+def restore(config: DeliveryConfig, reason: str = "restore requested") -> bool:
+    """``restore_stable`` for the delivery recorded under ``config`` (the pipeline's exit handler)."""
+    state = StateStore(config.state_file).load()
+    if state is None:
+        log.info("no delivery recorded in %s; nothing to restore", config.state_file)
+        return False
+    _, on_rollback = _hooks(config, state.candidate_version)
+    backend = make_backend(config)
+    try:
+        restored = restore_stable(backend, config.state_file, reason=reason, on_rollback=on_rollback,
+                                  record_dir=config.record_path)
+    finally:
+        _close(backend)
+    if restored and config.tracking_uri and state.candidate_version:
+        log_record(config.tracking_uri, config.registered_model, state.candidate_version,
+                   StateStore(config.state_file).load())
+    return restored
+
+
+def plan(config: DeliveryConfig) -> dict[str, Any]:
+    """What ``deliver(config)`` would do, with the candidate resolved (an alias pinned), changing nothing."""
+    candidate, version = _pinned(config.model, config.tracking_uri, config.backend)
+    return {"backend": config.backend, "candidate": candidate, "version": config.version or version,
+            "policy": config.policy.to_json(), "golden": config.golden_dir, "state": str(config.state_file)}
+
+
+def _close(backend) -> None:
+    close = getattr(backend, "close", None)  # a LocalBackend's scraper thread; KServeBackend holds nothing
+    if close is not None:
+        close()
+
+
+def _hooks(config: DeliveryConfig, version: str | None) -> tuple[Hook | None, Hook | None]:
+    if not (config.tracking_uri and version):
+        return None, None
+    return registry_hooks(config.tracking_uri, config.registered_model, version)
+
+
+def _pinned(uri: str, tracking_uri: str | None, backend: str) -> tuple[str, str | None]:
+    """(candidate URI, registry version): an alias is pinned to the version it points to now."""
+    if not uri:
+        raise ValueError("no candidate given: pass --model (local backend: a model directory or models:/ URI) or "
+                         "--storage-uri (kserve backend: the gs:// model directory)")
+    from defectkit import registry
+
+    parsed = registry.ModelUri.parse(uri)
+    if parsed is not None and parsed.alias is None:
+        return uri, parsed.version
+    if parsed is not None:
+        if not tracking_uri:
+            raise ValueError(f"{uri} is a registry URI: give the registry with --tracking-uri")
+        ref = registry.pin(parsed, tracking_uri)
+        return ref.uri, ref.version
+    if backend == "kserve":
+        from defectkit.delivery.manifest import validate_storage_uri
+
+        return validate_storage_uri(uri), None
+    if "://" in uri:
+        return uri, None
+    path = Path(uri).resolve()
+    if not (path / "model.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no model.json); give the judged model")
+    return str(path), None
+
+
+def _stable_for_stack(config: DeliveryConfig) -> str | None:
+    if config.stable:
+        return _pinned(config.stable, config.tracking_uri, "local")[0]
+    if config.tracking_uri:
+        from defectkit import registry
+
+        ref = registry.champion(registry.RegistryConfig.for_uri(config.tracking_uri,
+                                                                model_name=config.registered_model))
+        return ref.uri if ref is not None else None
+    return None
+
+
+def _first_deployment(backend, state_path: Path, candidate: str, version: str | None, policy: CanaryPolicy,
+                      on_promote: Hook | None) -> RolloutState:
+    """Nothing serves yet: the candidate becomes the stable version of a new stack, with nothing to compare."""
+    store = StateStore(state_path)
+    state = RolloutState(candidate=candidate, candidate_version=version, backend="local", policy=policy.to_json())
+    state.event("first deployment: no stable version serves yet")
+    state.target_weight = 100
+    store.save(state)
+    backend.ensure_stack(candidate, first_deployment=True)
+    state.weight, state.target_weight = 100, None
+    state.event("candidate serves all traffic")
+    store.save(state)
+    if on_promote is not None:
+        on_promote(state)
+    state.phase = PROMOTED
+    state.reason = "first deployment: no stable version served, so there was nothing to compare the candidate with"
+    state.event("delivery finished: promoted")
+    store.save(state)
+    return state
+
+
+# --------------------------------------------------------------------------- registry hooks
+
+
+def registry_hooks(tracking_uri: str, registered_model: str, version: str) -> tuple[Hook, Hook]:
+    """on_promote (alias champion -> version) and on_rollback (tag canary=rolled_back, champion kept)."""
+    from defectkit import registry
+
+    config = registry.RegistryConfig.for_uri(tracking_uri, model_name=registered_model)
+
+    def promoted(state: RolloutState) -> None:
+        registry.promote(config, version)
+        registry.mark(config, version, CANARY_TAG, PROMOTED)
+
+    def rolled_back(state: RolloutState) -> None:
+        registry.mark(config, version, CANARY_TAG, ROLLED_BACK)
+
+    return promoted, rolled_back
+
+
+def log_record(tracking_uri: str, registered_model: str, version: str, state: RolloutState) -> None:
+    """Attach the decision record to the run of the registered ``version``."""
+    from mlflow import MlflowClient
+
+    from defectkit import registry
+
+    config = registry.RegistryConfig.for_uri(tracking_uri, model_name=registered_model)
+    run_id = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri) \
+        .get_model_version(registered_model, version).run_id
+    built = record.build_record(state)
+    registry.log_decision_record(config, run_id, built, record.render_markdown(built))

@@ -1,3 +1,0 @@
-from defectkit.serving.server import main
-
-raise SystemExit(main())
