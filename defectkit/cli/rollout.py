@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from defectkit.delivery.analysis import CanaryPolicy
-from defectkit.delivery.manifest import ServiceConfig
+from defectkit.delivery.kserve.manifest import ServiceConfig
 
 BACKENDS = ("local", "kserve")
 EXIT_PROMOTED, EXIT_ERROR, EXIT_ROLLED_BACK = 0, 2, 3
@@ -281,7 +281,7 @@ def _add_manifest_options(parser: argparse.ArgumentParser) -> None:
 def cmd_manifest(args: argparse.Namespace) -> int:
     import yaml
 
-    from defectkit.delivery.manifest import build_inference_service
+    from defectkit.delivery.kserve.manifest import build_inference_service
 
     config = ServiceConfig(
         name=args.name, namespace=args.namespace, image=args.image, storage_uri=args.storage_uri,

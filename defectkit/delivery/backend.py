@@ -3,7 +3,7 @@ inference request that probes (and replayed traffic) send.
 
 Two implementations: :class:`defectkit.delivery.local.LocalBackend` (model servers on
 127.0.0.1 behind a weighted router, the embedded default) and
-:class:`defectkit.delivery.kserve.KServeBackend` (a KServe InferenceService).
+:class:`defectkit.delivery.kserve.backend.KServeBackend` (a KServe InferenceService).
 """
 
 from __future__ import annotations
@@ -137,3 +137,25 @@ class Backend(Protocol):
 
     def probe(self, images: list[bytes]) -> list[float]:
         """Defect scores for encoded ``images`` from the candidate itself, whatever the traffic split."""
+
+
+def scores_from_buckets(cumulative: Sequence[tuple[float, float]], max_points: int = 2000) -> list[float]:
+    """A sample of scores shaped like a histogram, for distribution tests.
+
+    ``cumulative`` holds (upper bound ``le``, cumulative count) pairs. Each bucket's scores
+    are placed at the bucket's midpoint (the +Inf bucket at its lower bound), so the sample
+    is exact up to the bucket width; counts are scaled down to at most ``max_points``.
+    """
+    ordered = sorted(cumulative)
+    total = ordered[-1][1] if ordered else 0.0
+    if total <= 0:
+        return []
+    scale = min(1.0, max_points / total)
+    sample: list[float] = []
+    lower, seen = 0.0, 0.0
+    for upper, count in ordered:
+        in_bucket = max(count - seen, 0.0)
+        point = lower if math.isinf(upper) else (lower + upper) / 2
+        sample += [point] * int(round(in_bucket * scale))
+        lower, seen = (lower if math.isinf(upper) else upper), max(count, seen)
+    return sample

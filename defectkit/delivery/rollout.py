@@ -129,7 +129,8 @@ def make_backend(config: DeliveryConfig):
             model_name=config.served_name, tracking_uri=config.tracking_uri, router_port=config.router_port,
             server_args=config.server_args, candidate_args=config.candidate_args,
             scrape_interval_s=config.scrape_interval_s))
-    from defectkit.delivery.kserve import KServeBackend, KubeApi
+    from defectkit.delivery.kserve.api import KubeApi
+    from defectkit.delivery.kserve.backend import KServeBackend
 
     api = KubeApi(config.api_url) if config.api_url else KubeApi.from_kubeconfig()
     return KServeBackend(api, config.namespace, config.service_name, config.prometheus_url,
@@ -226,7 +227,7 @@ def _pinned(uri: str, tracking_uri: str | None, backend: str) -> tuple[str, str 
         ref = registry.pin(parsed, tracking_uri)
         return ref.uri, ref.version
     if backend == "kserve":
-        from defectkit.delivery.manifest import validate_storage_uri
+        from defectkit.delivery.kserve.manifest import validate_storage_uri
 
         return validate_storage_uri(uri), None
     if "://" in uri:

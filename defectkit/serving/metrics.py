@@ -26,6 +26,8 @@ REQUESTS_METRIC = "defectkit_requests"
 LATENCY_METRIC = "defectkit_request_latency_seconds"
 SCORE_METRIC = "defectkit_score"
 STATUS_LABEL = "status"
+# The status values that count as errors: a regular expression, as PromQL's =~ takes it.
+ERROR_STATUS = "5.."
 
 REQUESTS = Counter(REQUESTS_METRIC, "Inference requests by HTTP status code", ["model_version", STATUS_LABEL])
 LATENCY = Histogram(LATENCY_METRIC, "Inference request latency, body received to response",

@@ -8,8 +8,9 @@ import pytest
 
 from defectkit.delivery.analysis import CanaryPolicy
 from defectkit.delivery.controller import Controller
-from defectkit.delivery.kserve import KServeBackend, KubeApi, read_traffic
-from defectkit.delivery.manifest import ServiceConfig
+from defectkit.delivery.kserve.api import KubeApi
+from defectkit.delivery.kserve.backend import KServeBackend, read_traffic
+from defectkit.delivery.kserve.manifest import ServiceConfig
 from defectkit.delivery.state import PROMOTED, ROLLED_BACK
 from defectkit.retry import RetryPolicy
 from tests.kube_api import KubeApiStandIn

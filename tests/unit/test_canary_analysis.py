@@ -8,7 +8,7 @@ from scipy import stats
 
 from defectkit.delivery.analysis import FAIL, INCONCLUSIVE, PASS, CanaryPolicy, analyse, parse_steps
 from defectkit.delivery.backend import VariantMetrics, metrics_by_variant
-from defectkit.delivery.prometheus import (
+from defectkit.delivery.kserve.prometheus import (
     Sample,
     Variant,
     error_count_query,

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import yaml
 
-from defectkit.delivery.manifest import (
+from defectkit.delivery.kserve.manifest import (
     CONTAINER_NAME,
     MAX_NAME_LENGTH,
     STORAGE_URI_ENV,

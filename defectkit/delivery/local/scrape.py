@@ -43,7 +43,6 @@ def parse_metrics(text: str, t: float) -> Snapshot:
     """The defectkit_* counters of a /metrics page, summed over model versions (one server is one variant)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from defectkit.delivery.prometheus import ERROR_STATUS
     from defectkit.serving import metrics as server_metrics
 
     requests = errors = 0.0
@@ -54,7 +53,7 @@ def parse_metrics(text: str, t: float) -> Snapshot:
             for sample in family.samples:
                 if sample.name == server_metrics.counter_series(family.name):
                     requests += sample.value
-                    if re.fullmatch(ERROR_STATUS, sample.labels.get(server_metrics.STATUS_LABEL, "")):
+                    if re.fullmatch(server_metrics.ERROR_STATUS, sample.labels.get(server_metrics.STATUS_LABEL, "")):
                         errors += sample.value
         elif family.name in (server_metrics.LATENCY_METRIC, server_metrics.SCORE_METRIC):
             buckets = latency if family.name == server_metrics.LATENCY_METRIC else scores
@@ -90,7 +89,7 @@ def histogram_quantile(q: float, cumulative: Sequence[tuple[float, float]]) -> f
 
 def window_metrics(now: Snapshot, base: Snapshot) -> VariantMetrics:
     """What a server answered between two snapshots."""
-    from defectkit.delivery.prometheus import scores_from_buckets
+    from defectkit.delivery.backend import scores_from_buckets
 
     # A counter lower than before means the server restarted; as Prometheus does, count from zero.
     reset = now.requests < base.requests

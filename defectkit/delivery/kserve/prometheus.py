@@ -26,12 +26,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import requests
 
-from defectkit.delivery.backend import VariantMetrics
+from defectkit.delivery.backend import VariantMetrics, scores_from_buckets
+from defectkit.retry import TRANSIENT_HTTP_STATUS, RetryableResponse, RetryPolicy, retry
 from defectkit.serving.metrics import (
+    ERROR_STATUS,
     LATENCY_METRIC,
     REQUESTS_METRIC,
     SCORE_METRIC,
@@ -39,12 +41,10 @@ from defectkit.serving.metrics import (
     bucket_series,
     counter_series,
 )
-from defectkit.retry import TRANSIENT_HTTP_STATUS, RetryableResponse, RetryPolicy, retry
 
 log = logging.getLogger(__name__)
 
 # Server errors only: a 4xx is a bad request, which the canary is not to blame for.
-ERROR_STATUS = "5.."
 
 
 class PrometheusError(RuntimeError):
@@ -193,28 +193,6 @@ class PrometheusClient:
             raise PrometheusError(f"{promql!r} gave {len(samples)} series; aggregate it to one")
         value = samples[0].value
         return None if math.isnan(value) else value
-
-
-def scores_from_buckets(cumulative: Sequence[tuple[float, float]], max_points: int = 2000) -> list[float]:
-    """A sample of scores shaped like a histogram, for distribution tests.
-
-    ``cumulative`` holds (upper bound ``le``, cumulative count) pairs. Each bucket's scores
-    are placed at the bucket's midpoint (the +Inf bucket at its lower bound), so the sample
-    is exact up to the bucket width; counts are scaled down to at most ``max_points``.
-    """
-    ordered = sorted(cumulative)
-    total = ordered[-1][1] if ordered else 0.0
-    if total <= 0:
-        return []
-    scale = min(1.0, max_points / total)
-    sample: list[float] = []
-    lower, seen = 0.0, 0.0
-    for upper, count in ordered:
-        in_bucket = max(count - seen, 0.0)
-        point = lower if math.isinf(upper) else (lower + upper) / 2
-        sample += [point] * int(round(in_bucket * scale))
-        lower, seen = (lower if math.isinf(upper) else upper), max(count, seen)
-    return sample
 
 
 def variant_metrics(client: PrometheusClient, variant: Variant, window_s: float) -> VariantMetrics:
