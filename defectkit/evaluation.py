@@ -518,4 +518,4 @@ def build_golden(dataset_dir: Path, model_dir: Path, out_dir: Path, *, count: in
                                     for data, e in zip(files, chosen)]))
     return write_golden(out_dir, [(e.path, e.class_name, data, score)
                                   for e, data, score in zip(chosen, files, scores.tolist())],
-                        model.metadata.weights_sha256)
+                        model.metadata.weights_sha256, model.precision)

@@ -30,10 +30,13 @@ class Golden:
     images: tuple[bytes, ...]
     scores: tuple[float, ...]
     weights_sha256: str
+    precision: str = "fp32"  # what computed ``scores``; sets of an earlier format were all fp32
 
 
-def write_golden(out_dir: Path, chosen: list[tuple[str, str, bytes, float]], weights_sha256: str) -> Path:
-    """Write the golden set: ``chosen`` holds (source path, class, image bytes, offline score) per image."""
+def write_golden(out_dir: Path, chosen: list[tuple[str, str, bytes, float]], weights_sha256: str,
+                 precision: str) -> Path:
+    """Write the golden set: ``chosen`` holds (source path, class, image bytes, offline score) per image,
+    scored in ``precision``."""
     out_dir = Path(out_dir)
     (out_dir / GOLDEN_IMAGES).mkdir(parents=True, exist_ok=True)
     images = []
@@ -42,7 +45,7 @@ def write_golden(out_dir: Path, chosen: list[tuple[str, str, bytes, float]], wei
         (out_dir / GOLDEN_IMAGES / name).write_bytes(data)
         images.append({"file": f"{GOLDEN_IMAGES}/{name}", "source": source, "class": class_name, "score": score})
     write_json_atomic(out_dir / GOLDEN_FILE, {"format": GOLDEN_FORMAT, "weights_sha256": weights_sha256,
-                                              "images": images})
+                                              "precision": precision, "images": images})
     log.info("golden set of %d images written to %s", len(images), out_dir)
     return out_dir
 
@@ -59,4 +62,5 @@ def read_golden(golden_dir: Path) -> Golden:
     items = record_["images"]
     return Golden(names=tuple(i["source"] for i in items),
                   images=tuple((golden_dir / i["file"]).read_bytes() for i in items),
-                  scores=tuple(float(i["score"]) for i in items), weights_sha256=record_.get("weights_sha256", ""))
+                  scores=tuple(float(i["score"]) for i in items), weights_sha256=record_.get("weights_sha256", ""),
+                  precision=record_.get("precision", "fp32"))

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 OUTPUT = "defect_logit"
 DEFAULT_BATCH_SIZE = 64
+AUTO, FP32, BF16 = "auto", "fp32", "bf16"
+PRECISIONS = (AUTO, FP32, BF16)
 
 # Their auxiliary classifiers change the training-mode output type; a single logit is all we need.
 _NO_AUX_LOGITS = {"googlenet", "inception_v3"}
@@ -181,8 +183,11 @@ def read_metadata(model_dir: Path) -> ModelMetadata:
     return ModelMetadata.from_json(read_model_json(Path(model_dir)))
 
 
-def load_model(model_dir: Path, device: str | torch.device = "cpu") -> DefectModel:
-    """Load a model artifact after checking its weights against the sha256 in model.json."""
+def load_model(model_dir: Path, device: str | torch.device = "cpu", precision: str = AUTO) -> DefectModel:
+    """Load a model artifact after checking its weights against the sha256 in model.json.
+
+    ``precision`` is what the forward pass computes in: ``auto`` (bf16 on CUDA, fp32 elsewhere), ``fp32``
+    or ``bf16``."""
     model_dir = Path(model_dir)
     record = read_model_json(model_dir)
     metadata = ModelMetadata.from_json(record)
@@ -190,7 +195,8 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu") -> DefectMod
     check_weights(sha256_bytes(data), record, where=str(model_dir))
     module = build_model(metadata.architecture)
     module.load_state_dict(safetensors.torch.load(data), strict=True)
-    return DefectModel(module, metadata, resolve_device(device))
+    torch_device = resolve_device(device)
+    return DefectModel(module, metadata, torch_device, resolve_precision(precision, torch_device))
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -234,9 +240,19 @@ def standardize(x: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-def autocast(device: torch.device) -> torch.autocast:
-    """bf16 autocast on CUDA; CPU runs in fp32."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` is bf16 on CUDA (tensor cores) and fp32 elsewhere; ``fp32`` and ``bf16`` are taken as they are."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == AUTO:
+        return BF16 if device.type == "cuda" else FP32
+    return precision
+
+
+def autocast(device: torch.device, precision: str = AUTO) -> torch.autocast:
+    """The forward pass in ``precision`` (see :func:`resolve_precision`)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=resolve_precision(precision, device) == BF16)
 
 
 def final_layer(module: torch.nn.Module) -> torch.nn.Module:
@@ -261,13 +277,13 @@ def _check_images(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 @torch.inference_mode()
 def score_images(module: torch.nn.Module, images: np.ndarray | torch.Tensor, spec: PreprocessSpec,
-                 device: torch.device, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+                 device: torch.device, batch_size: int = DEFAULT_BATCH_SIZE, precision: str = AUTO) -> np.ndarray:
     """Defect probabilities (sigmoid of the logit) for uint8 NHWC images, in batches."""
     images = torch.as_tensor(images)
     out = np.empty(images.shape[0], dtype=np.float32)
     for start in range(0, images.shape[0], batch_size):
         batch = images[start:start + batch_size].to(device, non_blocking=True)
-        with autocast(device):
+        with autocast(device, precision):
             logits = module(normalize(batch, spec))
         out[start:start + batch.shape[0]] = torch.sigmoid(logits.float().reshape(-1)).cpu().numpy()
     return out
@@ -276,19 +292,21 @@ def score_images(module: torch.nn.Module, images: np.ndarray | torch.Tensor, spe
 class DefectModel:
     """A loaded model in eval mode, with the metadata that says how to feed it and read its output."""
 
-    def __init__(self, module: torch.nn.Module, metadata: ModelMetadata, device: torch.device) -> None:
+    def __init__(self, module: torch.nn.Module, metadata: ModelMetadata, device: torch.device,
+                 precision: str = AUTO) -> None:
         self.device = device
+        self.precision = resolve_precision(precision, device)
         self.metadata = metadata
         self.module = module.to(device, memory_format=torch.channels_last).eval()
 
     def __repr__(self) -> str:
         return (f"DefectModel({self.metadata.architecture}, {self.metadata.preprocess.image_size} px, "
-                f"threshold={self.metadata.threshold}, device={self.device})")
+                f"threshold={self.metadata.threshold}, device={self.device}, {self.precision})")
 
     def scores(self, images: np.ndarray, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """float32 defect probabilities for uint8 NHWC images preprocessed with ``metadata.preprocess``."""
         images = _check_images(images, self.metadata.preprocess)
-        return score_images(self.module, images, self.metadata.preprocess, self.device, batch_size)
+        return score_images(self.module, images, self.metadata.preprocess, self.device, batch_size, self.precision)
 
     def predict(self, images: np.ndarray, *, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
         """(scores, labels) with label 1 (defect) where score >= the model's threshold."""
@@ -310,7 +328,7 @@ class DefectModel:
         try:
             for start in range(0, images.shape[0], batch_size):
                 batch = images[start:start + batch_size].to(self.device, non_blocking=True)
-                with autocast(self.device):
+                with autocast(self.device, self.precision):
                     self.module(normalize(batch, self.metadata.preprocess))
                 features = captured.pop().float()
                 if features.ndim > 2:  # a convolutional head sees feature maps: pool them

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model name in the /v2/models/<name> routes (default %(default)s)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI of the registry, for models:/ URIs")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="what the forward pass computes in: auto is bf16 on CUDA, fp32 elsewhere; every answer "
+                        "says which (default %(default)s)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default 0: the cores divided by --batch-workers)")
 
@@ -106,6 +109,7 @@ def config_from_args(args: argparse.Namespace):
         max_images=args.max_images,
         max_pixels=args.max_pixels or image.DEFAULT_MAX_PIXELS,
         device=args.device,
+        precision=args.precision,
     )
 
 

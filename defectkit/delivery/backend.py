@@ -13,11 +13,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence
 
+from defectkit.serving.contract import IMAGE_INPUT, PRECISION_PARAMETER, SCORE_OUTPUT
+
 STABLE = "stable"
 CANARY = "canary"
 VARIANTS = (STABLE, CANARY)
 PROBE_BATCH = 16
-SCORE_OUTPUT = "score"
 
 
 class BackendError(RuntimeError):
@@ -102,12 +103,38 @@ def infer_request(images: Sequence[bytes], outputs: Sequence[str] = ()) -> dict[
     inputs as UTF-8 text and answers 500 for any image that is not valid UTF-8.
     """
     request: dict[str, Any] = {
-        "inputs": [{"name": "image", "shape": [len(images)], "datatype": "BYTES",
+        "inputs": [{"name": IMAGE_INPUT, "shape": [len(images)], "datatype": "BYTES",
                     "data": [base64.b64encode(image).decode("ascii") for image in images]}],
     }
     if outputs:
         request["outputs"] = [{"name": name} for name in outputs]
     return request
+
+
+@dataclass(frozen=True)
+class ProbeAnswer:
+    """The candidate's scores for the golden images, and the precision it computed them in."""
+
+    scores: tuple[float, ...]
+    precision: str
+
+
+def probe_answers(bodies: Sequence[Mapping[str, Any]], counts: Sequence[int], where: str) -> ProbeAnswer:
+    """One :class:`ProbeAnswer` from the model server's answers to probe batches of ``counts`` images each."""
+    scores: list[float] = []
+    precisions = set()
+    for body, count in zip(bodies, counts, strict=True):
+        outputs = {output.get("name"): output for output in body.get("outputs") or []}
+        data = outputs.get(SCORE_OUTPUT, {}).get("data")
+        if not isinstance(data, list) or len(data) != count:
+            raise BackendError(f"probe {where} returned no {SCORE_OUTPUT!r} per image: {str(body)[:300]}")
+        scores += [float(s) for s in data]
+        # A server that does not say ran fp32: the only precision before answers carried it.
+        precisions.add((body.get("parameters") or {}).get(PRECISION_PARAMETER, "fp32"))
+    if len(precisions) > 1:
+        raise BackendError(f"probe {where} answered in several precisions {sorted(precisions)}; one server, one "
+                           f"precision")
+    return ProbeAnswer(tuple(scores), precisions.pop() if precisions else "fp32")
 
 
 class Backend(Protocol):
@@ -135,7 +162,7 @@ class Backend(Protocol):
     def metrics(self, window_s: float) -> Mapping[str, VariantMetrics]:
         """``{"stable": ..., "canary": ...}`` over the last ``window_s``."""
 
-    def probe(self, images: list[bytes]) -> list[float]:
+    def probe(self, images: list[bytes]) -> ProbeAnswer:
         """Defect scores for encoded ``images`` from the candidate itself, whatever the traffic split."""
 
 

@@ -7,7 +7,8 @@ Phases, each persisted (:mod:`defectkit.delivery.state`) before the next begins:
 
 1. ``deploying``: the candidate starts beside the stable version at 0% traffic.
 2. ``probing``: the candidate scores the golden images (a few test-set files with the scores
-   offline evaluation gave them); any score off by more than ``probe_tolerance`` means
+   offline evaluation gave them); any score off by more than the policy allows for the
+   precisions of both (``CanaryPolicy.probe_tolerance_for``: bf16 on a GPU rounds) means
    serving and evaluation disagree, and the candidate is rolled back before any traffic.
 3. ``stepping`` / ``analysing``: traffic moves through the policy's steps; each is held
    for ``interval_s`` and the window is then analysed (:mod:`defectkit.delivery.analysis`).
@@ -222,20 +223,23 @@ class Controller:
         """Probe the golden images; on a mismatch start the rollback and return False."""
         golden = self.golden
         try:
-            scores = self.backend.probe(list(golden.images))
+            answer = self.backend.probe(list(golden.images))
         except BackendError as exc:
             self._begin_rollback(state, f"{context}the candidate could not be probed: {exc}", error=str(exc))
             return False
+        scores = answer.scores
+        tolerance = self.policy.probe_tolerance_for(golden.precision, answer.precision)
         diffs = [abs(a - b) for a, b in zip(scores, golden.scores)]
         worst = max(range(len(diffs)), key=diffs.__getitem__) if diffs else None
         state.probe = {"images": len(golden.images), "max_abs_diff": max(diffs, default=0.0),
-                       "tolerance": self.policy.probe_tolerance,
+                       "tolerance": tolerance, "golden_precision": golden.precision,
+                       "served_precision": answer.precision,
                        "scores": [round(s, 6) for s in scores], "expected": list(golden.scores)}
-        if len(scores) != len(golden.scores) or (worst is not None and diffs[worst] > self.policy.probe_tolerance):
+        if len(scores) != len(golden.scores) or (worst is not None and diffs[worst] > tolerance):
             what = (f"{len(scores)} scores for {len(golden.scores)} images" if len(scores) != len(golden.scores)
-                    else f"golden image {golden.names[worst]} scored {scores[worst]:.6f} by the candidate but "
-                         f"{golden.scores[worst]:.6f} in offline evaluation (|diff| {diffs[worst]:.2g} > "
-                         f"tolerance {self.policy.probe_tolerance:g})")
+                    else f"golden image {golden.names[worst]} scored {scores[worst]:.6f} by the candidate "
+                         f"({answer.precision}) but {golden.scores[worst]:.6f} in offline evaluation "
+                         f"({golden.precision}) (|diff| {diffs[worst]:.2g} > tolerance {tolerance:g})")
             self._begin_rollback(state, f"{context}golden probe failed: {what}; serving and evaluation disagree")
             return False
         state.event("golden probe passed", images=len(golden.images), max_abs_diff=state.probe["max_abs_diff"])

@@ -43,6 +43,7 @@ from defectkit.sampling import LABELS, Sampler, SamplingConfig
 from defectkit.serving import metrics
 from defectkit.serving.batching import BatchConfig, MicroBatcher
 from defectkit.serving.breaker import BreakerConfig, CircuitBreaker
+from defectkit.serving.contract import IMAGE_INPUT, LABEL_OUTPUT, PIXELS_INPUT, PRECISION_PARAMETER, SCORE_OUTPUT
 from defectkit.serving.faults import FaultConfig, FaultInjector, InjectedFault
 from defectkit.serving.kserve_runtime import import_kserve
 
@@ -53,10 +54,6 @@ from kserve.errors import InvalidInput  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-IMAGE_INPUT = "image"
-PIXELS_INPUT = "pixels"
-SCORE_OUTPUT = "score"
-LABEL_OUTPUT = "label"
 GOOD_LABEL, DEFECT_LABEL = LABELS
 PLATFORM = "pytorch_torchvision"
 VERSION_PREFIX_LENGTH = 12
@@ -91,6 +88,7 @@ class ServingConfig:
     max_pixels: int = image.DEFAULT_MAX_PIXELS  # per image, checked from its header before decoding
     decode_threads: int = 2
     device: str = "auto"
+    precision: str = models.AUTO  # auto: bf16 on CUDA, fp32 elsewhere
 
     def __post_init__(self) -> None:
         if not (isinstance(self.timeout_s, (int, float)) and math.isfinite(self.timeout_s) and self.timeout_s > 0):
@@ -129,7 +127,8 @@ class _Scorer:
 
     def _forward(self, images: np.ndarray) -> np.ndarray:
         # The very function DefectModel.scores (and so evaluation) uses; FP32 pixels go through it unrounded.
-        return models.score_images(self.model.module, images, self.spec, self.model.device, self._batch_size)
+        return models.score_images(self.model.module, images, self.spec, self.model.device, self._batch_size,
+                                   self.model.precision)
 
     def warm_up(self) -> None:
         """First forwards of a batch shape are slow (kernel selection); do them before the first request."""
@@ -187,7 +186,7 @@ class DefectPredictor(Model):
         return self.ready
 
     def _load(self, model_dir: Path, version: str, role: str) -> _Scorer:
-        model = models.load_model(model_dir, self.config.device)
+        model = models.load_model(model_dir, self.config.device, self.config.precision)
         if model.metadata.threshold is None:
             raise ValueError(f"{model_dir} has no decision threshold in model.json; serve the judged model "
                              f"that evaluation writes (its out_dir/model), not the raw training output")
@@ -196,8 +195,8 @@ class DefectPredictor(Model):
         spec = model.metadata.preprocess
         metrics.model_loaded(version, role, model.metadata.architecture, spec.image_size,
                              model.metadata.weights_sha256)
-        log.info("loaded %s model %s (version %s, %s, %d px, threshold %.4f, %s)", role, model_dir, version,
-                 model.metadata.architecture, spec.image_size, scorer.threshold, model.device)
+        log.info("loaded %s model %s (version %s, %s, %d px, threshold %.4f, %s, %s)", role, model_dir, version,
+                 model.metadata.architecture, spec.image_size, scorer.threshold, model.device, model.precision)
         return scorer
 
     def stop(self) -> None:
@@ -258,7 +257,9 @@ class DefectPredictor(Model):
                                scorer.version)
         outputs = [InferOutput(SCORE_OUTPUT, [len(scores)], "FP32", data=scores),
                    InferOutput(LABEL_OUTPUT, [len(scores)], "BYTES", data=labels)]
+        # The precision that computed the scores: a golden probe compares them with offline fp32 scores.
         return InferResponse(payload.id or "", self.name, outputs, model_version=scorer.version,
+                             parameters={PRECISION_PARAMETER: scorer.model.precision},
                              use_binary_outputs=payload.use_binary_outputs,
                              requested_outputs=payload.request_outputs)
 

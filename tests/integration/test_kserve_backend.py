@@ -390,7 +390,8 @@ def test_probe_scores_images_on_the_candidate(kube, deployed, model_server):
     # Images are arbitrary bytes, not text: a PNG signature and high bytes must survive the trip.
     images = [b"\x89PNG\r\n\x1a\n" + b"\xff" * 1492, bytes(range(256)) * 8, b"\x00" * 250]
     backend = make_backend(kube, probe_url=model_server.url, probe_batch=2)
-    assert backend.probe(images) == pytest.approx([1.5, 2.048, 0.25])
+    answer = backend.probe(images)
+    assert answer.scores == pytest.approx([1.5, 2.048, 0.25]) and answer.precision == "fp32"
 
 
 def test_probe_url_needs_tag_routing(kube):

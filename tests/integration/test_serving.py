@@ -33,6 +33,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from defectkit import registry
+from defectkit.delivery.analysis import BF16_PROBE_TOLERANCE
 from defectkit.evaluation import evaluate
 from defectkit.models import ModelMetadata, build_model, save_model
 from defectkit.preprocess import PreprocessSpec, load_split
@@ -109,6 +110,8 @@ def servers(judged, tmp_path_factory):
                     "--breaker-failures", "2", "--breaker-cooldown-s", "1"),
         "slow": ("--model", str(judged.model_dir), "--fault-latency-ms", "800", "--timeout-s", "0.2",
                  "--breaker-failures", "2", "--breaker-cooldown-s", "60"),
+        # What a GPU serves in, here on the CPU.
+        "bf16": ("--model", str(judged.model_dir), "--precision", "bf16"),
     }
     with concurrent.futures.ThreadPoolExecutor(len(plans)) as pool:
         futures = {label: pool.submit(start, label, *args) for label, args in plans.items()}
@@ -121,6 +124,7 @@ def servers(judged, tmp_path_factory):
             "main": Served(started["main"], version, fallback_version),
             "failing": Served(started["failing"], registered.version, fallback_version),
             "slow": Served(started["slow"], version, ""),
+            "bf16": Served(started["bf16"], version, ""),
         }
     finally:
         for server in started.values():
@@ -241,6 +245,18 @@ def test_scores_equal_evaluation_for_the_same_files(servers, judged, preprocesse
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         singles = list(pool.map(lambda f: _infer_files(served, [f])[0][0], files))
     np.testing.assert_allclose(singles, judged.test_scores, atol=1e-5, rtol=0)
+
+
+def test_every_answer_names_its_precision_and_bf16_stays_within_the_probe_tolerance(servers, judged,
+                                                                                    preprocessed_dir, dataset_dir):
+    files = _test_split(preprocessed_dir, dataset_dir)
+    answers = {}
+    for label in ("main", "bf16"):
+        result = servers[label].client().infer(NAME, [_bytes_input(files)])
+        answers[label] = result.get_response()["parameters"]["precision"], result.as_numpy("score")
+    assert answers["main"][0] == "fp32" and answers["bf16"][0] == "bf16"
+    drift = np.abs(answers["bf16"][1] - judged.test_scores)
+    assert 0 < drift.max() <= BF16_PROBE_TOLERANCE, drift.max()  # it does round, and no further than allowed
 
 
 # --------------------------------------------------------------------------- bad input

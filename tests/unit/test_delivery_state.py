@@ -13,7 +13,7 @@ import pytest
 
 from defectkit.delivery import record
 from defectkit.delivery.analysis import CanaryPolicy
-from defectkit.delivery.backend import BackendError, VariantMetrics
+from defectkit.delivery.backend import BackendError, ProbeAnswer, VariantMetrics
 from defectkit.delivery.controller import Controller, Golden, RolloutInProgress, restore_stable
 from defectkit.delivery.state import (
     ANALYSING,
@@ -53,7 +53,8 @@ def erroring(weight: int) -> dict:
 class StandInBackend:
     """Traffic, candidate and figures kept in memory; ``kill`` makes one call die before or after taking effect."""
 
-    def __init__(self, figures=healthy, probe_scores=(0.1, 0.9)) -> None:
+    def __init__(self, figures=healthy, probe_scores=(0.1, 0.9), precision="fp32") -> None:
+        self.precision = precision
         self.figures = figures
         self.probe_scores = list(probe_scores)
         self.stable, self.candidate, self.weight = "stable-model", None, 0
@@ -109,7 +110,7 @@ class StandInBackend:
         return self._call("metrics", apply)
 
     def probe(self, images):
-        return self._call("probe", lambda: self.probe_scores[:len(images)])
+        return self._call("probe", lambda: ProbeAnswer(tuple(self.probe_scores[:len(images)]), self.precision))
 
 
 @pytest.fixture
@@ -234,6 +235,20 @@ def test_a_golden_mismatch_rolls_back_before_any_traffic(tmp_path, clock):
     assert state.phase == ROLLED_BACK and "set_traffic" not in backend.calls
     assert "test/crack/b.png scored 0.950000" in state.reason and "0.900000 in offline evaluation" in state.reason
     assert max(entry["weight"] for entry in state.timeline) == 0
+
+
+@pytest.mark.parametrize("precision, served, verdict", [
+    ("fp32", (0.1, 0.9 + 5e-5), PROMOTED),      # fp32 reproduces offline scores to probe_tolerance
+    ("fp32", (0.1, 0.9 + 0.004), ROLLED_BACK),  # ... so bf16-sized drift in fp32 means a real difference
+    ("bf16", (0.1, 0.9 + 0.004), PROMOTED),     # a GPU serving in bf16 rounds that much: a good model passes
+    ("bf16", (0.1, 0.5), ROLLED_BACK),          # a wrong model still fails in bf16
+])
+def test_the_probe_tolerance_follows_the_precision_the_candidate_serves_in(tmp_path, clock, precision, served,
+                                                                           verdict):
+    backend = StandInBackend(probe_scores=served, precision=precision)
+    state = controller(backend, tmp_path, clock).run()
+    assert state.phase == verdict, state.reason
+    assert state.probe["served_precision"] == precision and state.probe["golden_precision"] == "fp32"
 
 
 @pytest.mark.parametrize("kill", [

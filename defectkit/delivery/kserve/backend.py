@@ -10,7 +10,6 @@ status it last saw.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -23,16 +22,18 @@ from defectkit.delivery.backend import (
     CANARY,
     EMPTY,
     PROBE_BATCH,
-    SCORE_OUTPUT,
     STABLE,
+    ProbeAnswer,
     VariantMetrics,
     infer_request,
+    probe_answers,
     validate_percent,
 )
 from defectkit.delivery.kserve import manifest
 from defectkit.delivery.kserve.api import KubeApi, KubeApiError
 from defectkit.delivery.kserve.prometheus import PodLabels, PrometheusClient, Variant, variant_metrics
 from defectkit.retry import RetryableResponse, retry
+from defectkit.serving.contract import SCORE_OUTPUT
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +103,6 @@ def _ready_condition(service: Mapping[str, Any]) -> str:
             detail = ": ".join(x for x in (condition.get("reason"), condition.get("message")) if x)
             return f"Ready={condition.get('status')}" + (f" ({detail})" if detail else "")
     return "no Ready condition yet"
-
-
-def _scores(body: Mapping[str, Any]) -> list[float]:
-    for output in body.get("outputs") or []:
-        if output.get("name") == SCORE_OUTPUT:
-            return [float(x) for x in output["data"]]
-    raise ValueError(f"the inference response has no {SCORE_OUTPUT!r} output: {json.dumps(body)[:300]}")
 
 
 class KServeBackend:
@@ -337,17 +331,12 @@ class KServeBackend:
             )
         return split.candidate_url.rstrip("/")
 
-    def probe(self, images: list[bytes]) -> list[float]:
+    def probe(self, images: list[bytes]) -> ProbeAnswer:
         """Defect scores for ``images`` from the candidate revision itself, whatever the traffic split."""
         url = f"{self.candidate_url()}/v2/models/{quote(self.model_name)}/infer"
-        scores: list[float] = []
-        for start in range(0, len(images), self.probe_batch):
-            batch = images[start: start + self.probe_batch]
-            batch_scores = _scores(self._post_probe(url, infer_request(batch, (SCORE_OUTPUT,))))
-            if len(batch_scores) != len(batch):
-                raise ValueError(f"{url} returned {len(batch_scores)} scores for {len(batch)} images")
-            scores += batch_scores
-        return scores
+        batches = [images[start:start + self.probe_batch] for start in range(0, len(images), self.probe_batch)]
+        bodies = [self._post_probe(url, infer_request(batch, (SCORE_OUTPUT,))) for batch in batches]
+        return probe_answers(bodies, [len(batch) for batch in batches], url)
 
     def _post_probe(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         def post() -> dict[str, Any]:

@@ -17,11 +17,12 @@ from defectkit.delivery.backend import (
     CANARY,
     EMPTY,
     PROBE_BATCH,
-    SCORE_OUTPUT,
     STABLE,
     BackendError,
+    ProbeAnswer,
     VariantMetrics,
     infer_request,
+    probe_answers,
     validate_percent,
 )
 from defectkit.delivery.local.processes import (
@@ -36,6 +37,8 @@ from defectkit.delivery.local.processes import (
     stop_process,
     wait_ready,
 )
+from defectkit.delivery.local.router import CONFIG_PATH as ROUTER_CONFIG_PATH
+from defectkit.delivery.local.router import HEALTH_PATH as ROUTER_HEALTH_PATH
 from defectkit.delivery.local.scrape import Scraper
 from defectkit.delivery.local.stack import (
     ROUTER,
@@ -46,8 +49,7 @@ from defectkit.delivery.local.stack import (
     stack_dir,
     write_stack,
 )
-from defectkit.delivery.local.router import CONFIG_PATH as ROUTER_CONFIG_PATH
-from defectkit.delivery.local.router import HEALTH_PATH as ROUTER_HEALTH_PATH
+from defectkit.serving.contract import SCORE_OUTPUT
 
 log = logging.getLogger(__name__)
 
@@ -333,24 +335,21 @@ class LocalBackend:
         result[CANARY] = scraper.window(stack.canary, window_s) if stack.canary is not None else EMPTY
         return result
 
-    def probe(self, images: list[bytes]) -> list[float]:
+    def probe(self, images: list[bytes]) -> ProbeAnswer:
         import httpx
 
         stack = self._stack()
         if stack.canary is None:
             raise BackendError("the local stack has no canary server to probe; deploy a candidate first")
         url = f"{stack.canary.url}/v2/models/{self.options.model_name}/infer"
-        scores: list[float] = []
-        for start in range(0, len(images), PROBE_BATCH):
-            batch = images[start:start + PROBE_BATCH]
+        batches = [images[start:start + PROBE_BATCH] for start in range(0, len(images), PROBE_BATCH)]
+        bodies = []
+        for batch in batches:
             try:
                 response = self._http.post(url, json=infer_request(batch, (SCORE_OUTPUT,)))
             except httpx.HTTPError as exc:
                 raise BackendError(f"probe {url} failed: {exc}") from exc
             if response.status_code != 200:
                 raise BackendError(f"probe {url} failed: HTTP {response.status_code}: {response.text[:300]}")
-            outputs = {o["name"]: o for o in response.json().get("outputs", [])}
-            if SCORE_OUTPUT not in outputs or len(outputs[SCORE_OUTPUT]["data"]) != len(batch):
-                raise BackendError(f"probe {url} returned no score per image: {response.text[:300]}")
-            scores += [float(s) for s in outputs[SCORE_OUTPUT]["data"]]
-        return scores
+            bodies.append(response.json())
+        return probe_answers(bodies, [len(batch) for batch in batches], url)
