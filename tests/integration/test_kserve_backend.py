@@ -11,7 +11,8 @@ import yaml
 from defectkit.delivery.kserve import prometheus as prom
 from defectkit.delivery.kserve.api import KubeApi, KubeApiError
 from defectkit.delivery.kserve.backend import KServeBackend, RolloutTimeout, read_traffic
-from defectkit.delivery.kserve.manifest import ServiceConfig, patch_for_canary
+from defectkit.delivery.kserve.canary import patch_for_canary
+from defectkit.delivery.kserve.manifest import ServiceConfig
 from defectkit.retry import RetryPolicy
 from tests.crd import assert_valid
 from tests.kube_api import KubeApiStandIn

@@ -15,13 +15,15 @@ from defectkit.delivery.kserve.manifest import (
     ServiceConfig,
     build_inference_service,
     parse_quantity,
+)
+from defectkit.cli import build_parser, main
+from defectkit.delivery.kserve.canary import (
     patch_for_canary,
     patch_for_promotion,
     patch_for_rollback,
     patch_for_traffic,
     storage_uri_of,
 )
-from defectkit.cli import build_parser, main
 from tests.crd import assert_valid, crd_schema, object_problems, patch_problems, schema_errors, unknown_fields
 from tests.kube_api import merge_patch
 

@@ -1,7 +1,8 @@
 """The KServe backend: one InferenceService on a Kubernetes cluster.
 
 - :mod:`~defectkit.delivery.kserve.api`: ``KubeApi``, the Kubernetes REST client, and its errors;
-- :mod:`~defectkit.delivery.kserve.manifest`: InferenceService manifests and the patches of a rollout;
+- :mod:`~defectkit.delivery.kserve.manifest`: InferenceService manifests;
+- :mod:`~defectkit.delivery.kserve.canary`: the changes a canary makes to a live InferenceService;
 - :mod:`~defectkit.delivery.kserve.prometheus`: the canary's metrics from Prometheus (PromQL);
 - :mod:`~defectkit.delivery.kserve.backend`: ``KServeBackend``, the delivery Backend over one InferenceService.
 """

@@ -29,7 +29,7 @@ from defectkit.delivery.backend import (
     probe_answers,
     validate_percent,
 )
-from defectkit.delivery.kserve import manifest
+from defectkit.delivery.kserve import canary, manifest
 from defectkit.delivery.kserve.api import KubeApi, KubeApiError
 from defectkit.delivery.kserve.prometheus import PodLabels, PrometheusClient, Variant, variant_metrics
 from defectkit.retry import RetryableResponse, retry
@@ -209,7 +209,7 @@ class KServeBackend:
         for attempt in range(1, self.api.retry_policy.attempts + 1):
             live = self.get()
             before = read_traffic(live)
-            unchanged = manifest.storage_uri_of(live) == model_uri
+            unchanged = canary.storage_uri_of(live) == model_uri
             if unchanged and before.rolled_out_revision is not None \
                     and before.rolled_out_revision == before.candidate_revision:
                 raise ValueError(
@@ -217,7 +217,7 @@ class KServeBackend:
                     "there is no candidate to canary"
                 )
             try:
-                patched = self._patch(manifest.patch_for_canary(live, model_uri, 0), precondition=True)
+                patched = self._patch(canary.patch_for_canary(live, model_uri, 0), precondition=True)
                 break
             except KubeApiError as exc:
                 if exc.status != 409 or attempt == self.api.retry_policy.attempts:
@@ -240,7 +240,7 @@ class KServeBackend:
         canaryTrafficPercent can no longer send traffic back: use promote() to finish.
         """
         validate_percent(canary_percent)
-        patched = self._patch(manifest.patch_for_traffic(canary_percent))
+        patched = self._patch(canary.patch_for_traffic(canary_percent))
         self._wait_for_candidate(patched, canary_percent)
 
     def traffic(self) -> int:
@@ -254,7 +254,7 @@ class KServeBackend:
 
     def promote(self) -> None:
         """Make the candidate the rolled-out revision: canaryTrafficPercent removed, 100% to it."""
-        patched = self._patch(manifest.patch_for_promotion())
+        patched = self._patch(canary.patch_for_promotion())
         self._wait_for_candidate(patched, 100)
 
     def rollback(self) -> None:
@@ -266,7 +266,7 @@ class KServeBackend:
                 f"{split.candidate_revision} is already the rolled-out one (it was promoted or reached 100%). "
                 "Deploy the previous model as a new candidate and promote it instead."
             )
-        patched = self._patch(manifest.patch_for_rollback())
+        patched = self._patch(canary.patch_for_rollback())
         self._wait(patched, "all traffic on the rolled-out revision", self.traffic_timeout_s,
                    lambda split: split.candidate_percent == 0 and split.total_percent == 100)
 

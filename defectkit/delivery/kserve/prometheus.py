@@ -19,10 +19,15 @@ Scrape configs copy pod labels into series labels with dots and slashes turned i
 underscores (kube-prometheus PodMonitors, or the annotation-based ``kubernetes-pods`` job
 with ``labelmap: __meta_kubernetes_pod_label_(.+)``), giving the defaults of ``PodLabels``;
 set other names there if your relabelling differs.
+
+Every query covers a range derived from the scrape interval and the canary's step interval
+(:func:`query_window_s`): a range of one step alone holds no samples, or one, when steps
+are as short as the scrapes are far apart, and ``increase`` needs two.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -44,7 +49,53 @@ from defectkit.serving.metrics import (
 
 log = logging.getLogger(__name__)
 
-# Server errors only: a 4xx is a bad request, which the canary is not to blame for.
+# The Prometheus Operator's default `Prometheus.spec.scrapeInterval` ("30s", kubebuilder default in
+# pkg/apis/monitoring/v1/prometheus_types.go), which kube-prometheus-stack keeps; a Prometheus
+# configured by hand defaults to 1m (`global.scrape_interval`): set scrape_interval_s to match.
+DEFAULT_SCRAPE_INTERVAL_S = 30.0
+# increase() and rate() need two samples in their range; four scrape intervals still hold two when a
+# scrape is missed or late (the same floor as Grafana's $__rate_interval).
+MIN_WINDOW_SCRAPES = 4
+# A sample shows the counters as they were when it was scraped, up to one interval ago: an analysis at
+# the end of a step sees only its first (interval - scrape interval). Below two scrape intervals that is
+# less than half the step, and traffic would step up on figures mostly from the step before.
+MIN_STEP_SCRAPES = 2
+
+
+def query_window_s(scrape_interval_s: float, interval_s: float) -> float:
+    """The range of the queries that judge one step held for ``interval_s`` while Prometheus scrapes
+    every ``scrape_interval_s``: the step plus one scrape interval, and at least four scrape intervals.
+
+    The extra scrape interval reaches back to the last sample taken before the step began, so
+    that the step's first requests count (Grafana's ``$__rate_interval`` is the same rule).
+    A step shorter than two scrape intervals is refused (ValueError): see ``MIN_STEP_SCRAPES``.
+    From two to three scrape intervals the floor of four makes the window reach back into the
+    previous step, so one stretch of bad traffic can fail two analyses in a row; that is
+    allowed, with a warning.
+    """
+    for name, value in (("scrape_interval_s", scrape_interval_s), ("interval_s", interval_s)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}={value!r} must be a positive number of seconds")
+    if interval_s < MIN_STEP_SCRAPES * scrape_interval_s:
+        raise ValueError(
+            f"the canary interval_s={interval_s:g} is shorter than {MIN_STEP_SCRAPES} Prometheus scrape intervals "
+            f"(scrape_interval_s={scrape_interval_s:g}): each analysis would judge mostly the step before it. "
+            f"Hold each step for at least {MIN_STEP_SCRAPES * scrape_interval_s:g} s, or scrape the predictor "
+            f"pods more often"
+        )
+    window = max(interval_s + scrape_interval_s, MIN_WINDOW_SCRAPES * scrape_interval_s)
+    if window > interval_s + scrape_interval_s:
+        _warn_overlap(scrape_interval_s, interval_s, window)
+    return window
+
+
+@functools.cache  # once per setting, not at every analysis
+def _warn_overlap(scrape_interval_s: float, interval_s: float, window_s: float) -> None:
+    log.warning(
+        "canary interval_s=%g is shorter than %d scrape intervals (scrape_interval_s=%g): each analysis covers "
+        "%g s, reaching %g s into the step before, so one stretch of bad traffic can fail two analyses; hold "
+        "steps for at least %g s to judge each on its own", interval_s, MIN_WINDOW_SCRAPES - 1, scrape_interval_s,
+        window_s, window_s - interval_s, (MIN_WINDOW_SCRAPES - 1) * scrape_interval_s)
 
 
 class PrometheusError(RuntimeError):
@@ -88,8 +139,9 @@ class Variant:
 
 def _range(window_s: float) -> str:
     if not window_s >= 1:
-        raise ValueError(f"window {window_s!r}s must be at least 1 s (and in practice several scrape intervals)")
-    return f"[{int(round(window_s))}s]"
+        raise ValueError(f"window {window_s!r}s must be at least 1 s; derive it with query_window_s()")
+    # Up, never down: a shorter range could hold fewer than the samples query_window_s() provided for.
+    return f"[{math.ceil(window_s)}s]"
 
 
 def request_count_query(variant: Variant, window_s: float) -> str:
@@ -98,7 +150,7 @@ def request_count_query(variant: Variant, window_s: float) -> str:
 
 
 def error_count_query(variant: Variant, window_s: float) -> str:
-    """Requests answered with a 5xx status in the window."""
+    """Requests answered with a 5xx status in the window (a 4xx is a bad request: not the canary's fault)."""
     selector = variant.selector(**{STATUS_LABEL: ERROR_STATUS})
     return f"sum(increase({counter_series(REQUESTS_METRIC)}{selector}{_range(window_s)}))"
 
@@ -127,12 +179,17 @@ def _transient(exc: BaseException) -> bool:
 
 
 class PrometheusClient:
-    """Instant queries against the Prometheus HTTP API (``/api/v1/query``)."""
+    """Instant queries against the Prometheus HTTP API (``/api/v1/query``).
+
+    ``scrape_interval_s`` is how often that Prometheus scrapes the predictor pods (its
+    ``scrape_interval``, or the PodMonitor's ``interval``); query windows are derived from it.
+    """
 
     def __init__(
         self,
         url: str,
         *,
+        scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S,
         timeout_s: float = 10.0,
         headers: Mapping[str, str] | None = None,
         verify: bool | str = True,
@@ -140,7 +197,12 @@ class PrometheusClient:
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"Prometheus URL {url!r} must start with http:// or https://")
+        if not (isinstance(scrape_interval_s, (int, float)) and math.isfinite(scrape_interval_s)
+                and scrape_interval_s > 0):
+            raise ValueError(f"scrape_interval_s={scrape_interval_s!r} must be Prometheus' scrape interval for the "
+                             f"predictor pods in seconds, e.g. {DEFAULT_SCRAPE_INTERVAL_S:g}")
         self.url = url.rstrip("/")
+        self.scrape_interval_s = float(scrape_interval_s)
         self.timeout_s = timeout_s
         self.retry_policy = retry_policy
         self._session = requests.Session()
@@ -196,7 +258,8 @@ class PrometheusClient:
 
 
 def variant_metrics(client: PrometheusClient, variant: Variant, window_s: float) -> VariantMetrics:
-    """Requests, 5xx errors, latency quantiles and a score sample of ``variant`` over the last ``window_s``."""
+    """Requests, 5xx errors, latency quantiles and a score sample of ``variant`` over the last ``window_s``
+    (for a canary step: ``query_window_s(client.scrape_interval_s, interval_s)``)."""
     buckets = client.query(score_buckets_query(variant, window_s))
     cumulative = [(float(s.labels["le"]), s.value) for s in buckets if "le" in s.labels and not math.isnan(s.value)]
     return VariantMetrics(
