@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from defectkit import artifact
 from defectkit.artifact import ModelIntegrityError
@@ -61,6 +62,8 @@ KFP_RUN_ID = "kfp_run_id"
 _SQLITE_PREFIX = "sqlite:///"
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))/?$")
 _METRIC_NAME_UNSAFE = re.compile(r"[^\w./ :-]")
+# Object stores that both KServe's storage initializer and defectkit.storage read.
+_KSERVE_SCHEMES = ("gs", "s3")
 
 
 @dataclass(frozen=True)
@@ -247,6 +250,39 @@ def mark(config: RegistryConfig, version: str | int, key: str, value: str) -> No
     client = _client(config.tracking_uri)
     version = str(_model_version(client, config.model_name, str(version)).version)
     client.set_model_version_tag(config.model_name, version, key, value)
+
+
+def storage_uri(tracking_uri: str, registered_model: str, version: str | int) -> str:
+    """The ``gs://`` or ``s3://`` directory holding ``version``'s model files, for KServe's storage initializer.
+
+    That is where the registry's artifact store keeps the version's ``model/``
+    dir, never a location inside a pipeline run: the registry's copy outlives
+    the run. A store KServe cannot read (a local path, ``file://``, or the
+    tracking server's proxied ``mlflow-artifacts:/`` store) is a ValueError that
+    says how to configure the server instead.
+    """
+    client = _client(tracking_uri)
+    version = str(_model_version(client, registered_model, str(version)).version)
+    location = client.get_model_version_download_uri(registered_model, version).rstrip("/")
+    parsed = urlparse(location)
+    if parsed.scheme in _KSERVE_SCHEMES and parsed.netloc:
+        return location
+    raise ValueError(
+        f"version {version} of {registered_model!r} at {tracking_uri} is stored at {location!r}, "
+        f"{_why_unreadable(parsed.scheme)}. Start the MLflow server with --default-artifact-root "
+        f"s3://<bucket>/<prefix> or gs://<bucket>/<prefix>, which applies to experiments created afterwards "
+        f"(--artifacts-destination alone keeps clients on the proxied mlflow-artifacts:/ store), or register "
+        f"into a new experiment with such an artifact_location (RegistryConfig.artifact_location); then "
+        f"register the model again"
+    )
+
+
+def _why_unreadable(scheme: str) -> str:
+    if scheme in ("", "file"):
+        return "a path on the registry's disk, which KServe's storage initializer cannot reach"
+    if scheme in ("mlflow-artifacts", "http", "https"):
+        return "the tracking server's artifact proxy, which KServe's storage initializer cannot read"
+    return f"a {scheme}:// store, which defectkit does not deliver to KServe from (gs:// and s3:// only)"
 
 
 def resolve(uri: str, dest: Path, *, tracking_uri: str) -> Path:

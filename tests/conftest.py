@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port, start_server
+from tests.servers import free_port, start_prometheus, start_server
 
 # Tiny on purpose: the stages' behaviour, not model quality, is under test here.
 TINY_COUNT = 60
@@ -58,6 +59,58 @@ def gcs_emulator(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setenv("STORAGE_EMULATOR_HOST", url)
     try:
+        yield url
+    finally:
+        patch.undo()
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def prometheus(tmp_path_factory):
+    """Starts real Prometheus servers: ``prometheus(targets, scrape_interval_s)`` gives a running one (a
+    ServerProcess) scraping those PodTargets; all are stopped by PID at the end of the session."""
+    if shutil.which("prometheus") is None:
+        pytest.skip("no `prometheus` binary on PATH: these tests query a real Prometheus. Install one (Debian: "
+                    "apt-get install prometheus; or a release from prometheus.io) to run them")
+    started = []
+
+    def start(targets, scrape_interval_s: float):
+        server = start_prometheus(tmp_path_factory.mktemp("prometheus"), targets, scrape_interval_s)
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+
+
+S3_BUCKET = "defectkit-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 with bucket ``S3_BUCKET``; yields its URL.
+
+    boto3's standard variables point this process, and the servers it starts, at it:
+    the same variables KServe's storage initializer reads.
+    """
+    import boto3
+
+    port = free_port()
+    logs = tmp_path_factory.mktemp("s3")
+    url = f"http://127.0.0.1:{port}"
+    server = start_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                          url=url, health_path="/moto-api/", log_path=logs / "moto.log")
+    patch = pytest.MonkeyPatch()
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "MLFLOW_S3_ENDPOINT_URL"):
+        patch.delenv(name, raising=False)
+    for name, value in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        patch.setenv(name, value)
+    try:
+        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
         yield url
     finally:
         patch.undo()

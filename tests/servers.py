@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -10,6 +11,9 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
+
+import yaml
 
 
 def free_port() -> int:
@@ -60,3 +64,58 @@ def start_server(cmd: list[str], *, url: str, health_path: str, log_path: Path, 
             time.sleep(0.2)
     server.stop()
     raise TimeoutError(f"{cmd[0]} not healthy at {url}{health_path} after {timeout}s: {log_path.read_text()[-2000:]}")
+
+
+@dataclass(frozen=True)
+class PodTarget:
+    """A server on 127.0.0.1 that Prometheus scrapes as if it ran in a Kubernetes pod with these labels."""
+
+    address: str  # host:port
+    namespace: str
+    pod: str
+    labels: Mapping[str, str]  # the pod's Kubernetes labels, e.g. {"serving.kserve.io/inferenceservice": "defect"}
+
+
+def _pod_meta_labels(target: PodTarget) -> dict[str, str]:
+    """The __meta_kubernetes_* labels Prometheus' Kubernetes pod discovery gives ``target``; it writes each pod
+    label's name with every character outside [a-zA-Z0-9_] as "_"."""
+    labels = {"__meta_kubernetes_namespace": target.namespace, "__meta_kubernetes_pod_name": target.pod}
+    for name, value in target.labels.items():
+        labels["__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", name)] = value
+    return labels
+
+
+def prometheus_config(targets: Sequence[PodTarget], scrape_interval_s: float) -> dict:
+    """A prometheus.yml scraping ``targets`` every ``scrape_interval_s``, relabelled as on a cluster.
+
+    Static targets carry the meta labels Kubernetes pod discovery would give them, and the
+    relabelling is that of the ``kubernetes-pods`` job in Prometheus' example configuration
+    (documentation/examples/prometheus-kubernetes.yml): pod labels mapped with
+    ``labelmap: __meta_kubernetes_pod_label_(.+)``, plus ``namespace`` and ``pod``. Labels
+    starting with ``__`` are dropped after relabelling, as on a cluster.
+    """
+    interval = f"{int(scrape_interval_s * 1000)}ms"
+    return {
+        "global": {"scrape_interval": interval, "scrape_timeout": interval},
+        "scrape_configs": [{
+            "job_name": "kubernetes-pods",
+            "static_configs": [{"targets": [t.address], "labels": _pod_meta_labels(t)} for t in targets],
+            "relabel_configs": [
+                {"action": "labelmap", "regex": "__meta_kubernetes_pod_label_(.+)"},
+                {"source_labels": ["__meta_kubernetes_namespace"], "action": "replace", "target_label": "namespace"},
+                {"source_labels": ["__meta_kubernetes_pod_name"], "action": "replace", "target_label": "pod"},
+            ],
+        }],
+    }
+
+
+def start_prometheus(directory: Path, targets: Sequence[PodTarget], scrape_interval_s: float) -> ServerProcess:
+    """The ``prometheus`` on PATH, on 127.0.0.1 with its data in ``directory``, scraping ``targets``."""
+    config = directory / "prometheus.yml"
+    config.write_text(yaml.safe_dump(prometheus_config(targets, scrape_interval_s), sort_keys=False))
+    port = free_port()
+    return start_server(
+        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        url=f"http://127.0.0.1:{port}", health_path="/-/ready", log_path=directory / "prometheus.log",
+    )

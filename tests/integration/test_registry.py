@@ -15,9 +15,10 @@ from mlflow import MlflowClient
 
 import defectkit
 from defectkit_kfp.components.register_model import register_model
-from defectkit import registry
+from defectkit import registry, storage
 from defectkit.models import ModelMetadata, build_model, load_model, save_model
 from defectkit.preprocess import PreprocessSpec
+from tests.conftest import S3_BUCKET
 from tests.servers import free_port, start_server
 
 # A small torchvision architecture: a few MB of weights keep uploads and hashing quick.
@@ -266,3 +267,53 @@ def test_register_model_component_in_a_local_pipeline(mlflow_server, models, tmp
     registered = json.loads(next((tmp_path / "root").rglob("register-model/registered")).read_text())
     assert registered == {"name": name, "version": "1", "model_uri": ref.uri, "run_id": ref.run_id,
                           "source": ref.source}
+
+
+@pytest.fixture(scope="module")
+def mlflow_s3_server(s3_server, tmp_path_factory) -> str:
+    """A tracking server whose artifact store is a bucket, as KServe needs; yields its URL."""
+    root = tmp_path_factory.mktemp("mlflow-s3")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--default-artifact-root", f"s3://{S3_BUCKET}/mlflow", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        url=url,
+        health_path="/health",
+        log_path=root / "server.log",
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        timeout=120,
+    )
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+def test_storage_uri_is_the_registered_copy_in_the_bucket(mlflow_s3_server, models):
+    config = registry.RegistryConfig(tracking_uri=mlflow_s3_server, model_name=f"s3-{uuid.uuid4().hex[:8]}")
+    registry.register(config, models[0], tags={})
+    ref = registry.register(config, models[1], tags={})
+
+    uri = registry.storage_uri(mlflow_s3_server, config.model_name, int(ref.version))
+
+    assert uri.startswith(f"s3://{S3_BUCKET}/mlflow/") and uri.endswith(f"/{ref.run_id}/artifacts/model")
+    stored = storage.Store(uri)
+    assert stored.list() == ["model.json", "model.safetensors"]
+    for name in stored.list():
+        assert stored.read(name) == (models[1] / name).read_bytes()
+    assert registry.storage_uri(mlflow_s3_server, config.model_name, "1") != uri
+    with pytest.raises(LookupError, match="no version '7'"):
+        registry.storage_uri(mlflow_s3_server, config.model_name, "7")
+
+
+def test_storage_uri_refuses_stores_kserve_cannot_read(backend, config, models):
+    ref = registry.register(config, models[0], tags={})
+    proxied = config.tracking_uri.startswith("http")
+    why = r"mlflow-artifacts:.*artifact proxy" if proxied else r"file://.*a path on the registry's disk"
+
+    with pytest.raises(ValueError, match=why) as refused:
+        registry.storage_uri(config.tracking_uri, config.model_name, ref.version)
+    assert f"version 1 of {config.model_name!r}" in str(refused.value)
+    assert "--default-artifact-root s3://<bucket>/<prefix> or gs://<bucket>/<prefix>" in str(refused.value)

@@ -1,5 +1,6 @@
-"""Canary analysis: the policy's validation and each check's verdict on known figures."""
+"""Canary analysis: the policy's validation, each check's verdict on known figures, and the query windows."""
 
+import logging
 import math
 
 import numpy as np
@@ -9,10 +10,13 @@ from scipy import stats
 from defectkit.delivery.analysis import FAIL, INCONCLUSIVE, PASS, CanaryPolicy, analyse, parse_steps
 from defectkit.delivery.backend import VariantMetrics, metrics_by_variant
 from defectkit.delivery.kserve.prometheus import (
+    DEFAULT_SCRAPE_INTERVAL_S,
+    PrometheusClient,
     Sample,
     Variant,
     error_count_query,
     latency_quantile_query,
+    query_window_s,
     request_count_query,
     score_buckets_query,
     variant_metrics,
@@ -176,3 +180,60 @@ def test_policy_round_trips_and_a_final_100_is_the_promotion():
     assert CanaryPolicy(steps=(10, 50)).analysed_steps == (10, 50)
     with pytest.raises(ValueError, match="comma-separated"):
         parse_steps("10;20")
+
+
+@pytest.mark.parametrize("scrape_interval_s, interval_s, window_s", [
+    (30, 60, 120),   # a step of two scrapes: the floor of four scrapes
+    (30, 90, 120),   # three scrapes: the step plus the sample before it is exactly four
+    (30, 300, 330),  # long steps: the step plus one scrape interval
+    (15, 60, 75),
+    (60, 120, 240),  # Prometheus' own default scrape interval
+    (1, 2, 4),
+])
+def test_query_window_covers_the_step_and_the_sample_before_it_and_at_least_four_scrapes(
+        scrape_interval_s, interval_s, window_s):
+    assert query_window_s(scrape_interval_s, interval_s) == window_s
+    assert window_s >= 4 * scrape_interval_s and window_s >= interval_s + scrape_interval_s
+
+
+def test_query_windows_fit_the_promql_range_without_shrinking():
+    revision = Variant("ml", "defect", "defect-predictor-00002")
+    assert request_count_query(revision, query_window_s(30, 60)).endswith("[120s]))")
+    # Never rounded down below what the rule asked for.
+    assert request_count_query(revision, 3.2).endswith("[4s]))")
+
+
+@pytest.mark.parametrize("scrape_interval_s, interval_s", [(30, 30), (30, 59.9), (60, 90), (1, 1.5)])
+def test_a_step_shorter_than_two_scrape_intervals_is_refused_naming_both(scrape_interval_s, interval_s):
+    with pytest.raises(ValueError) as caught:
+        query_window_s(scrape_interval_s, interval_s)
+    message = str(caught.value)
+    assert f"interval_s={interval_s:g}" in message and f"scrape_interval_s={scrape_interval_s:g}" in message
+    assert f"at least {2 * scrape_interval_s:g} s" in message
+
+
+def test_a_window_reaching_into_the_previous_step_is_warned_about_once(caplog):
+    with caplog.at_level(logging.WARNING, logger="defectkit.delivery.kserve.prometheus"):
+        assert query_window_s(20, 50) == 80
+        assert query_window_s(20, 50) == 80
+        assert query_window_s(20, 60) == 80  # three scrapes: no overlap beyond the sample before the step
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert "interval_s=50" in warnings[0] and "scrape_interval_s=20" in warnings[0]
+    assert "80 s, reaching 30 s into the step before" in warnings[0] and "at least 60 s" in warnings[0]
+
+
+@pytest.mark.parametrize("scrape_interval_s, interval_s, name", [
+    (0, 60, "scrape_interval_s"), (30, -1, "interval_s"), (math.nan, 60, "scrape_interval_s"),
+    (30, math.inf, "interval_s"),
+])
+def test_query_window_inputs_must_be_positive_seconds(scrape_interval_s, interval_s, name):
+    with pytest.raises(ValueError, match=f"^{name}="):
+        query_window_s(scrape_interval_s, interval_s)
+
+
+def test_the_client_carries_the_scrape_interval():
+    assert PrometheusClient("http://127.0.0.1:9").scrape_interval_s == DEFAULT_SCRAPE_INTERVAL_S == 30
+    assert PrometheusClient("http://127.0.0.1:9", scrape_interval_s=15).scrape_interval_s == 15
+    with pytest.raises(ValueError, match="scrape_interval_s=0 must be Prometheus' scrape interval"):
+        PrometheusClient("http://127.0.0.1:9", scrape_interval_s=0)

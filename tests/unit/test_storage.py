@@ -1,6 +1,9 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 from google.api_core import exceptions as gexc
 
 from defectkit import storage
@@ -70,3 +73,57 @@ def test_fetch_file_local(tmp_path: Path):
     assert storage.fetch_file(str(tmp_path / "w.safetensors"), tmp_path) == tmp_path / "w.safetensors"
     with pytest.raises(FileNotFoundError):
         storage.fetch_file(str(tmp_path / "missing"), tmp_path)
+
+
+def _s3_error(code: str, status: int) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "PutObject")
+
+
+@pytest.mark.parametrize("error", [
+    _s3_error("SlowDown", 503),
+    _s3_error("InternalError", 500),
+    _s3_error("ThrottlingException", 400),
+    _s3_error("RequestTimeout", 400),
+    _s3_error("ConditionalRequestConflict", 409),
+    EndpointConnectionError(endpoint_url="http://127.0.0.1:9"),
+    ReadTimeoutError(endpoint_url="http://127.0.0.1:9"),
+])
+def test_s3_throttling_server_and_connection_errors_are_retried(error):
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 2:
+            raise error
+        return "ok"
+
+    assert storage.retry(flaky, "flaky", storage.RetryPolicy(attempts=2, initial_delay_s=0.001)) == "ok"
+
+
+@pytest.mark.parametrize("error", [_s3_error("AccessDenied", 403), _s3_error("PreconditionFailed", 412),
+                                   _s3_error("NotImplemented", 501), _s3_error("NoSuchKey", 404)])
+def test_s3_answers_that_another_try_cannot_change_are_not_retried(error):
+    calls = []
+
+    def refused():
+        calls.append(1)
+        raise error
+
+    with pytest.raises(ClientError):
+        storage.retry(refused, "refused", storage.RetryPolicy(attempts=3, initial_delay_s=0.001))
+    assert len(calls) == 1
+
+
+def test_remote_uris_need_a_bucket():
+    assert storage.is_remote("s3://bucket/x") and storage.is_remote("gs://bucket")
+    assert not storage.is_remote("file:///tmp/x") and not storage.is_remote("/tmp/s3://x")
+    with pytest.raises(ValueError, match=r"'s3:///models' names no bucket; give s3://bucket/prefix"):
+        storage.Store("s3:///models")
+
+
+def test_core_imports_and_stores_locally_without_boto3_or_google(tmp_path: Path):
+    blocked = ("import sys; sys.modules.update(boto3=None, botocore=None, google=None); "
+               "from defectkit import storage; s = storage.Store(sys.argv[1]); s.write('a', b'1'); "
+               "assert s.list() == ['a']")
+    subprocess.run([sys.executable, "-c", blocked, str(tmp_path)], check=True, cwd=Path(__file__).parents[2])

@@ -57,7 +57,7 @@ DEFAULT_SCRAPE_INTERVAL_S = 30.0
 # scrape is missed or late (the same floor as Grafana's $__rate_interval).
 MIN_WINDOW_SCRAPES = 4
 # A sample shows the counters as they were when it was scraped, up to one interval ago: an analysis at
-# the end of a step sees only its first (interval - scrape interval). Below two scrape intervals that is
+# the end of a step sees, at worst, only its first (interval - scrape interval). Below two scrape intervals that is
 # less than half the step, and traffic would step up on figures mostly from the step before.
 MIN_STEP_SCRAPES = 2
 
