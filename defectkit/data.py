@@ -7,8 +7,9 @@ Layout (MVTec AD compatible)::
 
 Class ``good`` means no defect; any other class name is a defect type. The
 manifest lists every image of a dataset artifact with its content hash; the
-hash of the manifest entries is the dataset fingerprint used for caching and
-lineage.
+hash of the manifest entries is the dataset fingerprint used for lineage.
+Before any image is read, :func:`source_fingerprint` identifies what a root
+holds from its listing alone: the input a pipeline's cache keys on.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
+
+from defectkit import storage
 from defectkit.files import write_text_atomic
 
 GOOD = "good"
+SOURCE_FINGERPRINT_FORMAT = "defectkit.source/v1"
 SOURCE_SPLITS = ("train", "test")
 SPLITS = ("train", "val", "test")
 MANIFEST_FILE = "manifest.json"
@@ -200,3 +204,19 @@ class Manifest:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def source_fingerprint(root: str) -> str:
+    """A hash of every file under ``root`` (its path and content token): equal while nothing under the root
+    changed, different once any file was added, removed or rewritten with other content.
+
+    A cache keyed on the dataset's URI alone would serve stale results once the images at that URI
+    change; keyed on this, unchanged data reuses every step and changed data recomputes them.
+    """
+    versions = storage.Store(root).versions()
+    if not versions:
+        raise ValueError(f"dataset root {root} holds no files; give the folder with train/ and test/")
+    digest = hashlib.sha256(SOURCE_FINGERPRINT_FORMAT.encode())
+    for rel, token in versions.items():
+        digest.update(f"\n{rel}\t{token}".encode())
+    return digest.hexdigest()

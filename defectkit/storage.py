@@ -14,6 +14,7 @@ initializer reads the same variables, so one Secret serves both.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Callable, Protocol, TypeVar
@@ -93,6 +94,8 @@ class _Backend(Protocol):
 
     def list(self) -> list[str]: ...
 
+    def versions(self) -> dict[str, str]: ...
+
     def read(self, rel: str) -> bytes: ...
 
     def write(self, rel: str, data: bytes, *, overwrite: bool) -> None: ...
@@ -107,6 +110,11 @@ class _Local:
         if not self._path.is_dir():
             raise FileNotFoundError(f"{self._root!r} is not a directory")
         return [p.relative_to(self._path).as_posix() for p in self._path.rglob("*") if p.is_file()]
+
+    def versions(self) -> dict[str, str]:
+        # A local file has no content hash to ask for: read it (local datasets are small, and sizes and
+        # modification times can stay the same across a rewrite).
+        return {rel: hashlib.sha256(self.read(rel)).hexdigest() for rel in self.list()}
 
     def read(self, rel: str) -> bytes:
         return (self._path / rel).read_bytes()
@@ -128,6 +136,12 @@ class _Gcs:
     def list(self) -> list[str]:
         blobs = self._bucket.client.list_blobs(self._bucket.name, prefix=self._prefix)
         return [b.name[len(self._prefix):] for b in blobs if not b.name.endswith("/")]
+
+    def versions(self) -> dict[str, str]:
+        # GCS keeps a content checksum of every object: crc32c always, md5 for objects not composed of parts.
+        blobs = self._bucket.client.list_blobs(self._bucket.name, prefix=self._prefix)
+        return {b.name[len(self._prefix):]: f"{b.size}:{b.crc32c}:{b.md5_hash or ''}"
+                for b in blobs if not b.name.endswith("/")}
 
     def read(self, rel: str) -> bytes:
         from google.api_core.exceptions import NotFound
@@ -168,6 +182,12 @@ class _S3:
             raise FileNotFoundError(f"{self._uri()}: bucket {self._bucket!r} does not exist at "
                                     f"{self._client.meta.endpoint_url}; create it or check AWS_ENDPOINT_URL") from exc
         return [key[len(self._prefix):] for key in keys if not key.endswith("/")]
+
+    def versions(self) -> dict[str, str]:
+        # An ETag changes whenever the content does (an MD5, or for multipart uploads a hash of the parts' MD5s).
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self._bucket, Prefix=self._prefix)
+        return {item["Key"][len(self._prefix):]: f"{item['Size']}:{item['ETag']}"
+                for page in pages for item in page.get("Contents", ()) if not item["Key"].endswith("/")}
 
     def read(self, rel: str) -> bytes:
         errors = self._client.exceptions
@@ -217,6 +237,11 @@ class Store:
     def list(self) -> list[str]:
         """Every file under the root, as sorted relative POSIX paths."""
         return sorted(self._retry(self._backend.list, f"list {self.root}"))
+
+    def versions(self) -> dict[str, str]:
+        """Every file under the root with a token that changes whenever its content does: a content hash
+        (sha256 locally, the object checksums on gs://, the ETag on s3://), read without downloading."""
+        return dict(sorted(self._retry(self._backend.versions, f"list {self.root}").items()))
 
     def read(self, rel: str) -> bytes:
         """The bytes at ``rel``; FileNotFoundError where there is no such file."""

@@ -199,3 +199,24 @@ def test_reading_a_directory_without_manifest_says_so(tmp_path):
 def test_unknown_split_is_rejected(dataset):
     with pytest.raises(ValueError, match="'validation'"):
         manifest_from_files(dataset).split("validation")
+
+
+def test_source_fingerprint_changes_with_any_file_and_only_then(tmp_path):
+    from defectkit.data import source_fingerprint
+
+    root = tmp_path / "data"
+    (root / "train/good").mkdir(parents=True)
+    (root / "train/good/a.png").write_bytes(b"first")
+    (root / "train/good/b.png").write_bytes(b"second")
+    before = source_fingerprint(str(root))
+    assert source_fingerprint(f"file://{root}") == before
+    (root / "train/good/a.png").write_bytes(b"FIRST")  # same size, same name, other content
+    changed = source_fingerprint(str(root))
+    assert changed != before
+    (root / "train/good/a.png").write_bytes(b"first")
+    assert source_fingerprint(str(root)) == before
+    (root / "train/good/c.png").write_bytes(b"third")
+    assert source_fingerprint(str(root)) not in (before, changed)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no files"):
+        source_fingerprint(str(tmp_path / "empty"))
