@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from defectkit.serving.server import DEFAULT_MAX_BODY_MB, DEFAULT_PORT, MIB, default_batch_workers, serve
+from defectkit.serving.server import DEFAULT_PORT, MIB, PRECISIONS, ServingOptions, serve
 
 log = logging.getLogger(__name__)
 
@@ -21,104 +21,89 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model artifact directory, or models:/<name>@<alias> or "
-                        "models:/<name>/<version> in the registry (needs --tracking-uri)")
+    """The options; beyond --model, --fallback, --tracking-uri, --host, --port and --served-name each one is a
+    field of :class:`~defectkit.serving.server.ServingOptions` of the same name, which holds its default."""
+    defaults = ServingOptions()
+    parser.add_argument("--model", required=True, help="model artifact directory, its gs:// or s3:// copy, or "
+                        "models:/<name>@<alias> or models:/<name>/<version> in the registry (needs --tracking-uri)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default %(default)s)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default %(default)s; 0.0.0.0 for all interfaces, as in a pod)")
     parser.add_argument("--fallback", help="model answering while the primary's circuit breaker is open, e.g. the "
-                        "previous champion (directory or models:/ URI)")
+                        "previous champion: a directory, a gs:// or s3:// directory (downloaded at start) or a "
+                        "models:/ URI")
     parser.add_argument("--served-name", dest="served_name", default="defectkit",
                         help="model name in the /v2/models/<name> routes (default %(default)s)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI of the registry, for models:/ URIs")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    parser.add_argument("--precision", default=defaults.precision, choices=PRECISIONS,
                         help="what the forward pass computes in: auto is bf16 on CUDA, fp32 elsewhere; every answer "
                         "says which (default %(default)s)")
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--threads", type=int, default=defaults.threads,
                         help="torch threads (default 0: the cores divided by --batch-workers)")
 
     batching = parser.add_argument_group("micro-batching")
-    batching.add_argument("--max-batch", type=int, default=8, help="images per forward (default %(default)s)")
-    batching.add_argument("--max-wait-ms", type=float, default=5.0,
+    batching.add_argument("--max-batch", type=int, default=defaults.max_batch, help="images per forward (default %(default)s)")
+    batching.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
                           help="longest a request waits for others to batch with (default %(default)s)")
-    batching.add_argument("--batch-workers", type=int, default=0,
+    batching.add_argument("--batch-workers", type=int, default=defaults.batch_workers,
                           help="forwards running at the same time (default 0: 1 on a GPU, 2 on a CPU)")
 
     limits = parser.add_argument_group("limits")
-    limits.add_argument("--timeout-s", type=float, default=10.0,
+    limits.add_argument("--timeout-s", type=float, default=defaults.timeout_s,
                         help="per-request model timeout; timeouts count as failures (default %(default)s)")
-    limits.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
+    limits.add_argument("--max-body-mb", type=float, default=defaults.max_body_mb,
                         help="largest request body, 413 beyond (default %(default)s)")
-    limits.add_argument("--max-images", type=int, default=64, help="images per request (default %(default)s)")
-    limits.add_argument("--max-pixels", type=int, default=None,
+    limits.add_argument("--max-images", type=int, default=defaults.max_images, help="images per request (default %(default)s)")
+    limits.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
                         help="pixels per image, checked before decoding (default: defectkit.image's limit)")
     limits.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs "
                         "CPU at high request rates; /metrics counts requests)")
 
     sampling = parser.add_argument_group("production sampling (for drift monitoring and retraining)")
-    sampling.add_argument("--sample-rate", type=float, default=0.0,
+    sampling.add_argument("--sample-rate", type=float, default=defaults.sample_rate,
                           help="share of images written with their answers to --sample-uri, off the request path "
                           "(default %(default)s: none)")
-    sampling.add_argument("--sample-uri", default="", help="where samples go: a directory or gs:// URI, "
+    sampling.add_argument("--sample-uri", default=defaults.sample_uri, help="where samples go: a directory, gs:// or s3:// URI, "
                           "one tar shard per batch under date=YYYY-MM-DD/HH/")
-    sampling.add_argument("--sample-seed", type=int, default=0, help="seed of the sampling draws (default %(default)s)")
+    sampling.add_argument("--sample-seed", type=int, default=defaults.sample_seed, help="seed of the sampling draws (default %(default)s)")
 
     breaker = parser.add_argument_group("circuit breaker (protects the primary model)")
-    breaker.add_argument("--breaker-failures", type=int, default=5,
+    breaker.add_argument("--breaker-failures", type=int, default=defaults.breaker_failures,
                          help="failures or timeouts within the window that open it (default %(default)s)")
-    breaker.add_argument("--breaker-window-s", type=float, default=30.0,
+    breaker.add_argument("--breaker-window-s", type=float, default=defaults.breaker_window_s,
                          help="how long a failure counts (default %(default)s)")
-    breaker.add_argument("--breaker-cooldown-s", type=float, default=10.0,
+    breaker.add_argument("--breaker-cooldown-s", type=float, default=defaults.breaker_cooldown_s,
                          help="time open before one probe request is let through (default %(default)s)")
 
     faults = parser.add_argument_group(
         "fault injection, FOR CANARY TESTS ONLY",
         "Make the primary model misbehave on purpose, to rehearse canary analysis and the circuit breaker. "
         "Never set these in production.")
-    faults.add_argument("--fault-error-rate", type=float, default=0.0,
+    faults.add_argument("--fault-error-rate", type=float, default=defaults.fault_error_rate,
                         help="share of requests whose model call fails: answered 500 (or by the --fallback, "
                         "when one is set, so leave it out to see 5xx)")
-    faults.add_argument("--fault-latency-ms", type=float, default=0.0, help="latency added to every model call")
-    faults.add_argument("--fault-score-shift", type=float, default=0.0,
+    faults.add_argument("--fault-latency-ms", type=float, default=defaults.fault_latency_ms, help="latency added to every model call")
+    faults.add_argument("--fault-score-shift", type=float, default=defaults.fault_score_shift,
                         help="added to every defect score (clipped to 0-1)")
-    faults.add_argument("--fault-duration-s", type=float, default=0.0,
+    faults.add_argument("--fault-duration-s", type=float, default=defaults.fault_duration_s,
                         help="faults stop this long after the first request (default 0: never)")
-    faults.add_argument("--fault-seed", type=int, default=0, help="seed of the fault draws (default %(default)s)")
+    faults.add_argument("--fault-seed", type=int, default=defaults.fault_seed, help="seed of the fault draws (default %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace):
     """The :class:`~defectkit.serving.predictor.ServingConfig` the options describe."""
-    from defectkit import image
-    from defectkit.sampling import SamplingConfig
-    from defectkit.serving.batching import BatchConfig
-    from defectkit.serving.breaker import BreakerConfig
-    from defectkit.serving.faults import FaultConfig
-    from defectkit.serving.predictor import ServingConfig
-
-    return ServingConfig(
-        batch=BatchConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                          workers=args.batch_workers or default_batch_workers(args.device)),
-        breaker=BreakerConfig(failures=args.breaker_failures, window_s=args.breaker_window_s,
-                              cooldown_s=args.breaker_cooldown_s),
-        faults=FaultConfig(error_rate=args.fault_error_rate, latency_ms=args.fault_latency_ms,
-                           score_shift=args.fault_score_shift, duration_s=args.fault_duration_s,
-                           seed=args.fault_seed),
-        sampling=SamplingConfig(rate=args.sample_rate, uri=args.sample_uri, seed=args.sample_seed),
-        timeout_s=args.timeout_s,
-        max_images=args.max_images,
-        max_pixels=args.max_pixels or image.DEFAULT_MAX_PIXELS,
-        device=args.device,
-        precision=args.precision,
-    )
+    return ServingOptions.from_namespace(args).serving_config()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """0 after a clean shutdown, 2 when the model cannot be served (logged)."""
     try:
+        options = ServingOptions.from_namespace(args)
         serve(args.model, port=args.port, host=args.host, fallback=args.fallback, name=args.served_name,
-              tracking_uri=args.tracking_uri, config=config_from_args(args),
-              max_body_bytes=int(args.max_body_mb * MIB), torch_threads=args.threads, access_log=args.access_log)
+              tracking_uri=args.tracking_uri, config=options.serving_config(),
+              max_body_bytes=int(options.max_body_mb * MIB), torch_threads=options.threads,
+              access_log=options.access_log)
     except (ValueError, LookupError, OSError) as exc:
         log.error("cannot serve %s: %s", args.model, exc)
         return 2

@@ -1,8 +1,10 @@
 """The model server: KServe's REST application for one DefectPredictor, under our own uvicorn server.
 
-    defectkit serve --model DIR|models:/<name>@<alias> --port P [--host 127.0.0.1] [--fallback DIR] ...
+    defectkit serve --model DIR|URI --port P [--host 127.0.0.1] [--fallback DIR|URI] ...
 
-(the command line lives in :mod:`defectkit.cli.serve`).
+(the command line lives in :mod:`defectkit.cli.serve`; :class:`ServingOptions` is what
+it configures beyond the model, the address and the served name, so that the same options
+reach a KServe InferenceService's container arguments).
 
 It is KServe's ModelServer application (its v1/v2 endpoints, ``/metrics``,
 exception handlers and middleware) with four changes:
@@ -20,14 +22,18 @@ exception handlers and middleware) with four changes:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
 import logging
 import math
+import re
 import shutil
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,6 +51,106 @@ PARSE_INLINE_BYTES = 64 * 1024
 # before the 413 goes out, so that clients still sending it read the answer instead of a reset connection.
 DRAIN_FACTOR = 4
 INFER_PATHS = ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer")
+# defectkit.models.PRECISIONS, repeated here so that the options can be checked where torch is not installed.
+PRECISIONS = ("auto", "fp32", "bf16")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """How ``defectkit serve`` serves, as opposed to what (model, fallback) and where (host, port, name).
+
+    Each field is the option ``--<field name with '-' for '_'>`` of ``defectkit serve``; :meth:`args`
+    writes them back as that command's arguments, for a KServe InferenceService's container.
+    Importing and checking them needs neither torch nor kserve.
+    """
+
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int = 0  # 0: the cores divided by the batch workers
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+    batch_workers: int = 0  # 0: 1 on a GPU, 2 on a CPU
+    timeout_s: float = 10.0
+    max_body_mb: float = DEFAULT_MAX_BODY_MB
+    max_images: int = 64
+    max_pixels: int | None = None  # None: defectkit.image's limit
+    access_log: bool = False
+    sample_rate: float = 0.0
+    sample_uri: str = ""
+    sample_seed: int = 0
+    breaker_failures: int = 5
+    breaker_window_s: float = 30.0
+    breaker_cooldown_s: float = 10.0
+    fault_error_rate: float = 0.0
+    fault_latency_ms: float = 0.0
+    fault_score_shift: float = 0.0
+    fault_duration_s: float = 0.0
+    fault_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not _DEVICE.match(self.device):
+            raise ValueError(f"device {self.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N'")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        for name in ("threads", "batch_workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be a whole number, 0 or more (0 chooses for the machine)")
+        for name in ("timeout_s", "max_body_mb"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value!r} must be a positive number")
+        for name in ("max_images", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive whole number")
+        self._parts()  # the serving parts check their own fields
+
+    def _parts(self):
+        from defectkit.sampling import SamplingConfig
+        from defectkit.serving.batching import BatchConfig
+        from defectkit.serving.breaker import BreakerConfig
+        from defectkit.serving.faults import FaultConfig
+
+        return (
+            BatchConfig(max_batch=self.max_batch, max_wait_ms=self.max_wait_ms, workers=self.batch_workers or 1),
+            BreakerConfig(failures=self.breaker_failures, window_s=self.breaker_window_s,
+                          cooldown_s=self.breaker_cooldown_s),
+            FaultConfig(error_rate=self.fault_error_rate, latency_ms=self.fault_latency_ms,
+                        score_shift=self.fault_score_shift, duration_s=self.fault_duration_s, seed=self.fault_seed),
+            SamplingConfig(rate=self.sample_rate, uri=self.sample_uri, seed=self.sample_seed),
+        )
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> ServingOptions:
+        """The options parsed by ``defectkit serve``'s parser."""
+        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+
+    def args(self) -> list[str]:
+        """``defectkit serve`` arguments for every option that differs from its default."""
+        words: list[str] = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value == field.default:
+                continue
+            flag = "--" + field.name.replace("_", "-")
+            # A switch is its flag alone (store_true); its default, off, is never written.
+            words += [flag] if isinstance(value, bool) else [flag, str(value)]
+        return words
+
+    def serving_config(self) -> ServingConfig:
+        """The :class:`~defectkit.serving.predictor.ServingConfig` these options describe (imports torch)."""
+        from defectkit import image
+        from defectkit.serving.predictor import ServingConfig
+
+        batch, breaker, faults, sampling = self._parts()
+        return ServingConfig(
+            batch=dataclasses.replace(batch, workers=self.batch_workers or default_batch_workers(self.device)),
+            breaker=breaker, faults=faults, sampling=sampling, timeout_s=self.timeout_s,
+            max_images=self.max_images, max_pixels=self.max_pixels or image.DEFAULT_MAX_PIXELS,
+            device=self.device, precision=self.precision,
+        )
 
 
 class BodyTooLarge(Exception):
@@ -116,22 +222,53 @@ async def _send_json(send, status: int, error: Exception) -> None:
 
 
 def resolve_model(spec: str, work_dir: Path, *, tracking_uri: str | None) -> tuple[Path, str | None]:
-    """A local model dir for ``spec`` (a directory, or ``models:/<name>@<alias>`` / ``models:/<name>/<version>``)
-    and its registry version (None for a directory)."""
-    from defectkit import registry
+    """A local model dir for ``spec`` and its registry version (None outside the registry).
+
+    ``spec`` is a directory, a ``gs://`` or ``s3://`` directory (downloaded into ``work_dir``: in a
+    KServe pod the storage initializer fetches only the primary model, so a fallback such as the
+    previous champion's artifact comes this way), or ``models:/<name>@<alias>`` /
+    ``models:/<name>/<version>`` in the registry at ``tracking_uri``.
+    """
+    from defectkit import registry, storage
 
     uri = registry.ModelUri.parse(spec)
+    if uri is None and storage.is_remote(spec):
+        return fetch_remote_model(spec, work_dir), None
     if uri is None:
         path = Path(spec)
         if not (path / "model.json").is_file():
             raise FileNotFoundError(f"{path} is not a model artifact directory (no model.json); give the judged "
-                                    f"model's directory or a models:/<name>@<alias> registry URI")
+                                    f"model's directory, its gs:// or s3:// copy, or a models:/<name>@<alias> "
+                                    f"registry URI")
         return path, None
     if not tracking_uri:
         raise ValueError(f"{spec} is a registry URI: give the MLflow registry with --tracking-uri")
     ref = registry.pin(uri, tracking_uri)
     dest = registry.resolve(ref.uri, work_dir / f"{ref.name}-{ref.version}", tracking_uri=tracking_uri)
     return Path(dest), ref.version
+
+
+def fetch_remote_model(uri: str, dest: Path) -> Path:
+    """Download the model directory at a ``gs://`` or ``s3://`` ``uri`` into ``dest`` and verify its weights.
+
+    A failure to read the store (no such bucket, no credentials, no network) is an OSError naming the URI
+    and what to check, whatever client library raised it.
+    """
+    from defectkit import registry
+    from defectkit.artifact import ModelIntegrityError
+
+    try:
+        return registry.fetch_model(uri, dest)
+    except ModelIntegrityError:
+        raise
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{uri} holds no model artifact ({exc}); give the directory that holds "
+                                f"model.json and model.safetensors, e.g. a registered version's storage URI") from exc
+    except Exception as exc:  # noqa: BLE001 - google-cloud-storage and boto3 raise their own types
+        raise OSError(f"cannot download the model at {uri}: {type(exc).__name__}: {exc}. Check that the URI "
+                      f"exists and that this process may read it (gs://: Workload Identity or "
+                      f"GOOGLE_APPLICATION_CREDENTIALS; s3://: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and, "
+                      f"for MinIO, AWS_ENDPOINT_URL)") from exc
 
 
 def build_app(predictor: DefectPredictor, *, max_body_bytes: int, port: int = DEFAULT_PORT):

@@ -32,12 +32,12 @@ import yaml
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from defectkit import registry
+from defectkit import registry, storage
 from defectkit.delivery.analysis import BF16_PROBE_TOLERANCE
 from defectkit.evaluation import evaluate
 from defectkit.models import ModelMetadata, build_model, save_model
 from defectkit.preprocess import PreprocessSpec, load_split
-from tests.conftest import TINY_IMAGE_SIZE
+from tests.conftest import S3_BUCKET, TINY_IMAGE_SIZE
 from tests.servers import ServerProcess, free_port, start_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -418,3 +418,48 @@ def test_tampered_weights_stop_the_server_before_it_listens(judged, tmp_path):
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 2
     assert "sha256" in result.stderr and "does not match" in result.stderr
+
+
+@pytest.fixture(params=["gs", "s3"])
+def object_store(request) -> str:
+    """A model-store root URI on a real object storage API on 127.0.0.1 (GCS emulator, or moto's S3)."""
+    if request.param == "gs":
+        request.getfixturevalue("gcs_emulator")
+        return "gs://defectkit-test/models"
+    request.getfixturevalue("s3_server")
+    return f"s3://{S3_BUCKET}/models"
+
+
+def test_fallback_in_object_storage_is_downloaded_at_start_and_answers(judged, object_store, tmp_path):
+    """What a KServe pod does: the storage initializer brings only the primary; the server fetches the fallback."""
+    previous = _save(tmp_path / "previous", seed=2)
+    previous_version = json.loads((previous / "model.json").read_text())["weights_sha256"][:12]
+    uri = f"{object_store}/previous-champion"
+    store = storage.Store(uri)
+    for path in previous.iterdir():
+        store.write(path.name, path.read_bytes())
+    port = free_port()
+    server = start_server(
+        [sys.executable, "-m", "defectkit", "serve", "--port", str(port), "--served-name", NAME,
+         "--model", str(judged.model_dir), "--fallback", uri,
+         "--fault-error-rate", "1", "--breaker-failures", "1", "--breaker-cooldown-s", "60"],
+        url=f"http://127.0.0.1:{port}", health_path="/v2/health/ready", log_path=tmp_path / "serve.log",
+        env={"PYTHONPATH": str(REPO)}, timeout=120,
+    )
+    try:
+        served = Served(server, judged.metrics["weights_sha256"][:12], previous_version)
+        # The primary fails every call: the downloaded fallback answers, with its own version.
+        _, _, version = _infer_files(served, [_jpeg()])
+        assert version == previous_version != served.version
+    finally:
+        server.stop()
+
+
+def test_a_fallback_that_cannot_be_fetched_stops_the_server_with_the_reason(judged, object_store, tmp_path):
+    missing = f"{object_store}/no-such-model"
+    result = subprocess.run([sys.executable, "-m", "defectkit", "serve", "--model", str(judged.model_dir),
+                             "--fallback", missing, "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2
+    assert f"{missing} holds no model artifact" in result.stderr
+    assert "model.json and model.safetensors" in result.stderr

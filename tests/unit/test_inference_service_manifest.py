@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 
 import pytest
@@ -11,11 +12,13 @@ import yaml
 from defectkit.delivery.kserve.manifest import (
     CONTAINER_NAME,
     MAX_NAME_LENGTH,
+    MODEL_MOUNT,
     STORAGE_URI_ENV,
     ServiceConfig,
     build_inference_service,
     parse_quantity,
 )
+from defectkit.serving.server import ServingOptions
 from defectkit.cli import build_parser, main
 from defectkit.delivery.kserve.canary import (
     patch_for_canary,
@@ -30,6 +33,20 @@ from tests.kube_api import merge_patch
 IMAGE = "ghcr.io/defectkit/serve:0.1.0"
 STABLE_URI = "gs://defectkit-models/defect/1"
 CANDIDATE_URI = "gs://defectkit-models/defect/2"
+PREVIOUS_URI = "s3://defectkit-models/defect/0"
+# Every serving option away from its default; a new option must be added here to be tested.
+NON_DEFAULT_SERVING = {
+    "device": "cuda:0", "precision": "bf16", "threads": 3, "max_batch": 16, "max_wait_ms": 2.5, "batch_workers": 2,
+    "timeout_s": 0.75, "max_body_mb": 32.0, "max_images": 8, "max_pixels": 4_000_000, "access_log": True,
+    "sample_rate": 0.05, "sample_uri": "gs://defectkit-samples/prod", "sample_seed": 7, "breaker_failures": 9,
+    "breaker_window_s": 60.0, "breaker_cooldown_s": 2.5, "fault_error_rate": 0.25, "fault_latency_ms": 40.0,
+    "fault_score_shift": -0.1, "fault_duration_s": 90.0, "fault_seed": 11,
+}
+# The serve options the manifest sets from ServiceConfig itself rather than from ServingOptions.
+MANIFEST_SET = {"model", "port", "host", "served_name", "fallback"}
+# The registry's address serves models:/ URIs only; a pod gets its models from object storage, and the
+# serve image carries no MLflow.
+NOT_FOR_A_POD = {"tracking_uri"}
 
 
 def config(**overrides) -> ServiceConfig:
@@ -111,12 +128,13 @@ def test_annotations_for_scraping_and_tag_routing(prometheus, tag_routing):
     annotations = manifest["metadata"].get("annotations", {})
     pod_annotations = predictor(manifest).get("annotations", {})
     assert (annotations.get("serving.kserve.io/enable-tag-routing") == "true") == tag_routing
+    assert "serving.kserve.io/enable-prometheus-scraping" not in annotations
     if prometheus:
-        assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
-        assert pod_annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "9000",
-                                   "prometheus.io/path": "/metrics"}
+        assert pod_annotations["serving.kserve.io/enable-prometheus-scraping"] == "false"
+        assert {k: pod_annotations[k] for k in ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")} \
+            == {"prometheus.io/scrape": "true", "prometheus.io/port": "9000", "prometheus.io/path": "/metrics"}
     else:
-        assert "serving.kserve.io/enable-prometheus-scraping" not in annotations and not pod_annotations
+        assert not pod_annotations
     assert container(manifest)["ports"] == [{"containerPort": 9000, "name": "http1", "protocol": "TCP"}]
     assert container(manifest)["readinessProbe"]["httpGet"] == {"path": "/v2/models/defectkit/ready", "port": 9000}
 
@@ -192,8 +210,10 @@ def test_schema_violations_are_reported(edit, message):
     ({"image": "ghcr.io/defectkit/serve"}, "explicit tag"),
     ({"image": "ghcr.io/defectkit/serve:latest"}, ":latest"),
     ({"image": "localhost:5000/serve"}, "explicit tag"),
-    ({"storage_uri": "s3://bucket/model"}, "gs://"),
+    ({"storage_uri": "https://bucket/model"}, "gs://bucket/prefix or s3://bucket/prefix"),
+    ({"storage_uri": "/mnt/models"}, "gs://bucket/prefix or s3://bucket/prefix"),
     ({"storage_uri": "gs://AB/model"}, "invalid bucket"),
+    ({"storage_uri": "s3://my_bucket/model"}, "invalid bucket"),
     ({"storage_uri": "gs://bucket//model"}, "empty path segment"),
     ({"canary_traffic_percent": 101}, "0 to 100"),
     ({"canary_traffic_percent": -1}, "0 to 100"),
@@ -210,6 +230,15 @@ def test_schema_violations_are_reported(edit, message):
     ({"env": (("A", "1"), ("A", "2"))}, "repeat"),
     ({"env": (("1A", "x"),)}, "environment variable name"),
     ({"served_name": "de fect"}, "served name"),
+    ({"fallback_uri": "/models/previous"}, "fallback URI '/models/previous' must be a gs://"),
+    ({"fallback_uri": STABLE_URI + "/"}, "the served model itself"),
+    ({"deployment_mode": "Raw"}, "deployment mode 'Raw' is not one of Knative, Standard"),
+    ({"deployment_mode": "standard"}, "deployment mode"),
+    ({"deployment_mode": "ModelMesh"}, "ServingRuntimes only"),
+    ({"storage_secret": "MinIO creds"}, "storage secret"),
+    ({"serving": ServingOptions(sample_rate=0.1, sample_uri="/var/samples")}, "must be a gs:// or s3:// URI"),
+    ({"serving": ServingOptions(device="cuda")}, "needs a GPU"),
+    ({"serving": {"max_batch": 4}}, "must be a ServingOptions"),
 ])
 def test_config_refuses_what_the_cluster_would(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -220,6 +249,79 @@ def test_config_accepts_digests_and_registry_ports():
     config(image="localhost:5000/serve:0.1.0")
     config(image="ghcr.io/defectkit/serve@sha256:" + "a" * 64)
     config(storage_uri="gs://defectkit-models")
+    config(storage_uri="s3://mlflow/1/abc/artifacts/model")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"max_batch": 0}, "batching max_batch=0"),
+    ({"max_wait_ms": -1.0}, "max_wait_ms"),
+    ({"breaker_failures": 0}, "breaker failures=0"),
+    ({"fault_error_rate": 1.5}, "fault error_rate=1.5"),
+    ({"sample_rate": 0.5}, "needs a storage URI"),
+    ({"sample_rate": 2.0, "sample_uri": "gs://b/s"}, "between 0 and 1"),
+    ({"precision": "fp16"}, "precision 'fp16' is not one of auto, fp32, bf16"),
+    ({"device": "gpu"}, "device 'gpu'"),
+    ({"threads": -1}, "threads=-1"),
+    ({"timeout_s": 0.0}, "timeout_s=0.0"),
+    ({"max_body_mb": float("inf")}, "max_body_mb=inf"),
+    ({"max_images": 0}, "max_images=0"),
+    ({"max_pixels": 0}, "max_pixels=0"),
+])
+def test_serving_options_refuse_what_the_server_would(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ServingOptions(**overrides)
+
+
+def _parsed_container(manifest: dict):
+    serving = container(manifest)
+    assert serving["command"] == ["defectkit", "serve"]
+    return build_parser().parse_args(serving["command"][1:] + serving["args"])
+
+
+def test_every_serve_option_reaches_the_container_and_round_trips_through_the_serve_parser():
+    fields = {field.name for field in dataclasses.fields(ServingOptions)}
+    assert set(NON_DEFAULT_SERVING) == fields
+    defaults = ServingOptions()
+    assert all(getattr(defaults, name) != value for name, value in NON_DEFAULT_SERVING.items())
+    serving = ServingOptions(**NON_DEFAULT_SERVING)
+    cfg = config(serving=serving, fallback_uri=PREVIOUS_URI, gpu=1, port=9000, served_name="bolts")
+    manifest = build_inference_service(cfg)
+    assert_valid(manifest)
+    parsed = _parsed_container(manifest)
+    assert ServingOptions.from_namespace(parsed) == serving
+    assert (parsed.model, parsed.port, parsed.host, parsed.served_name, parsed.fallback, parsed.tracking_uri) == \
+        (MODEL_MOUNT, 9000, "0.0.0.0", "bolts", PREVIOUS_URI, None)
+    # Every option of `defectkit serve` is either a serving option or set by the manifest itself.
+    options = set(vars(build_parser().parse_args(["serve", "--model", "m"]))) - {"command", "verbose", "func"}
+    assert options == fields | MANIFEST_SET | NOT_FOR_A_POD
+
+
+def test_default_serving_options_add_no_arguments():
+    manifest = build_inference_service(config())
+    assert container(manifest)["args"] == [
+        "--model", MODEL_MOUNT, "--port", "8080", "--host", "0.0.0.0", "--served-name", "defectkit"]
+    assert ServingOptions.from_namespace(_parsed_container(manifest)) == ServingOptions()
+
+
+@pytest.mark.parametrize("mode", ["", "Knative", "Standard", "Serverless", "RawDeployment"])
+def test_deployment_mode_annotation_and_scraping_fit_every_mode(mode):
+    cfg = config(deployment_mode=mode, fallback_uri=PREVIOUS_URI, storage_secret="minio-credentials",
+                 serving=ServingOptions(sample_rate=0.01, sample_uri="s3://defectkit-samples/prod"))
+    manifest = build_inference_service(cfg)
+    assert_valid(manifest)
+    assert manifest["metadata"]["annotations"].get("serving.kserve.io/deploymentMode") == (mode or None)
+    # The same scrape target in every mode: the model server's own port, with KServe told not to move it to a
+    # queue-proxy port that Standard mode does not have.
+    assert predictor(manifest)["annotations"] == {
+        "serving.kserve.io/enable-prometheus-scraping": "false",
+        "prometheus.io/scrape": "true", "prometheus.io/port": "8080", "prometheus.io/path": "/metrics",
+        "prometheus.kserve.io/port": "8080", "prometheus.kserve.io/path": "/metrics",
+    }
+    assert container(manifest)["envFrom"] == [{"secretRef": {"name": "minio-credentials"}}]
+    assert _parsed_container(manifest).sample_uri == "s3://defectkit-samples/prod"
+    live = as_stored(manifest)
+    for patch in (patch_for_canary(live, CANDIDATE_URI, 0), patch_for_traffic(50), patch_for_promotion()):
+        assert_valid(merge_patch(live, patch))
 
 
 @pytest.mark.parametrize(("text", "value"), [

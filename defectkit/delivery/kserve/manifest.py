@@ -4,7 +4,10 @@ The predictor is a custom container running ``defectkit serve``. KServe's storag
 initializer downloads the model named by the container's ``STORAGE_URI`` variable into
 ``/mnt/models`` before the server starts (KServe's documented mechanism for custom
 predictors), so the same image serves every model version and changing the URI is
-what creates a new revision for a canary.
+what creates a new revision for a canary. The storage initializer fetches that one URI
+only: a fallback model (``--fallback``, e.g. the previous champion) is downloaded by the
+server itself at start. Every other option of ``defectkit serve`` comes from
+:class:`~defectkit.serving.server.ServingOptions`.
 
 Patches are JSON merge patches (RFC 7386, ``application/merge-patch+json``). A merge
 patch replaces lists whole, so the canary patch carries the complete container list,
@@ -19,6 +22,8 @@ from decimal import Decimal
 from typing import Any
 
 from defectkit.delivery.backend import validate_percent
+from defectkit.delivery.kserve import modes
+from defectkit.serving.server import ServingOptions
 
 API_VERSION = "serving.kserve.io/v1beta1"
 KIND = "InferenceService"
@@ -31,6 +36,10 @@ METRICS_PATH = "/metrics"
 # Knative answers on the tag URL (latest-<name>-predictor...) only with tag routing on;
 # the delivery probe needs it to reach the candidate before it gets any traffic.
 TAG_ROUTING_ANNOTATION = "serving.kserve.io/enable-tag-routing"
+# Left "true", KServe's pod mutator points prometheus.io/port at the queue-proxy (9091), or at its metric
+# aggregation port (9088) when the cluster runs that extension: neither exists in Standard mode, and the
+# first never carries the model server's metrics. "false" keeps the scrape annotations below, which name the
+# model server's own port and work in both modes.
 PROMETHEUS_ANNOTATION = "serving.kserve.io/enable-prometheus-scraping"
 
 # KServe's webhook requires a DNS-1035 label (starts with a letter). Knative then builds
@@ -41,7 +50,10 @@ _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_GCS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+_BUCKET_NAMES = {
+    "gs": re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$"),
+    "s3": re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"),
+}
 # The Kubernetes resource.Quantity grammar, as the CRD's pattern states it (sign excluded:
 # negative resources are never valid).
 _QUANTITY = re.compile(
@@ -79,17 +91,20 @@ def validate_name(value: str, what: str = "InferenceService name") -> str:
     return value
 
 
-def validate_storage_uri(value: str) -> str:
-    """A ``gs://bucket[/prefix]`` URI KServe's storage initializer can download."""
-    if not value.startswith("gs://"):
+def validate_storage_uri(value: str, what: str = "storage URI") -> str:
+    """A ``gs://`` or ``s3://`` ``bucket[/prefix]`` URI that both KServe's storage initializer and the model
+    server can download."""
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in _BUCKET_NAMES:
         raise ValueError(
-            f"storage URI {value!r} must be a gs://bucket/prefix URI holding model.json and model.safetensors"
+            f"{what} {value!r} must be a gs://bucket/prefix or s3://bucket/prefix URI holding model.json and "
+            "model.safetensors"
         )
-    bucket, _, prefix = value[len("gs://"):].partition("/")
-    if not _GCS_BUCKET.match(bucket) or ".." in bucket:
-        raise ValueError(f"storage URI {value!r} names an invalid bucket {bucket!r}")
+    bucket, _, prefix = rest.partition("/")
+    if not _BUCKET_NAMES[scheme].match(bucket) or ".." in bucket:
+        raise ValueError(f"{what} {value!r} names an invalid bucket {bucket!r}")
     if "//" in prefix or prefix.startswith("/"):
-        raise ValueError(f"storage URI {value!r} has an empty path segment")
+        raise ValueError(f"{what} {value!r} has an empty path segment")
     return value
 
 
@@ -99,7 +114,14 @@ class ServiceConfig:
 
     ``image`` is the serve image (``defectkit_kfp.components.images.SERVE_IMAGE`` in this project).
     ``served_name`` is the model's name in the ``/v2/models/<name>`` routes.
-    ``env`` holds extra container variables as (name, value) pairs.
+    ``fallback_uri`` is the model answering while the primary's circuit breaker is open (the previous
+    champion's ``gs://`` or ``s3://`` directory); empty for none.
+    ``serving`` holds every other option of ``defectkit serve`` (batching, limits, precision, production
+    sampling, breaker). ``deployment_mode`` is ``Knative``, ``Standard`` or "" for the cluster's default;
+    KServe 0.15 knows these as ``Serverless`` and ``RawDeployment``, which later versions still accept.
+    ``env`` holds extra container variables as (name, value) pairs; ``storage_secret`` names a Secret whose
+    keys all become container variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for
+    s3:// or MinIO): the server itself reads the fallback and writes samples, with its own credentials.
     """
 
     name: str
@@ -120,6 +142,10 @@ class ServiceConfig:
     tag_routing: bool = True
     service_account: str | None = None
     env: tuple[tuple[str, str], ...] = ()
+    fallback_uri: str = ""
+    serving: ServingOptions = ServingOptions()
+    deployment_mode: str = ""
+    storage_secret: str | None = None
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -168,10 +194,57 @@ class ServiceConfig:
             raise ValueError(f"set the model location with storage_uri, not the {STORAGE_URI_ENV} variable")
         if len(set(names)) != len(names):
             raise ValueError(f"environment variables {names} repeat a name")
+        if self.fallback_uri:
+            validate_storage_uri(self.fallback_uri, "fallback URI")
+            if self.fallback_uri.rstrip("/") == self.storage_uri.rstrip("/"):
+                raise ValueError(f"fallback URI {self.fallback_uri!r} is the served model itself; give the "
+                                 "previous champion's URI, or none")
+        if self.deployment_mode and modes.normalise(self.deployment_mode) == modes.MODELMESH:
+            raise ValueError(f"deployment mode {self.deployment_mode!r} serves ServingRuntimes only, not a custom "
+                             f"predictor container: choose {modes.KNATIVE} or {modes.STANDARD}, or none for the "
+                             "cluster's default")
+        if self.storage_secret is not None and (
+            len(self.storage_secret) > 253 or not _DNS1123_SUBDOMAIN.match(self.storage_secret)
+        ):
+            raise ValueError(f"storage secret {self.storage_secret!r} is not a valid Kubernetes name")
+        self._check_serving()
+
+    def _check_serving(self) -> None:
+        serving = self.serving
+        if not isinstance(serving, ServingOptions):
+            raise ValueError(f"serving={serving!r} must be a ServingOptions")
+        # A pod's disk goes with the pod, and the drift monitor reads samples from object storage.
+        if serving.sample_rate > 0 and not serving.sample_uri.startswith(("gs://", "s3://")):
+            raise ValueError(f"sample URI {serving.sample_uri!r} must be a gs:// or s3:// URI on a cluster: "
+                             "a directory in the pod is lost with it, and the drift monitor cannot read it")
+        if serving.device.startswith("cuda") and not self.gpu:
+            raise ValueError(f"device {serving.device!r} needs a GPU: set gpu to 1 or more, or device to auto")
 
 
 def _labels() -> dict[str, str]:
     return {"app.kubernetes.io/name": "defectkit", "app.kubernetes.io/component": "predictor"}
+
+
+def container_args(config: ServiceConfig) -> list[str]:
+    """The ``defectkit serve`` arguments of the predictor container (the command is ``defectkit serve``)."""
+    args = ["--model", MODEL_MOUNT, "--port", str(config.port), "--host", "0.0.0.0",
+            "--served-name", config.served_name]
+    if config.fallback_uri:
+        args += ["--fallback", config.fallback_uri]
+    return args + config.serving.args()
+
+
+def _pod_annotations(config: ServiceConfig) -> dict[str, str]:
+    if not config.prometheus_scraping:
+        return {}
+    port = str(config.port)
+    return {
+        PROMETHEUS_ANNOTATION: "false",
+        # Plain annotation-based scrape configs (the kubernetes-pods job) read these from the pod.
+        "prometheus.io/scrape": "true", "prometheus.io/port": port, "prometheus.io/path": METRICS_PATH,
+        # Where KServe's metric aggregation, if a cluster turns it on, finds the model server's metrics.
+        "prometheus.kserve.io/port": port, "prometheus.kserve.io/path": METRICS_PATH,
+    }
 
 
 def build_inference_service(config: ServiceConfig) -> dict[str, Any]:
@@ -182,11 +255,13 @@ def build_inference_service(config: ServiceConfig) -> dict[str, Any]:
         ApiClient,
         V1Container,
         V1ContainerPort,
+        V1EnvFromSource,
         V1EnvVar,
         V1HTTPGetAction,
         V1ObjectMeta,
         V1Probe,
         V1ResourceRequirements,
+        V1SecretEnvSource,
         V1SecurityContext,
     )
 
@@ -198,9 +273,11 @@ def build_inference_service(config: ServiceConfig) -> dict[str, Any]:
         name=CONTAINER_NAME,
         image=config.image,
         command=["defectkit", "serve"],
-        args=["--model", MODEL_MOUNT, "--port", str(config.port), "--host", "0.0.0.0", "--served-name", config.served_name],
+        args=container_args(config),
         env=[V1EnvVar(name=STORAGE_URI_ENV, value=config.storage_uri)]
         + [V1EnvVar(name=name, value=value) for name, value in config.env],
+        env_from=[V1EnvFromSource(secret_ref=V1SecretEnvSource(name=config.storage_secret))]
+        if config.storage_secret else None,
         ports=[V1ContainerPort(container_port=config.port, name="http1", protocol="TCP")],
         resources=V1ResourceRequirements(
             requests={"cpu": config.cpu_request, "memory": config.memory_request}, limits=limits
@@ -213,16 +290,10 @@ def build_inference_service(config: ServiceConfig) -> dict[str, Any]:
         security_context=V1SecurityContext(run_as_non_root=True, allow_privilege_escalation=False),
     )
     annotations: dict[str, str] = {}
-    pod_annotations: dict[str, str] | None = None
     if config.tag_routing:
         annotations[TAG_ROUTING_ANNOTATION] = "true"
-    if config.prometheus_scraping:
-        annotations[PROMETHEUS_ANNOTATION] = "true"
-        annotations["prometheus.kserve.io/port"] = str(config.port)
-        annotations["prometheus.kserve.io/path"] = METRICS_PATH
-        # Plain annotation-based scrape configs read these from the pod.
-        pod_annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(config.port),
-                           "prometheus.io/path": METRICS_PATH}
+    if config.deployment_mode:
+        annotations[modes.ANNOTATION] = config.deployment_mode
     service = V1beta1InferenceService(
         api_version=API_VERSION,
         kind=KIND,
@@ -236,7 +307,7 @@ def build_inference_service(config: ServiceConfig) -> dict[str, Any]:
                 max_replicas=config.max_replicas,
                 canary_traffic_percent=config.canary_traffic_percent,
                 service_account_name=config.service_account,
-                annotations=pod_annotations,
+                annotations=_pod_annotations(config) or None,
                 labels=_labels(),
             )
         ),
