@@ -6,8 +6,9 @@ from kfp.dsl import Artifact, Input, Markdown, Metrics, Model, Output
 from defectkit_kfp.components.images import DEPLOY_IMAGE
 
 
-# The policy defaults are CanaryPolicy's (defectkit.delivery.analysis); they are literals here because KFP
-# embeds this function's source in the compiled YAML. tests/cli/test_policy_defaults.py keeps them equal.
+# The policy defaults are CanaryPolicy's (defectkit.delivery.analysis) and serve_image's is images.SERVE_IMAGE;
+# they are literals here because KFP embeds this function's source in the compiled YAML.
+# tests/cli/test_policy_defaults.py keeps the policy's equal, tests/integration/test_rollout_components.py the image.
 @dsl.component(base_image=DEPLOY_IMAGE, install_kfp_package=False)
 def deploy_canary(
     model: Input[Model],
@@ -18,9 +19,9 @@ def deploy_canary(
     metrics: Output[Metrics],
     golden: Optional[Input[Artifact]] = None,
     registered_model: str = "defectkit",
-    backend: str = "local",
+    backend: str = "kserve",
     steps: str = "10,25,50,100",
-    interval_s: float = 30.0,
+    interval_s: float = 60.0,
     failure_threshold: int = 2,
     max_error_rate: float = 0.01,
     max_p99_latency_s: float = 0.5,
@@ -34,8 +35,12 @@ def deploy_canary(
     namespace: str = "default",
     service_name: str = "defectkit",
     prometheus_url: str = "",
+    prometheus_scrape_interval_s: float = 30.0,
     storage_uri: str = "",
     kube_api_url: str = "",
+    serve_image: str = "ghcr.io/defectkit/serve:0.1.0",
+    deployment_mode: str = "",
+    probe_url: str = "",
 ) -> bool:
     """Ship the registered model through a canary: probe, step traffic, analyse, then promote or roll back.
 
@@ -43,10 +48,14 @@ def deploy_canary(
     tags the version canary=rolled_back. A rolled-back canary is an outcome, not a failure:
     the step succeeds and returns False. Writes to the registry and the serving platform,
     so pipelines must turn caching off for this task (task.set_caching_options(False)).
-    Pair it with restore_traffic in the pipeline's exit handler.
+    Pair it with restore_traffic in the pipeline's exit handler. On the kserve backend the
+    first model into a namespace without the InferenceService creates it and becomes the
+    stable model; the delivery state lives in a ConfigMap beside the service, so a retry or
+    the exit handler finds it from any pod, and a second delivery to the same service while
+    one runs is refused.
 
     Args:
-        model: Judged model registered as model_version; the kserve backend serves its gs:// URI unless storage_uri is given, the local one serves the registered copy.
+        model: Judged model registered as model_version (its lineage in this run). Both backends serve the registry's copy: the local one as models:/, the kserve one from the registry's artifact store (gs:// or s3://, which KServe's storage initializer reads) unless storage_uri is given.
         tracking_uri: MLflow tracking URI of the registry: a tracking server (http://...) or sqlite:///<dir>/mlflow.db.
         model_version: Registry version of the model (register_model's version output).
         golden: Golden set (golden.json and images: test images with their offline scores); the candidate must reproduce the scores before it gets traffic. Without it the probe is skipped.
@@ -63,12 +72,16 @@ def deploy_canary(
         min_requests: Candidate requests a window needs to be judged; fewer make it inconclusive.
         probe_tolerance: Largest accepted difference between a golden image's served score and its offline score.
         max_inconclusive: Inconclusive windows in a row (too little traffic to judge) that roll the candidate back.
-        work_dir: Directory holding the local serving stack and the delivery state; it must outlive this step for a crashed delivery to be resumed or restored (a volume or /gcs/ mount on a cluster).
+        work_dir: Directory of the decision record and, for the local backend, the serving stack and the delivery state (which must outlive this step for a crashed delivery to be resumed or restored).
         namespace: Kubernetes namespace of the InferenceService (kserve backend).
         service_name: InferenceService name (kserve backend).
         prometheus_url: Prometheus scraping the predictor pods (kserve backend).
-        storage_uri: gs:// directory of the model for KServe's storage initializer (kserve backend); empty means the model artifact's own gs:// URI.
+        prometheus_scrape_interval_s: How often that Prometheus scrapes the predictor pods; each analysis queries a window of at least four scrapes, and a step (interval_s) shorter than two scrapes is refused (kserve backend).
+        storage_uri: gs:// or s3:// directory of the model for KServe's storage initializer (kserve backend); empty means the registered version's location in the registry's artifact store.
         kube_api_url: Kubernetes API URL (kserve backend); empty means in-cluster credentials or the kubeconfig.
+        serve_image: Image of the predictor container, used when the InferenceService is created (kserve backend).
+        deployment_mode: KServe deployment mode of a new InferenceService: Knative or Standard; empty means the cluster default (kserve backend). An existing service keeps its own.
+        probe_url: The candidate's own URL for the golden probe (kserve backend); empty means its tag URL (Knative) or its canary Service (Standard).
     """
     import json
     import logging
@@ -83,10 +96,12 @@ def deploy_canary(
         max_p99_latency_s=max_p99_latency_s, max_p99_ratio=max_p99_ratio, max_score_shift=max_score_shift,
         alpha=alpha, min_requests=min_requests, probe_tolerance=probe_tolerance, max_inconclusive=max_inconclusive)
     config = rollout.DeliveryConfig.for_registered_version(
-        registered_model, model_version, artifact_uri=model.uri, storage_uri=storage_uri, backend=backend,
+        registered_model, model_version, storage_uri=storage_uri, backend=backend,
         policy=policy, work_dir=work_dir, golden_dir=golden.path if golden is not None else None,
         tracking_uri=tracking_uri, namespace=namespace, service_name=service_name,
-        prometheus_url=prometheus_url or None, api_url=kube_api_url or None)
+        prometheus_url=prometheus_url or None, prometheus_scrape_interval_s=prometheus_scrape_interval_s,
+        api_url=kube_api_url or None, serve_image=serve_image,
+        deployment_mode=deployment_mode, probe_url=probe_url or None)
     state = rollout.deliver(config)
     built = record.build_record(state)
     Path(decision_record.path).write_text(record.render_markdown(built))

@@ -7,7 +7,7 @@ from defectkit_kfp.components.images import DEPLOY_IMAGE
 def restore_traffic(
     tracking_uri: str = "",
     registered_model: str = "defectkit",
-    backend: str = "local",
+    backend: str = "kserve",
     work_dir: str = "runs",
     namespace: str = "default",
     service_name: str = "defectkit",
@@ -16,7 +16,8 @@ def restore_traffic(
 ) -> bool:
     """Give the stable model all traffic back if a canary delivery stopped half-way; the pipeline's exit handler.
 
-    Reads the delivery state deploy_canary keeps in work_dir. A delivery that finished
+    Reads the delivery state deploy_canary keeps: in work_dir for the local backend, in a
+    ConfigMap beside the InferenceService for kserve (so this runs in any pod). A delivery that finished
     (promoted or rolled back), or none at all, is left alone; an unfinished one is rolled
     back, its version tagged canary=rolled_back and its decision record logged. Returns
     whether traffic was moved back. Pass the same backend settings as to deploy_canary,
@@ -26,7 +27,7 @@ def restore_traffic(
         tracking_uri: MLflow tracking URI of the registry; empty skips the registry tag and record.
         registered_model: Registered model name in MLflow.
         backend: local or kserve, as given to deploy_canary.
-        work_dir: The work directory given to deploy_canary (where the delivery state lives).
+        work_dir: The work directory given to deploy_canary (the local backend's delivery state; the decision record).
         namespace: Kubernetes namespace of the InferenceService (kserve backend).
         service_name: InferenceService name (kserve backend).
         prometheus_url: Prometheus URL, as given to deploy_canary (kserve backend).

@@ -32,9 +32,13 @@ class BackendParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.backend_options: dict[str, tuple[str, str, Any]] = {}  # dest -> (flag, backend, default)
+        self._backend_groups: dict[str, _BackendGroup] = {}
 
     def backend_group(self, backend: str) -> _BackendGroup:
-        return _BackendGroup(self, backend)
+        """The option group of ``backend`` (one per backend, however often asked for)."""
+        if backend not in self._backend_groups:
+            self._backend_groups[backend] = _BackendGroup(self, backend)
+        return self._backend_groups[backend]
 
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)
@@ -93,11 +97,21 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     kserve.add_argument("--storage-uri", help="candidate: gs:// directory of the model (model.json + "
                         "model.safetensors) for KServe's storage initializer")
     _add_kserve_target(kserve)
-    kserve.add_argument("--probe-url", help="the candidate's own URL (default: its tag URL from the status)")
+    kserve.add_argument("--prometheus-scrape-interval-s", type=float, default=30.0,
+                        help="how often Prometheus scrapes the predictor pods: each analysis queries at least four "
+                        "scrapes, and a step shorter than two is refused (default 30.0)")
+    kserve.add_argument("--probe-url", help="the candidate's own URL (default: its tag URL from the status in Knative "
+                        "mode, its canary Service in Standard mode)")
+    kserve.add_argument("--serve-image", default="", help="predictor image, needed when the InferenceService does "
+                        "not exist yet (the candidate then becomes its first model)")
+    kserve.add_argument("--deployment-mode", default="", choices=("", "Knative", "Standard"),
+                        help="KServe deployment mode of a new InferenceService (default: the cluster's)")
     start.set_defaults(func=cmd_start)
 
     status = verbs.add_parser("status", help="print the recorded state of the last delivery (phase, traffic, why)")
+    _add_backend(status)
     _add_state(status, record=False)
+    _add_kserve_target(status.backend_group("kserve"))
     status.set_defaults(func=cmd_status)
 
     restore = verbs.add_parser("restore", help="roll back an unfinished delivery: all traffic to the stable "
@@ -127,10 +141,11 @@ def _add_registry(parser: argparse.ArgumentParser) -> None:
                         help="registered model name in MLflow (default %(default)s)")
 
 
-def _add_state(parser: argparse.ArgumentParser, *, record: bool = True) -> None:
+def _add_state(parser: BackendParser, *, record: bool = True) -> None:
     parser.add_argument("--work", default="runs", help="work directory: the local serving stack and the delivery "
                         "state live under it (default %(default)s)")
-    parser.add_argument("--state", help="rollout state file (default WORK/delivery/state.json)")
+    # The kserve backend keeps its state beside the InferenceService, never in a file.
+    parser.backend_group("local").add_argument("--state", help="rollout state file (default WORK/delivery/state.json)")
     if record:
         parser.add_argument("--record-dir", help="where the decision record goes (default WORK/delivery)")
 
@@ -201,7 +216,9 @@ def start_config(args: argparse.Namespace):
 
     settings = _delivery_settings(args)
     if args.backend == "kserve":
-        settings.update(model=args.storage_uri or "", probe_url=args.probe_url)
+        settings.update(model=args.storage_uri or "", probe_url=args.probe_url, serve_image=args.serve_image,
+                        deployment_mode=args.deployment_mode,
+                        prometheus_scrape_interval_s=args.prometheus_scrape_interval_s)
     else:
         settings.update(model=args.model or "", stable=args.stable, router_port=args.router_port,
                         server_args=tuple(args.serve_arg), candidate_args=tuple(args.candidate_serve_arg),
@@ -232,13 +249,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from defectkit.delivery.rollout import DELIVERY_DIR, STATE_FILE
-    from defectkit.delivery.state import StateStore
+    from defectkit.delivery.state import RolloutStore, StateStore
 
-    path = Path(args.state) if args.state else Path(args.work) / DELIVERY_DIR / STATE_FILE
-    state = StateStore(path).load()
+    store: RolloutStore
+    if args.backend == "kserve":
+        from defectkit.delivery.kserve.api import KubeApi
+        from defectkit.delivery.kserve.state import ConfigMapStore
+
+        api = KubeApi(args.api_url) if args.api_url else KubeApi.from_kubeconfig()
+        store = ConfigMapStore(api, args.namespace, args.name)
+    else:
+        from defectkit.delivery.rollout import DELIVERY_DIR, STATE_FILE
+
+        store = StateStore(Path(args.state) if args.state else Path(args.work) / DELIVERY_DIR / STATE_FILE)
+    state = store.load()
     if state is None:
-        print(f"no delivery recorded in {path}")
+        print(f"no delivery recorded in {store.where}")
         return 0
     print(json.dumps({"candidate": state.candidate, "version": state.candidate_version, "backend": state.backend,
                       "phase": state.phase, "weight": state.weight, "step": state.step_index,

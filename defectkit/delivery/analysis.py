@@ -47,7 +47,7 @@ class CanaryPolicy:
     """
 
     steps: tuple[int, ...] = (10, 25, 50, 100)
-    interval_s: float = 30.0
+    interval_s: float = 60.0  # two scrapes at the common 30 s interval (kserve.prometheus.query_window_s)
     failure_threshold: int = 2
     max_error_rate: float = 0.01
     max_p99_latency_s: float | None = 0.5

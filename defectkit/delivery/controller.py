@@ -3,7 +3,7 @@
 This module is the state machine alone; :mod:`defectkit.delivery.rollout` configures a
 delivery (backend, registry, golden set) and runs it.
 
-Phases, each persisted (:mod:`defectkit.delivery.state`) before the next begins:
+Phases, each persisted in a store (:mod:`defectkit.delivery.state`) before the next begins:
 
 1. ``deploying``: the candidate starts beside the stable version at 0% traffic.
 2. ``probing``: the candidate scores the golden images (a few test-set files with the scores
@@ -19,7 +19,7 @@ Phases, each persisted (:mod:`defectkit.delivery.state`) before the next begins:
    (the registry moves alias ``champion``); or ``rolling_back`` -> ``rolled_back``: all
    traffic back to the stable version, ``on_rollback`` runs, ``champion`` stays.
 
-Resuming (``Controller.run`` on a state file of an unfinished delivery of the same
+Resuming (``Controller.run`` on a store holding an unfinished delivery of the same
 candidate) continues from the persisted phase, with these rules:
 
 - ``deploying``, ``probing``, ``promoting``, ``rolling_back``: the phase is repeated (every
@@ -73,7 +73,10 @@ from defectkit.delivery.state import (
     ROLLING_BACK,
     STEPPING,
     RolloutState,
-    StateStore,
+    RolloutStore,
+    StateConflict,
+    StoreOrPath,
+    as_store,
     iso,
 )
 from defectkit.golden import Golden
@@ -87,28 +90,30 @@ Hook = Callable[[RolloutState], None]
 
 
 class RolloutInProgress(ValueError):
-    """Another candidate's delivery is unfinished in the same state file (the request conflicts with it)."""
+    """Another candidate's delivery is unfinished in the same store (the request conflicts with it)."""
 
 
 # --------------------------------------------------------------------------- the state machine
 
 
 class Controller:
-    """Delivers ``candidate`` through ``backend`` under ``policy``, persisting every step in ``state_path``.
+    """Delivers ``candidate`` through ``backend`` under ``policy``, persisting every step in ``store`` (a
+    RolloutStore, or the path of a state file).
 
     ``on_promote`` / ``on_rollback`` run once the traffic has moved (the registry's aliases
     and tags); they must be idempotent, as a resumed delivery may run them again.
-    ``record_dir`` receives the decision record whenever the delivery stops.
+    ``record_dir`` receives the decision record whenever the delivery stops; ``restore_command``
+    is what messages name to roll back an unfinished delivery.
     """
 
-    def __init__(self, backend: Backend, policy: CanaryPolicy, state_path: Path, *, candidate: str,
+    def __init__(self, backend: Backend, policy: CanaryPolicy, store: StoreOrPath, *, candidate: str,
                  candidate_version: str | None = None, stable: str | None = None, backend_name: str = "local",
                  golden: Golden | None = None, on_promote: Hook | None = None, on_rollback: Hook | None = None,
                  record_dir: Path | None = None, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, restore_command: str = RESTORE_COMMAND) -> None:
         self.backend = backend
         self.policy = policy
-        self.store = StateStore(Path(state_path))
+        self.store = as_store(store)
         self.candidate = candidate
         self.candidate_version = candidate_version
         self.stable = stable
@@ -119,6 +124,7 @@ class Controller:
         self.record_dir = None if record_dir is None else Path(record_dir)
         self._clock = clock
         self._sleep = sleep
+        self.restore_command = restore_command
 
     # ------------------------------------------------------------------ entry point
 
@@ -138,9 +144,14 @@ class Controller:
                         raise
                     log.error("%s failed: %s", state.phase, exc)
                     self._begin_rollback(state, f"the backend failed during {state.phase}: {exc}", error=str(exc))
+        except StateConflict:
+            # Another process drives this delivery now; undoing its traffic from here would fight it.
+            log.error("the state of the delivery of %s in %s was changed by another process; stopping without "
+                      "touching traffic", self.candidate, self.store.where)
+            raise
         except (KeyboardInterrupt, SystemExit):
             log.warning("delivery of %s interrupted in phase %s at %d%%; run it again to resume, or restore stable "
-                        "traffic (%s)", self.candidate, state.phase, state.weight, RESTORE_COMMAND)
+                        "traffic (%s)", self.candidate, state.phase, state.weight, self.restore_command)
             raise
         except Exception as exc:
             self._fail_safe(state, exc)
@@ -160,13 +171,13 @@ class Controller:
             if state.terminal:
                 log.info("delivery of %s already finished: %s (%s); a finished delivery is not repeated (a retried "
                          "step must not ship twice): to deliver it again, move %s away", self.candidate, state.phase,
-                         state.reason, self.store.path)
+                         state.reason, self.store.where)
             return state, not state.terminal
         if state is not None and (not state.terminal or state.target_weight is not None):
             raise RolloutInProgress(
-                f"{self.store.path} holds an unfinished delivery of {state.candidate} (phase {state.phase}, "
+                f"{self.store.where} holds an unfinished delivery of {state.candidate} (phase {state.phase}, "
                 f"{state.weight}% traffic); resume it by delivering that model again, or roll it back with "
-                f"{RESTORE_COMMAND}, before delivering {self.candidate}")
+                f"{self.restore_command}, before delivering {self.candidate}")
         state = RolloutState(candidate=self.candidate, candidate_version=self.candidate_version, stable=self.stable,
                              backend=self.backend_name, policy=self.policy.to_json())
         state.event("delivery started", steps=",".join(map(str, self.policy.analysed_steps)) + ",promote")
@@ -373,7 +384,7 @@ class Controller:
         promoting = state.phase == PROMOTING
         state.phase, state.error = FAILED, error
         remedy = "run the delivery again to finish the promotion" if promoting else \
-            f"restore stable traffic with {RESTORE_COMMAND}"
+            f"restore stable traffic with {self.restore_command}"
         state.reason = f"{state.reason or 'the delivery failed'} (could not finish: {error}; {remedy})"
         state.event("delivery failed", error=error)
         self.store.save(state)
@@ -383,7 +394,7 @@ class Controller:
             record.write_record(state, self.record_dir)
 
 
-def roll_back(backend: Backend, store: StateStore, state: RolloutState, on_rollback: Hook | None) -> None:
+def roll_back(backend: Backend, store: RolloutStore, state: RolloutState, on_rollback: Hook | None) -> None:
     """All traffic to the stable version, recorded as intent first and confirmed after."""
     state.target_weight = 0
     store.save(state)
@@ -401,18 +412,18 @@ def roll_back(backend: Backend, store: StateStore, state: RolloutState, on_rollb
     log.warning("ROLLED BACK %s: %s", state.candidate, state.reason)
 
 
-def restore_stable(backend: Backend, state_path: Path, *, reason: str = "restored by request",
+def restore_stable(backend: Backend, store: StoreOrPath, *, reason: str = "restored by request",
                    on_rollback: Hook | None = None, record_dir: Path | None = None) -> bool:
-    """Roll back an unfinished (or failed) delivery recorded in ``state_path``; True if traffic was moved back.
+    """Roll back an unfinished (or failed) delivery recorded in ``store``; True if traffic was moved back.
 
     For the pipeline's exit handler: after a run that died mid-rollout, the candidate must
     not keep its traffic share. A finished delivery (promoted or rolled back), or none at
     all, is left alone.
     """
-    store = StateStore(Path(state_path))
+    store = as_store(store)
     state = store.load()
     if state is None:
-        log.info("no delivery recorded in %s; nothing to restore", state_path)
+        log.info("no delivery recorded in %s; nothing to restore", store.where)
         return False
     if state.phase in (PROMOTED, ROLLED_BACK):
         log.info("the delivery of %s finished (%s); nothing to restore", state.candidate, state.phase)

@@ -15,12 +15,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from defectkit.delivery import analysis, record
 from defectkit.delivery.analysis import CanaryPolicy
-from defectkit.delivery.controller import Controller, Hook, restore_stable
-from defectkit.delivery.state import PROMOTED, ROLLED_BACK, RolloutState, StateStore
+from defectkit.delivery.controller import RESTORE_COMMAND, Controller, Hook, restore_stable
+from defectkit.delivery.state import PROMOTED, ROLLED_BACK, RolloutState, RolloutStore, StateStore
 from defectkit.golden import read_golden
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,10 @@ def policy_from_parameters(**parameters: Any) -> CanaryPolicy:
     for name in OPTIONAL_LIMITS:
         if name in values and not values[name]:
             values[name] = None
+    # Pipeline clients may send an integer parameter as a whole float (the IR stores 2 as 2.0).
+    for name in ("failure_threshold", "min_requests", "max_inconclusive"):
+        if isinstance(values.get(name), float) and values[name].is_integer():
+            values[name] = int(values[name])
     return CanaryPolicy.from_json(values)
 
 
@@ -62,11 +66,16 @@ class DeliveryConfig:
     is pinned to its version) for the local backend, a ``gs://`` storage URI for kserve.
     ``version`` is its registry version, for the registry hooks and the decision record's
     run. ``stable`` is what a local stack that is not running starts with (default: the
-    registry's champion; with none, the delivery is a first deployment). The state file
-    and the decision record default to ``work_dir/delivery/``; for the kserve backend
-    ``work_dir`` must outlive the step running the delivery (a volume, a /gcs/ mount) for a
-    crash to be resumed or restored. ``registered_model`` is the MLflow registered model name;
-    ``served_name`` is the name in the servers' ``/v2/models/<name>/infer`` route.
+    registry's champion; with none, the delivery is a first deployment). The decision
+    record defaults to ``work_dir/delivery/``; so does the local backend's state file. The
+    kserve backend keeps its state on the cluster, beside the InferenceService
+    (:mod:`defectkit.delivery.kserve.state`), where a retried step or the exit handler finds
+    it. ``registered_model`` is the MLflow registered model name; ``served_name`` is the name
+    in the servers' ``/v2/models/<name>/infer`` route.
+
+    kserve: where the InferenceService does not exist yet, the candidate is its first
+    model: it is created from ``serve_image`` in ``deployment_mode`` ("Knative" or
+    "Standard"; empty: the cluster's default) and becomes the stable model.
     """
 
     model: str = ""
@@ -89,14 +98,32 @@ class DeliveryConfig:
     service_name: str = "defectkit"
     api_url: str | None = None
     prometheus_url: str | None = None
+    # How often the cluster's Prometheus scrapes the predictor pods; the analysis window derives from it.
+    prometheus_scrape_interval_s: float = 30.0
     probe_url: str | None = None
+    serve_image: str = ""
+    deployment_mode: str = ""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r} must be 'local' or 'kserve'")
+        if self.backend == "kserve" and self.state_path:
+            raise ValueError(f"state_path {self.state_path!r} (--state) applies to the local backend only: the kserve "
+                             "backend keeps its state in a ConfigMap beside the InferenceService")
+        if self.deployment_mode:
+            from defectkit.delivery.kserve import modes
+
+            if modes.normalise(self.deployment_mode) == modes.MODELMESH:
+                raise ValueError("deployment_mode ModelMesh cannot serve defectkit's container and has no canary; "
+                                 f"choose {modes.KNATIVE} or {modes.STANDARD}")
         if self.backend == "kserve" and not self.prometheus_url:
             raise ValueError("the kserve backend needs prometheus_url (--prometheus-url): canary analysis reads "
                              "the predictor pods' metrics from Prometheus")
+        if self.backend == "kserve":
+            from defectkit.delivery.kserve.prometheus import query_window_s
+
+            # A step too short for the scrape interval is refused here, before any traffic moves.
+            query_window_s(self.prometheus_scrape_interval_s, self.policy.interval_s)
 
     @property
     def state_file(self) -> Path:
@@ -107,23 +134,40 @@ class DeliveryConfig:
         return Path(self.record_dir) if self.record_dir else Path(self.work_dir) / DELIVERY_DIR
 
     @classmethod
-    def for_registered_version(cls, registered_model: str, version: str, *, artifact_uri: str,
-                               storage_uri: str = "", **settings: Any) -> DeliveryConfig:
-        """The delivery of ``version`` of ``registered_model``, whose judged artifact lives at ``artifact_uri``.
+    def for_registered_version(cls, registered_model: str, version: str, *, storage_uri: str = "",
+                               **settings: Any) -> DeliveryConfig:
+        """The delivery of ``version`` of ``registered_model``.
 
-        The local backend serves the registry's copy, which outlives the run's artifacts, so the
-        stack can restart its servers from it; KServe's storage initializer downloads
-        ``storage_uri``, or the artifact itself when none is given.
+        The local backend serves the registry's copy (``models:/``), which outlives the run's artifacts,
+        so the stack can restart its servers from it. KServe's storage initializer downloads
+        ``storage_uri``, or else the version's artifact in the registry's store
+        (:func:`defectkit.registry.storage_uri`: gs:// or s3://), never a path inside a pod.
         """
-        backend = settings.get("backend", "local")
-        model = (storage_uri or artifact_uri) if backend == "kserve" else f"models:/{registered_model}/{version}"
-        return cls(model=model, version=version, registered_model=registered_model, **settings)
+        if settings.get("backend", "local") != "kserve":
+            return cls(model=f"models:/{registered_model}/{version}", version=version,
+                       registered_model=registered_model, **settings)
+        if not storage_uri:
+            from defectkit import registry
+
+            if not settings.get("tracking_uri"):
+                raise ValueError(f"version {version} of {registered_model}: the kserve backend serves the registry's "
+                                 "copy of the model, so it needs the registry (tracking_uri), or a storage_uri")
+            storage_uri = registry.storage_uri(settings["tracking_uri"], registered_model, version)
+        return cls(model=storage_uri, version=version, registered_model=registered_model, **settings)
 
 
-def make_backend(config: DeliveryConfig):
-    """The LocalBackend or KServeBackend ``config`` names; close() it when done (a LocalBackend scrapes)."""
+def make_backend(config: DeliveryConfig, candidate: str | None = None):
+    """The LocalBackend or KServeBackend ``config`` names, delivering ``candidate``; close() it when done
+    (a LocalBackend scrapes)."""
     if config.backend == "local":
+        import importlib.util
+
         from defectkit.delivery.local import LocalBackend, StackOptions
+
+        # The local stack runs model servers in this environment; a cluster's deploy image carries no torch.
+        if importlib.util.find_spec("torch") is None:
+            raise ValueError("backend=local runs the model servers here and needs torch (defectkit[serve]), which "
+                             "this environment lacks, as the deploy image does: on a cluster use backend=kserve")
 
         return LocalBackend(Path(config.work_dir), StackOptions(
             model_name=config.served_name, tracking_uri=config.tracking_uri, router_port=config.router_port,
@@ -133,8 +177,30 @@ def make_backend(config: DeliveryConfig):
     from defectkit.delivery.kserve.backend import KServeBackend
 
     api = KubeApi(config.api_url) if config.api_url else KubeApi.from_kubeconfig()
-    return KServeBackend(api, config.namespace, config.service_name, config.prometheus_url,
-                         model_name=config.served_name, probe_url=config.probe_url)
+    from defectkit.delivery.kserve.prometheus import PrometheusClient
+
+    prometheus = PrometheusClient(config.prometheus_url, scrape_interval_s=config.prometheus_scrape_interval_s)
+    return KServeBackend(api, config.namespace, config.service_name, prometheus,
+                         model_name=config.served_name, probe_url=config.probe_url,
+                         deployment_mode=config.deployment_mode or None, candidate_uri=candidate)
+
+
+def make_store(config: DeliveryConfig, backend) -> RolloutStore:
+    """Where the delivery's state lives: a file for the local backend, a ConfigMap beside the InferenceService
+    for kserve."""
+    if config.backend == "local":
+        return StateStore(config.state_file)
+    from defectkit.delivery.kserve.state import ConfigMapStore
+
+    return ConfigMapStore(backend.api, config.namespace, config.service_name)
+
+
+def restore_command(config: DeliveryConfig) -> str:
+    """The command that rolls back an unfinished delivery of ``config``'s service."""
+    if config.backend == "local":
+        return f"{RESTORE_COMMAND} --work {config.work_dir}"
+    return f"{RESTORE_COMMAND} --backend kserve --namespace {config.namespace} --name {config.service_name} " \
+           "(or the restore_traffic component)"
 
 
 def deliver(config: DeliveryConfig) -> RolloutState:
@@ -150,21 +216,24 @@ def deliver(config: DeliveryConfig) -> RolloutState:
                              f" but the candidate {candidate} has weights {str(weights)[:12]}; build the golden set "
                              f"with the candidate model")
     on_promote, on_rollback = _hooks(config, version)
-    backend = make_backend(config)
+    backend = make_backend(config, candidate)
     try:
+        store = make_store(config, backend)
         if config.backend == "local":
             stable = _stable_for_stack(config)
             if backend.stack() is None and stable is None:
-                state = _first_deployment(backend, config.state_file, candidate, version, config.policy, on_promote)
+                state = _first_deployment(store, "local", candidate, version, config.policy, on_promote,
+                                          lambda: backend.ensure_stack(candidate, first_deployment=True),
+                                          "no stable version serves yet")
             else:
                 stable = backend.ensure_stack(stable).stable.model
                 state = None
         else:
-            stable, state = None, None
+            stable, state = None, _kserve_first_deployment(backend, store, config, candidate, version, on_promote)
         if state is None:
-            state = Controller(backend, config.policy, config.state_file, candidate=candidate,
-                               candidate_version=version, stable=stable, backend_name=config.backend, golden=golden,
-                               on_promote=on_promote, on_rollback=on_rollback).run()
+            state = Controller(backend, config.policy, store, candidate=candidate, candidate_version=version,
+                               stable=stable, backend_name=config.backend, golden=golden, on_promote=on_promote,
+                               on_rollback=on_rollback, restore_command=restore_command(config)).run()
     finally:
         _close(backend)
     record.write_record(state, config.record_path)
@@ -174,29 +243,41 @@ def deliver(config: DeliveryConfig) -> RolloutState:
 
 
 def restore(config: DeliveryConfig, reason: str = "restore requested") -> bool:
-    """``restore_stable`` for the delivery recorded under ``config`` (the pipeline's exit handler)."""
-    state = StateStore(config.state_file).load()
-    if state is None:
-        log.info("no delivery recorded in %s; nothing to restore", config.state_file)
-        return False
-    _, on_rollback = _hooks(config, state.candidate_version)
+    """``restore_stable`` for the delivery recorded for ``config`` (the pipeline's exit handler).
+
+    Needs nothing from the process that ran the delivery: the kserve backend reads the state
+    from the cluster.
+    """
     backend = make_backend(config)
     try:
-        restored = restore_stable(backend, config.state_file, reason=reason, on_rollback=on_rollback,
+        store = make_store(config, backend)
+        state = store.load()
+        if state is None:
+            log.info("no delivery recorded in %s; nothing to restore", store.where)
+            return False
+        if config.backend == "kserve":
+            backend = make_backend(config, state.candidate)
+        _, on_rollback = _hooks(config, state.candidate_version)
+        restored = restore_stable(backend, store, reason=reason, on_rollback=on_rollback,
                                   record_dir=config.record_path)
     finally:
         _close(backend)
     if restored and config.tracking_uri and state.candidate_version:
-        log_record(config.tracking_uri, config.registered_model, state.candidate_version,
-                   StateStore(config.state_file).load())
+        log_record(config.tracking_uri, config.registered_model, state.candidate_version, store.load())
     return restored
 
 
 def plan(config: DeliveryConfig) -> dict[str, Any]:
     """What ``deliver(config)`` would do, with the candidate resolved (an alias pinned), changing nothing."""
     candidate, version = _pinned(config.model, config.tracking_uri, config.backend)
+    if config.backend == "local":
+        state = str(config.state_file)
+    else:
+        from defectkit.delivery.kserve.state import SUFFIX
+
+        state = f"ConfigMap {config.namespace}/{config.service_name}{SUFFIX}"
     return {"backend": config.backend, "candidate": candidate, "version": config.version or version,
-            "policy": config.policy.to_json(), "golden": config.golden_dir, "state": str(config.state_file)}
+            "policy": config.policy.to_json(), "golden": config.golden_dir, "state": state}
 
 
 def _close(backend) -> None:
@@ -250,22 +331,59 @@ def _stable_for_stack(config: DeliveryConfig) -> str | None:
     return None
 
 
-def _first_deployment(backend, state_path: Path, candidate: str, version: str | None, policy: CanaryPolicy,
-                      on_promote: Hook | None) -> RolloutState:
-    """Nothing serves yet: the candidate becomes the stable version of a new stack, with nothing to compare."""
-    store = StateStore(state_path)
-    state = RolloutState(candidate=candidate, candidate_version=version, backend="local", policy=policy.to_json())
-    state.event("first deployment: no stable version serves yet")
+def _kserve_first_deployment(backend, store: RolloutStore, config: DeliveryConfig, candidate: str,
+                             version: str | None, on_promote: Hook | None) -> RolloutState | None:
+    """The first model of an InferenceService that does not exist yet; None when it exists (a canary follows).
+
+    A service that exists, serves the candidate and has no delivery recorded was created by
+    an earlier attempt of this delivery that stopped before recording it: that first
+    deployment is finished now.
+    """
+    from defectkit.delivery.kserve import canary
+
+    if backend.exists():
+        if store.load() is not None or canary.storage_uri_of(backend.get()) != candidate:
+            return None
+        log.warning("InferenceService %s/%s serves %s with no delivery recorded: finishing its first deployment",
+                    config.namespace, config.service_name, candidate)
+    service = _service_config(config, candidate)
+    return _first_deployment(store, "kserve", candidate, version, config.policy, on_promote,
+                             lambda: backend.ensure_exists(service),
+                             f"InferenceService {config.namespace}/{config.service_name} did not exist")
+
+
+def _service_config(config: DeliveryConfig, candidate: str):
+    from defectkit.delivery.kserve.manifest import ServiceConfig
+
+    if not config.serve_image:
+        raise ValueError(f"InferenceService {config.namespace}/{config.service_name} does not exist, and creating it "
+                         "needs the serve image: give serve_image (deploy_canary's serve_image, --serve-image)")
+    return ServiceConfig(name=config.service_name, namespace=config.namespace, image=config.serve_image,
+                         storage_uri=candidate, served_name=config.served_name)
+
+
+def _first_deployment(store: RolloutStore, backend_name: str, candidate: str, version: str | None,
+                      policy: CanaryPolicy, on_promote: Hook | None, start: Callable[[], object],
+                      why: str) -> RolloutState:
+    """Nothing serves yet: ``start`` makes the candidate the stable version, with nothing to compare it with.
+
+    A state file records the intent before ``start``; a store on the cluster lives beside the
+    service ``start`` creates, so it is written once that service exists.
+    """
+    state = RolloutState(candidate=candidate, candidate_version=version, backend=backend_name,
+                         policy=policy.to_json())
+    state.event(f"first deployment: {why}")
     state.target_weight = 100
-    store.save(state)
-    backend.ensure_stack(candidate, first_deployment=True)
+    if isinstance(store, StateStore):
+        store.save(state)
+    start()
     state.weight, state.target_weight = 100, None
     state.event("candidate serves all traffic")
     store.save(state)
     if on_promote is not None:
         on_promote(state)
     state.phase = PROMOTED
-    state.reason = "first deployment: no stable version served, so there was nothing to compare the candidate with"
+    state.reason = f"first deployment: {why}, so there was nothing to compare the candidate with"
     state.event("delivery finished: promoted")
     store.save(state)
     return state

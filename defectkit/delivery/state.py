@@ -1,14 +1,18 @@
-"""The rollout state: one JSON file, rewritten atomically after every transition of a delivery.
+"""The rollout state, rewritten after every transition of a delivery, and the stores that keep it.
 
-The file is what makes a delivery resumable. Its invariant: ``weight`` is the canary
+The state is what makes a delivery resumable. Its invariant: ``weight`` is the canary
 traffic the backend actually has. A traffic change is therefore written twice: first
 the intent (``target_weight``, phase ``stepping``), then, once the backend confirmed the
 new split, the weight itself. A reader that finds ``target_weight`` set knows the actual
 traffic is either ``weight`` or ``target_weight``, and reconciles with the backend.
 
-Writes go to a temporary file in the same directory, are fsynced, then renamed over the
-state file (``os.replace``, atomic on POSIX) and the directory is fsynced, so a crash
-leaves either the old state or the new one, never a torn file.
+A store is anything with ``load`` and ``save`` (:class:`RolloutStore`). The local backend
+keeps a file (:class:`StateStore`): writes go to a temporary file in the same directory,
+are fsynced, then renamed over the state file (``os.replace``, atomic on POSIX) and the
+directory is fsynced, so a crash leaves either the old state or the new one. On a
+cluster the state lives beside the InferenceService
+(:class:`defectkit.delivery.kserve.state.ConfigMapStore`), where a retried step or the exit
+handler, in another pod, finds it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from defectkit.decision_record import iso
 from defectkit.files import write_json_atomic
@@ -101,11 +105,32 @@ class RolloutState:
         return cls(**record)
 
 
+class StateConflict(RuntimeError):
+    """Another writer changed the stored state since this one read it: two processes drive one delivery."""
+
+
+class RolloutStore(Protocol):
+    """Where a delivery's state lives; ``where`` names it in messages."""
+
+    @property
+    def where(self) -> str: ...
+
+    def load(self) -> RolloutState | None:
+        """The stored state; None when no delivery was recorded."""
+
+    def save(self, state: RolloutState) -> None:
+        """Store ``state``; raises StateConflict when someone else wrote it since this store last read or wrote."""
+
+
 class StateStore:
     """The state file of a delivery."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
 
     def load(self) -> RolloutState | None:
         """The persisted state; None when no delivery was started here."""
@@ -122,3 +147,11 @@ class StateStore:
     def save(self, state: RolloutState) -> None:
         state.updated_at = time.time()
         write_json_atomic(self.path, state.to_json())
+
+
+StoreOrPath = RolloutStore | Path | str
+
+
+def as_store(where: StoreOrPath) -> RolloutStore:
+    """``where`` itself if it is a store, else the state file at that path."""
+    return StateStore(Path(where)) if isinstance(where, (str, Path)) else where

@@ -22,12 +22,14 @@ PROMETHEUS = ("--prometheus-url", "http://prometheus:9090")
 VALUES = {
     "--golden": "golden", "--version": "7", "--served-name": "other", "--tracking-uri": "sqlite:///x.db",
     "--registered-model": "other", "--work": "elsewhere", "--state": "s.json", "--record-dir": "record",
-    "--steps": "20,100", "--interval-s": "5", "--failure-threshold": "3", "--min-requests": "7",
+    "--steps": "20,100", "--interval-s": "120", "--failure-threshold": "3", "--min-requests": "7",
     "--max-error-rate": "0.2", "--max-p99-latency-s": "2", "--max-score-shift": "0.5",
     "--model": "model", "--stable": "stable", "--router-port": "9999", "--serve-arg": "--threads=1",
     "--candidate-serve-arg": "--fault-error-rate=1", "--scrape-interval-s": "2",
     "--storage-uri": "gs://bucket/model", "--name": "defect", "--namespace": "ml", "--api-url": "http://kube",
     "--prometheus-url": "http://other:9090", "--probe-url": "http://candidate",
+    "--prometheus-scrape-interval-s": "15", "--serve-image": "ghcr.io/defectkit/serve:9.9.9",
+    "--deployment-mode": "Standard",
 }
 NOT_CONFIG = {"--help", "--backend", "--dry-run", "--policy"}  # checked by the tests further down
 
@@ -58,7 +60,7 @@ def test_every_verb_answers_help():
 def test_an_option_of_the_other_backend_is_refused(verb, capsys):
     parser = verb_parser("rollout", verb)
     backend_options = [(flag, backend) for flag, backend in options(parser) if backend]
-    assert {backend for _, backend in backend_options} == ({"local", "kserve"} if verb == "start" else {"kserve"})
+    assert {backend for _, backend in backend_options} == {"local", "kserve"}
     for flag, backend in backend_options:
         other = "kserve" if backend == "local" else "local"
         with pytest.raises(SystemExit) as exit_:

@@ -15,7 +15,7 @@ from defectkit.delivery.kserve.canary import patch_for_canary
 from defectkit.delivery.kserve.manifest import ServiceConfig
 from defectkit.retry import RetryPolicy
 from tests.crd import assert_valid
-from tests.kube_api import KubeApiStandIn
+from tests.kube_api import PREFIX, KubeApiStandIn
 from tests.servers import free_port, start_server
 from tests.stand_ins import JsonServer
 
@@ -63,10 +63,13 @@ def test_canary_steps_are_read_back_then_promoted(kube, deployed):
     deployed.deploy_candidate(CANDIDATE_URI)
     assert deployed.traffic() == 0
     assert traffic_entries(kube) == {REVISION_2: 0, REVISION_1: 100}
-    for percent in (10, 25, 50, 100):
+    for percent in (10, 25, 50):
         deployed.set_traffic(percent)
         assert deployed.traffic() == percent
         assert traffic_entries(kube) == {REVISION_2: percent, REVISION_1: 100 - percent}
+    # At 100 KServe's ksvc reconciler gives the latest revision the only entry.
+    deployed.set_traffic(100)
+    assert deployed.traffic() == 100 and traffic_entries(kube) == {REVISION_2: 100}
 
     deployed.promote()
     stored = kube.stored(NAMESPACE, NAME)
@@ -126,7 +129,6 @@ def test_a_status_that_never_converges_times_out_clearly(kube, deployed):
     message = str(caught.value)
     assert f"InferenceService {NAMESPACE}/{NAME} did not report the candidate ready with 10% of traffic" in message
     assert f"newest {REVISION_2} 0%, {REVISION_1} 100%" in message
-    assert "observedGeneration 2, spec generation 3" in message
 
 
 def test_a_candidate_that_never_gets_ready_times_out_and_rolls_back(kube, deployed):
@@ -190,7 +192,8 @@ def test_a_create_whose_answer_was_lost_is_not_an_error(kube):
     kube.fail_next("POST", 503, after_applying=True)
     backend = make_backend(kube)
     assert backend.ensure_exists(CONFIG) is True
-    assert [r.method for r in kube.requests[:3]] == ["GET", "POST", "POST"]  # the retry met AlreadyExists
+    # The retry met AlreadyExists.
+    assert [r.method for r in kube.requests if r.path.startswith(PREFIX)][:3] == ["GET", "POST", "POST"]
     assert traffic_entries(kube) == {REVISION_1: 100}
 
 
@@ -198,8 +201,8 @@ def test_a_conflicting_write_is_reread_and_reapplied(kube, deployed):
     start = len(kube.requests)
     kube.fail_next("PATCH", 409)
     deployed.deploy_candidate(CANDIDATE_URI)
-    methods = [r.method for r in kube.requests[start:]]
-    assert methods[:4] == ["GET", "PATCH", "GET", "PATCH"]  # refused, reread, patched again
+    methods = [r.method for r in kube.requests[start:] if r.path.startswith(PREFIX)]
+    assert methods[:5] == ["GET", "GET", "PATCH", "GET", "PATCH"]  # read, refused, reread, patched again
     assert all("resourceVersion" in r.body["metadata"] for r in kube.calls("PATCH"))
     assert traffic_entries(kube) == {REVISION_2: 0, REVISION_1: 100}
 
@@ -213,7 +216,7 @@ def test_a_stale_resource_version_is_a_conflict(kube, deployed):
 
 
 def test_missing_service_says_how_to_create_it(kube):
-    with pytest.raises(KubeApiError, match="HTTP 404 NotFound.*ensure_exists"):
+    with pytest.raises(KubeApiError, match="HTTP 404 NotFound.*creates a missing InferenceService itself"):
         make_backend(kube).deploy_candidate(CANDIDATE_URI)
 
 
@@ -260,14 +263,19 @@ def vector(*samples: tuple[dict, str]) -> dict:
     return {"resultType": "vector", "result": [{"metric": m, "value": [1767225600.0, v]} for m, v in samples]}
 
 
+# A step of 60 s at the default scrape interval of 30 s is queried over query_window_s(30, 60) = 90 s.
+STEP_S = 60
+WINDOW_S = prom.query_window_s(prom.DEFAULT_SCRAPE_INTERVAL_S, STEP_S)
+
+
 def canned(revision: str, requests: str, errors: str | None, p50: str, p99: str, buckets: dict[str, str]) -> dict:
     variant = prom.Variant(NAMESPACE, NAME, revision)
     return {
-        prom.request_count_query(variant, 60): vector(({}, requests)),
-        prom.error_count_query(variant, 60): vector(({}, errors)) if errors else vector(),
-        prom.latency_quantile_query(variant, 60, 0.5): vector(({}, p50)),
-        prom.latency_quantile_query(variant, 60, 0.99): vector(({}, p99)),
-        prom.score_buckets_query(variant, 60): vector(*(({"le": le}, n) for le, n in buckets.items())),
+        prom.request_count_query(variant, WINDOW_S): vector(({}, requests)),
+        prom.error_count_query(variant, WINDOW_S): vector(({}, errors)) if errors else vector(),
+        prom.latency_quantile_query(variant, WINDOW_S, 0.5): vector(({}, p50)),
+        prom.latency_quantile_query(variant, WINDOW_S, 0.99): vector(({}, p99)),
+        prom.score_buckets_query(variant, WINDOW_S): vector(*(({"le": le}, n) for le, n in buckets.items())),
     }
 
 
@@ -297,7 +305,7 @@ def test_metrics_per_variant_from_prometheus(kube, deployed):
         prometheus.unavailable = 1
         backend = make_backend(kube, prom.PrometheusClient(
             prometheus.url, retry_policy=RetryPolicy(attempts=3, initial_delay_s=0.01)))
-        metrics = backend.metrics(60)
+        metrics = backend.metrics(STEP_S)
     finally:
         prometheus.close()
     stable, canary = metrics["stable"], metrics["canary"]

@@ -413,3 +413,12 @@ def test_killed_after_any_backend_call_the_file_agrees_with_the_backend(tmp_path
         backend._call = original
         assert controller(backend, work, clock).run().phase == PROMOTED
         assert persisted(work).weight == 100 == backend.weight
+
+
+def test_whole_float_integer_parameters_from_a_pipeline_client_are_accepted():
+    from defectkit.delivery.rollout import policy_from_parameters
+
+    policy = policy_from_parameters(failure_threshold=3.0, min_requests=20.0, max_inconclusive=4.0)
+    assert (policy.failure_threshold, policy.min_requests, policy.max_inconclusive) == (3, 20, 4)
+    with pytest.raises(ValueError):
+        policy_from_parameters(failure_threshold=2.5)

@@ -111,10 +111,21 @@ def test_every_manifest_and_patch_result_is_valid(canary, gpu, service_account, 
     canaried = merge_patch(live, patch_for_canary(live, CANDIDATE_URI, 10))
     assert storage_uri_of(canaried) == CANDIDATE_URI
     assert predictor(canaried)["canaryTrafficPercent"] == 10
-    # Only the model moves: the rest of the container (image, env, resources) is kept as it was.
-    assert {k: v for k, v in container(canaried).items() if k != "env"} == \
-        {k: v for k, v in serving.items() if k != "env"}
+    # The model moves, and the model it replaces becomes its fallback (the previous champion answers while
+    # the candidate's breaker is open); the rest of the container (image, env, resources) is kept as it was.
+    assert {k: v for k, v in container(canaried).items() if k not in ("env", "args")} == \
+        {k: v for k, v in serving.items() if k not in ("env", "args")}
+    assert container(canaried)["args"] == serving["args"] + ["--fallback", STABLE_URI]
     assert container(canaried)["env"][1:] == serving["env"][1:]
+    # The next candidate after a promotion falls back to the promoted model, replacing the old fallback.
+    promoted_live = as_stored(merge_patch(canaried, patch_for_promotion()))
+    again = merge_patch(promoted_live, patch_for_canary(promoted_live, "gs://bucket/models/defect/3", 0))
+    assert container(again)["args"].count("--fallback") == 1 and container(again)["args"][-1] == CANDIDATE_URI
+    # After a Knative rollback the spec still names the rolled-back model: the next one falls back to the
+    # stable model, not to it.
+    rolled_back = as_stored(merge_patch(canaried, patch_for_rollback()))
+    after = merge_patch(rolled_back, patch_for_canary(rolled_back, "gs://bucket/models/defect/3", 0))
+    assert container(after)["args"][-2:] == ["--fallback", STABLE_URI]
     promoted = merge_patch(canaried, patch_for_promotion())
     assert "canaryTrafficPercent" not in predictor(promoted)
     assert predictor(merge_patch(canaried, patch_for_rollback()))["canaryTrafficPercent"] == 0

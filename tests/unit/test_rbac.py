@@ -55,7 +55,7 @@ API_CALLS: dict[tuple[str, str, str], Access] = {
     ("state.py", "GET", "self._path"): STATE,
     ("state.py", "PUT", "self._path"): STATE,
     ("state.py", "POST", "self._collection"): STATE,
-    ("state.py", "GET", "path"): ISVC,  # the InferenceService that owns the state ConfigMap
+    ("state.py", "GET", "f'{collection}/{quote(self.service)}'"): ISVC,  # the owner of the state ConfigMap
 }
 
 

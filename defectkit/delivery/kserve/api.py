@@ -27,9 +27,12 @@ class KubeApiError(RuntimeError):
         self.retry_after_s = retry_after_s
         hint = {
             401: " Check the bearer token (or kubeconfig credentials).",
-            403: " Grant the caller get, create and patch on inferenceservices.serving.kserve.io in this namespace.",
-            404: " Create the InferenceService first (KServeBackend.ensure_exists, or "
-                 "`defectkit rollout manifest ... | kubectl apply -f -`).",
+            403: " Grant the caller, in the service's namespace: get, create and patch on "
+                 "inferenceservices.serving.kserve.io; get, create and update on configmaps (the rollout state); "
+                 "get on httproutes.gateway.networking.k8s.io (Standard mode); and get on the configmap "
+                 "inferenceservice-config in KServe's namespace and on the inferenceservices CRD.",
+            404: " Check the namespace and name; a delivery creates a missing InferenceService itself when given "
+                 "the serve image.",
         }.get(status, "")
         super().__init__(f"{what}: HTTP {status} {reason}: {message}.{hint}")
 

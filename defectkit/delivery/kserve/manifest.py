@@ -32,6 +32,7 @@ PLURAL = "inferenceservices"
 CONTAINER_NAME = "kserve-container"
 MODEL_MOUNT = "/mnt/models"
 STORAGE_URI_ENV = "STORAGE_URI"
+FALLBACK_OPTION = "--fallback"  # the serve option naming the model that answers while the primary's breaker is open
 METRICS_PATH = "/metrics"
 # Knative answers on the tag URL (latest-<name>-predictor...) only with tag routing on;
 # the delivery probe needs it to reach the candidate before it gets any traffic.
@@ -230,7 +231,7 @@ def container_args(config: ServiceConfig) -> list[str]:
     args = ["--model", MODEL_MOUNT, "--port", str(config.port), "--host", "0.0.0.0",
             "--served-name", config.served_name]
     if config.fallback_uri:
-        args += ["--fallback", config.fallback_uri]
+        args += [FALLBACK_OPTION, config.fallback_uri]
     return args + config.serving.args()
 
 
