@@ -12,8 +12,9 @@ def collect_window(
     model_uri: str,
     current: Output[Dataset],
     reference: Output[Artifact],
+    scheduled_time: str,
     window_s: float = 86400.0,
-    until: float = 0.0,
+    window_end: str = "",
     tracking_uri: str = "",
 ) -> NamedTuple("CollectWindowOutputs", [("new_images", int), ("since", float), ("until", float)]):
     """Gather the production images the model server sampled in the last window, with their features and embeddings.
@@ -21,8 +22,9 @@ def collect_window(
     Args:
         sample_uri: Root the model server writes samples to (its --sample-uri): a directory or gs:// URI.
         model_uri: The served model: a model directory, gs:// URI or models:/<name>@<alias>; it carries the drift reference of its training data.
-        window_s: Length of the window in seconds, ending at until.
-        until: End of the window as UNIX seconds; 0 means now.
+        scheduled_time: The run's scheduled time, RFC 3339; pipelines pass dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER, which the backend substitutes (the creation time for a run that was not scheduled).
+        window_s: Length of the window in seconds.
+        window_end: End of the window, RFC 3339 (e.g. 2026-01-09T13:00:00Z); empty ends it at scheduled_time.
         tracking_uri: MLflow tracking URI, for models:/ URIs.
 
     Returns:
@@ -32,17 +34,17 @@ def collect_window(
     """
     import logging
     import tempfile
-    import time
     from pathlib import Path
 
     from defectkit import models, registry, sampling
+    from defectkit.monitor import run_window
     from defectkit.reference import copy_model_reference
 
     logging.basicConfig(level=logging.INFO, force=True)
-    end = until or time.time()
+    start, end = run_window(window_s, scheduled_time, window_end)
     model_dir = registry.fetch_model(model_uri, Path(tempfile.mkdtemp()) / "model", tracking_uri=tracking_uri)
     copy_model_reference(model_dir, Path(reference.path), name=model_uri)
-    window = sampling.window_to_dataset(sample_uri, end - window_s, end, Path(current.path),
+    window = sampling.window_to_dataset(sample_uri, start, end, Path(current.path),
                                         model=models.load_model(model_dir, "cpu"))
     outputs = NamedTuple("CollectWindowOutputs", [("new_images", int), ("since", float), ("until", float)])
-    return outputs(window.images, end - window_s, end)
+    return outputs(window.images, start, end)

@@ -19,15 +19,13 @@ def decide_retraining(
     state_uri: str,
     base_dataset_uri: str,
     retraining_data_uri: str,
+    run: str,
     min_new_images: int = 100,
     cooldown_s: float = 86400.0,
     defect_class: str = "",
-    kfp_host: str = "",
-    training_arguments: str = "{}",
-    local_work_dir: str = "",
     validation_problems: str = "",
-) -> NamedTuple("DecideRetrainingOutputs", [("retrain", bool), ("run", str)]):
-    """Decide whether to retrain (valid window AND drift AND enough new images AND cooldown over) and, if so, start the training pipeline.
+) -> NamedTuple("DecideRetrainingOutputs", [("retrain", bool), ("retraining_data", str)]):
+    """Decide whether to retrain (valid window AND drift AND enough new images AND cooldown over) and, if so, write the data to retrain on.
 
     Production images are added to a copy of the training data under train/, labelled as the served model answered: good ones under train/good, defect ones under train/<defect_class> (left out when defect_class is empty, as their defect type is unknown).
 
@@ -41,24 +39,21 @@ def decide_retraining(
         state_uri: Directory or gs:// URI that keeps the time of the last retraining.
         base_dataset_uri: Root of the training data the model was trained on ({train,test}/<class>/<image>).
         retraining_data_uri: Root under which each retraining's data (training data plus production images) is written, in a folder of its own named retrain-YYYYmmdd-HHMMSS (UTC).
+        run: The run that retrains (the monitor run, whose training sub-pipeline reads the data); remembered for the cooldown.
         min_new_images: Fewest new images worth retraining on.
         cooldown_s: Shortest time between two retrainings, in seconds.
         defect_class: Defect type that images the model called defect are added under; empty leaves them out.
-        kfp_host: Kubeflow Pipelines API to start the training run on; empty decides and records without starting a run.
-        training_arguments: JSON object of further training pipeline arguments (source_uri is set to retraining_data_uri).
-        local_work_dir: Start retraining locally (kfp.local) in this directory when no kfp_host is given; for one-machine use.
         validation_problems: validate_window's failure message; a window that failed validation is not retrained on.
 
     Returns:
-        retrain: Whether retraining was started.
-        run: The training run id, empty when none was started.
+        retrain: Whether retraining is due; the data to retrain on is then written.
+        retraining_data: URI of the data to retrain on, empty when retraining is not due.
     """
     import json
     import logging
     from pathlib import Path
 
     from defectkit import monitor
-    from defectkit_kfp.pipelines.run import retraining_starter
 
     logging.basicConfig(level=logging.INFO, force=True)
     policy = monitor.MonitorPolicy(min_new_images=min_new_images, cooldown_s=cooldown_s, window_s=until - since)
@@ -72,13 +67,11 @@ def decide_retraining(
         policy=policy,
         base_dataset_uri=base_dataset_uri,
         retraining_data_uri=retraining_data_uri,
-        training_arguments=json.loads(training_arguments),
+        run=run,
         defect_class=defect_class or None,
-        start_run=retraining_starter(kfp_host=kfp_host,
-                                     local_work_dir=Path(local_work_dir) if local_work_dir else None),
         validation_problems=validation_problems,
     )
     Path(record.path).write_text(json.dumps(entry, indent=1))
     Path(summary.path).write_text(monitor.render_record(entry))
-    outputs = NamedTuple("DecideRetrainingOutputs", [("retrain", bool), ("run", str)])
-    return outputs(bool(entry.get("run")), entry.get("run") or "")
+    outputs = NamedTuple("DecideRetrainingOutputs", [("retrain", bool), ("retraining_data", str)])
+    return outputs(bool(entry["retrain"]), entry["retraining_data"] or "")

@@ -18,10 +18,12 @@ champion, stays the same:
 A ``labeler`` (e.g. the result of a human review) overrides the model's
 label per sample; returning None leaves a sample out.
 
-**Starting the run** is left to the caller (:func:`act` takes a
-:data:`RunStarter`): the monitor decides, the orchestration layer
-(``defectkit_kfp.pipelines.run``) knows how to start a training run on a
-cluster or on this machine.
+**The window** (:func:`run_window`) ends at the monitor run's scheduled
+time, so that a recurring run checks the window it was scheduled for, and
+a retried or late run checks the same one.
+
+**Training** is not started here: the monitor pipeline runs the training
+pipeline as a sub-pipeline on the merged data when the decision says so.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ log = logging.getLogger(__name__)
 MARKER_FILE = "last_retrain.json"
 PRODUCTION_PREFIX = "prod-"
 Labeler = Callable[[Sample], "str | None"]
-# Starts a training run with these pipeline arguments under this run name; returns its run id or location.
-RunStarter = Callable[[Mapping[str, Any], str], str]
+# How KFP run-time placeholders start: one left in a value was not substituted by the runner.
+_PLACEHOLDER_PREFIX = "{{$."
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,38 @@ class MonitorPolicy:
 class Decision:
     retrain: bool
     reasons: tuple[str, ...]
+
+
+def parse_rfc3339(text: str) -> float:
+    """UNIX seconds of an RFC 3339 time such as ``2026-01-09T13:00:00Z`` (what the KFP backend substitutes for
+    its time placeholders); fractions of a second are kept."""
+    try:
+        at = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"time {text!r} is not RFC 3339; give e.g. 2026-01-09T13:00:00Z") from None
+    if at.tzinfo is None:
+        raise ValueError(f"time {text!r} has no UTC offset; give e.g. 2026-01-09T13:00:00Z")
+    return at.timestamp()
+
+
+def run_window(window_s: float, scheduled_time: str, window_end: str = "") -> tuple[float, float]:
+    """(since, until) of the production window a monitor run checks: ``window_s`` seconds ending at ``window_end``
+    when it is given, else at the run's ``scheduled_time``.
+
+    On Kubeflow ``scheduled_time`` is ``dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER``, which the backend
+    substitutes with the time the recurring run was scheduled for, and with the creation time for a run that
+    was not scheduled (``defectkit_kfp.pipelines.run.run_local`` does the same for kfp.local).
+    """
+    if not (math.isfinite(window_s) and window_s > 0):
+        raise ValueError(f"window_s={window_s!r} must be a positive number of seconds")
+    if window_end.strip():
+        until = parse_rfc3339(window_end)
+    elif scheduled_time.startswith(_PLACEHOLDER_PREFIX):
+        raise ValueError(f"the run's scheduled time {scheduled_time} was not substituted: run the pipeline on "
+                         f"Kubeflow or through defectkit_kfp.pipelines.run.run_local, or give window_end")
+    else:
+        until = parse_rfc3339(scheduled_time)
+    return until - window_s, until
 
 
 def _duration(seconds: float) -> str:
@@ -156,7 +190,7 @@ def render_record(record: Mapping[str, Any]) -> str:
     if record.get("validation", {}).get("problems"):
         lines += ["", "## Window validation", "", "```", record["validation"]["problems"], "```"]
     if record.get("run"):
-        lines += ["", f"Retraining run: `{record['run']}`"]
+        lines += ["", f"Retrained in run `{record['run']}`"]
     if record.get("retraining_data"):
         lines += [f"Retraining data: `{record['retraining_data']}`"]
     return "\n".join(lines) + "\n"
@@ -216,33 +250,30 @@ def merge_for_retraining(base_root: str | Path, window_dir: Path, out_root: str 
 
 def act(*, drifted: bool, drifted_features: list[str], new_images: int, window: tuple[float, float],
         window_dir: Path, state_uri: str, policy: MonitorPolicy, base_dataset_uri: str, retraining_data_uri: str,
-        training_arguments: Mapping[str, Any], defect_class: str | None = None, start_run: RunStarter | None = None,
-        now: float | None = None, validation_problems: str = "") -> dict[str, Any]:
-    """Decide on retraining and, when it is due, merge the window into the training data and start the run.
+        run: str, defect_class: str | None = None, now: float | None = None,
+        validation_problems: str = "") -> dict[str, Any]:
+    """Decide on retraining and, when it is due, merge the window into the training data for it.
 
     The merged data goes to a folder of its own under ``retraining_data_uri``
-    (``retrain-YYYYmmdd-HHMMSS``, UTC), so that a recurring monitor never mixes two windows.
+    (``retrain-YYYYmmdd-HHMMSS``, UTC; the record's ``retraining_data``), so that a recurring monitor never
+    mixes two windows. ``run`` names the run that retrains on it (the monitor run, whose training
+    sub-pipeline reads that folder); it is remembered for the cooldown.
     ``validation_problems`` is the window's validation failure message (empty: it passed).
-    ``start_run`` starts the training run (its arguments are ``training_arguments`` with
-    ``source_uri`` set to the merged data); without it the decision is only recorded.
     Returns the decision record.
     """
     now = time.time() if now is None else now
     last = read_last_retrain(state_uri)
     decision = decide(drifted, new_images, None if last is None else float(last["at"]), now, policy,
                       window_valid=not validation_problems)
-    run = data_uri = None
-    if decision.retrain and start_run is not None:
+    data_uri = None
+    if decision.retrain:
         data_uri = retraining_data_folder(retraining_data_uri, now)
         merge_for_retraining(base_dataset_uri, Path(window_dir), data_uri, defect_class=defect_class)
-        arguments = {**training_arguments, "source_uri": data_uri}
-        run = start_run(arguments, f"retrain-{int(now)}")
         write_last_retrain(state_uri, now, run)
-    elif decision.retrain:
-        log.warning("retraining is due but no way to start a run was given: decision recorded only")
     return decision_record(window=window, drift={"drifted": drifted, "drifted_features": list(drifted_features)},
                            new_images=new_images, last_retrain=last, now=now, policy=policy, decision=decision,
-                           run=run, validation=validation_problems, retraining_data=data_uri)
+                           run=run if decision.retrain else None, validation=validation_problems,
+                           retraining_data=data_uri)
 
 
 def retraining_data_folder(root: str, now: float) -> str:

@@ -2,29 +2,29 @@
 
 Both paths take the committed YAML, so what runs on a laptop is exactly what
 users upload to Kubeflow. This is the one home of Kubeflow API client code:
-single runs (:func:`submit`), recurring runs (:func:`create_recurring_run`),
-and the starter the drift monitor retrains with (:func:`retraining_starter`).
+single runs (:func:`submit`), recurring runs (:func:`create_recurring_run`) and
+following a run (:func:`follow_run`). On multi-user Kubeflow every call names
+the profile namespace and carries a token (:func:`credentials`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
 if TYPE_CHECKING:
     import kfp
-
-    from defectkit.monitor import RunStarter
+    from kfp.client.token_credentials_base import TokenCredentialsBase
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,11 @@ PIPELINE_DIR = Path(__file__).resolve().parent
 TRAINING_YAML = PIPELINE_DIR / "training.yaml"
 MONITOR_YAML = PIPELINE_DIR / "monitor.yaml"
 PIPELINE_ROOT_DIR = "pipeline_root"  # under a local run's work dir
+
+# Where a Kubeflow pod finds its projected service-account token for the KFP API, as kfp.client looks for it.
+TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
+DEFAULT_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
+FINAL_RUN_STATES = frozenset({"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED"})
 
 _PARAMETER_TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": bool}
 
@@ -79,6 +84,23 @@ class LocalRun:
         return Path(self.outputs[name].path)
 
 
+def with_run_times(pipeline_yaml: str, created: datetime) -> str:
+    """The compiled pipeline with its run-time placeholders of creation and scheduled time substituted as the KFP
+    backend does for a run created at ``created`` and not scheduled: both are the creation time, RFC 3339.
+
+    kfp.local does not know these placeholders (it fails on them); the fraction of a second is kept so that
+    samples taken just before a local run fall inside the window that ends at its creation.
+    """
+    from kfp import dsl
+
+    if created.tzinfo is None:
+        raise ValueError(f"creation time {created} must carry its time zone, e.g. datetime.now(timezone.utc)")
+    stamp = created.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    for placeholder in (dsl.PIPELINE_JOB_CREATE_TIME_UTC_PLACEHOLDER, dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER):
+        pipeline_yaml = pipeline_yaml.replace(placeholder, stamp)
+    return pipeline_yaml
+
+
 def run_local(package: Path, arguments: dict[str, Any], work_dir: Path) -> LocalRun:
     """Run a compiled pipeline in this interpreter with kfp.local's SubprocessRunner."""
     from kfp import components, local
@@ -91,34 +113,39 @@ def run_local(package: Path, arguments: dict[str, Any], work_dir: Path) -> Local
     tempfile.tempdir = None
     pipeline_root = work_dir / PIPELINE_ROOT_DIR
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
-    pipeline = components.load_component_from_file(str(package))
+    pipeline = components.load_component_from_text(with_run_times(package.read_text(), datetime.now(timezone.utc)))
     log.info("running %s locally; artifacts under %s", package.name, pipeline_root)
     task = pipeline(**arguments)
     return LocalRun(dict(task.outputs), pipeline_root)
 
 
-def run_local_in_process(package: Path, arguments: Mapping[str, Any], work_dir: Path) -> Path:
-    """:func:`run_local` in a process of its own (see :func:`main`); returns the run's pipeline root.
+def credentials(token_path: str | None = None) -> TokenCredentialsBase | None:
+    """The token credentials of KFP's ``ServiceAccountTokenVolumeCredentials``: the token file is read again for
+    every call, as the kubelet rotates it.
 
-    For starting a run from inside a KFP task: the caller may itself be a
-    kfp.local task, and kfp.local does not nest in one interpreter.
+    The file is ``token_path``, else ``$KF_PIPELINES_SA_TOKEN_PATH``, else the projected token's default path;
+    None when neither is given and no token is at the default path (a single-user install or a port-forward).
     """
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    # A KFP task runs with _KFP_RUNTIME=true, under which kfp skips the imports a pipeline run needs.
-    env = {k: v for k, v in os.environ.items() if k != "_KFP_RUNTIME"}
-    subprocess.run([sys.executable, "-m", "defectkit_kfp.pipelines.run", str(package), str(work_dir),
-                    json.dumps(dict(arguments))], check=True, cwd=work_dir, env=env)
-    return work_dir / PIPELINE_ROOT_DIR
+    from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
+
+    path = token_path or os.environ.get(TOKEN_PATH_ENV)
+    if path is None:
+        if not Path(DEFAULT_TOKEN_PATH).is_file():
+            return None
+        path = DEFAULT_TOKEN_PATH
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no KFP API token at {path}: mount the service-account token there (a PodDefault "
+                                f"or projected volume with audience pipelines.kubeflow.org) or give --token-path")
+    return ServiceAccountTokenVolumeCredentials(path)
 
 
-def _client(host: str, namespace: str | None, existing_token: str | None = None) -> tuple[kfp.Client, dict[str, str]]:
+def _client(host: str, namespace: str | None, token_path: str | None) -> tuple[kfp.Client, dict[str, str]]:
     """A KFP API client for ``host``, and the namespace keyword to pass on to its calls."""
     import kfp
 
     # kfp.Client treats namespace=None differently from "not given" (multi-user lookup).
     scope = {"namespace": namespace} if namespace else {}
-    return kfp.Client(host=host, existing_token=existing_token, **scope), scope
+    return kfp.Client(host=host, credentials=credentials(token_path), **scope), scope
 
 
 def submit(
@@ -129,10 +156,14 @@ def submit(
     experiment: str = "defectkit",
     run_name: str | None = None,
     namespace: str | None = None,
-    existing_token: str | None = None,
+    token_path: str | None = None,
 ) -> str:
-    """Create a run of a compiled pipeline on a Kubeflow Pipelines cluster; returns the run id."""
-    client, scope = _client(host, namespace, existing_token)
+    """Create a run of a compiled pipeline on a Kubeflow Pipelines cluster; returns the run id.
+
+    ``namespace`` is the Kubeflow profile the run belongs to (multi-user clusters); ``token_path`` as in
+    :func:`credentials`.
+    """
+    client, scope = _client(host, namespace, token_path)
     result = client.create_run_from_pipeline_package(
         str(package), arguments=arguments, run_name=run_name, experiment_name=experiment, **scope
     )
@@ -142,62 +173,42 @@ def submit(
 
 def create_recurring_run(host: str, package: Path, cron: str, params: Mapping[str, Any], *,
                          experiment: str = "defectkit", job_name: str = "defectkit-monitor",
-                         namespace: str | None = None) -> str:
+                         namespace: str | None = None, token_path: str | None = None) -> str:
     """Schedule a compiled pipeline (the monitor) on a KFP cluster, one run at a time; returns the recurring run id.
 
-    ``cron`` has KFP's 6 fields (seconds first).
+    ``cron`` has KFP's 6 fields (seconds first). Caching is off for the pipeline's own tasks: each run checks
+    a new window, and a cache hit would replay an earlier one. (kfp.Client overrides the root DAG's tasks only,
+    so the training sub-pipeline keeps its compiled settings: preprocessing a dataset it has seen is still reused.)
     """
     if len(cron.split()) != 6:
         raise ValueError(f"cron {cron!r} must have 6 fields (second minute hour day month weekday), "
                          f"e.g. '0 0 * * * *' for hourly")
-    client, scope = _client(host, namespace)
+    client, scope = _client(host, namespace, token_path)
     experiment_id = client.create_experiment(experiment, **scope).experiment_id
     job = client.create_recurring_run(experiment_id, job_name, cron_expression=cron, pipeline_package_path=str(package),
-                                      params=dict(params), max_concurrency=1)
+                                      params=dict(params), max_concurrency=1, enable_caching=False)
     log.info("scheduled %s (%s) at %s: recurring run %s", package.name, cron, host, job.recurring_run_id)
     return job.recurring_run_id
 
 
-def retraining_starter(*, kfp_host: str = "", local_work_dir: Path | None = None, package: Path = TRAINING_YAML,
-                       experiment: str = "defectkit", namespace: str | None = None) -> RunStarter | None:
-    """How the drift monitor starts a training run: on the KFP cluster at ``kfp_host``, else locally (kfp.local)
-    in ``local_work_dir``; None with neither, so that the monitor only records its decision.
+def follow_run(host: str, run_id: str, *, namespace: str | None = None, token_path: str | None = None,
+               poll_s: float = 10.0, timeout_s: float = 3600.0, out: TextIO = sys.stdout) -> str:
+    """Wait for a KFP run to end, printing each state it passes through to ``out``; returns the final state.
 
-    The starter returns the KFP run id, or the local run's pipeline root.
+    Raises TimeoutError, naming the last state, when the run has not ended after ``timeout_s``.
     """
-    if kfp_host:
-        def on_cluster(arguments: Mapping[str, Any], run_name: str) -> str:
-            return submit(kfp_host, package, dict(arguments), experiment=experiment, run_name=run_name,
-                          namespace=namespace)
-
-        return on_cluster
-    if local_work_dir is not None:
-        def on_this_machine(arguments: Mapping[str, Any], run_name: str) -> str:
-            # kfp.local names no runs: the work dir tells them apart.
-            return str(run_local_in_process(package, arguments, Path(local_work_dir)))
-
-        return on_this_machine
-    return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m defectkit_kfp.pipelines.run PACKAGE WORK_DIR ARGUMENTS_JSON``: a local run in a process of its own.
-
-    For starting a run from inside a running KFP task (the monitor's local
-    retraining), where kfp.local cannot be nested in the same interpreter.
-    """
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m defectkit_kfp.pipelines.run", description=main.__doc__)
-    parser.add_argument("package", type=Path)
-    parser.add_argument("work_dir", type=Path)
-    parser.add_argument("arguments", help="JSON object of pipeline arguments")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, force=True)
-    run = run_local(args.package, json.loads(args.arguments), args.work_dir)
-    print(run.pipeline_root)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    client, _ = _client(host, namespace, token_path)
+    deadline = time.monotonic() + timeout_s
+    shown = None
+    while True:
+        run = client.get_run(run_id)
+        state = str(run.state)
+        if state != shown:
+            print(f"run {run_id} ({run.display_name}): {state}", file=out, flush=True)
+            shown = state
+        if state in FINAL_RUN_STATES:
+            return state
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"run {run_id} is still {state} after {timeout_s:.0f} s; follow it in the KFP UI "
+                               f"or call follow_run again")
+        time.sleep(poll_s)

@@ -111,6 +111,8 @@ def _training_arguments(work: Path, defaults: DemoDefaults) -> dict:
         "seed": defaults.seed,
         "tracking_uri": tracking_uri(work),
         "registered_model": defaults.registered_model,
+        # The compiled pipelines' defaults are a cluster's (kserve); on this machine the stack is local.
+        "deploy_backend": "local",
         "serving_work_dir": str(work),
         "canary_steps": defaults.canary_steps,
         "canary_interval_s": defaults.canary_interval_s,
@@ -168,7 +170,7 @@ def ship_broken_candidate(work: Path, defaults: DemoDefaults = DemoDefaults()) -
     policy = CanaryPolicy(steps=parse_steps(defaults.canary_steps), interval_s=defaults.canary_interval_s,
                           min_requests=defaults.canary_min_requests)
     delivery = DeliveryConfig.for_registered_version(
-        defaults.registered_model, ref.version, artifact_uri=str(broken), policy=policy, work_dir=str(work),
+        defaults.registered_model, ref.version, policy=policy, work_dir=str(work),
         golden_dir=str(golden), tracking_uri=uri, served_name=defaults.served_name)
     with production_traffic(work, _test_images(data), defaults.traffic_per_s, defaults.served_name):
         deliver(delivery)
@@ -241,13 +243,13 @@ def drift_loop(work: Path, defaults: DemoDefaults = DemoDefaults()) -> dict:
         "min_new_images": 50,
         "cooldown_s": 600.0,
         "defect_class": "stain",
-        "training_arguments": json.dumps(_training_arguments(work, defaults)),
-        "local_work_dir": str(work / "runs" / f"retrain-{stamp}"),
+        **_training_arguments(work, defaults),
     }
     with production_traffic(work, _test_images(data), defaults.traffic_per_s, defaults.served_name):
         run = run_local(MONITOR_YAML, arguments, work / "runs" / f"monitor-{stamp}")
     record = json.loads(next(run.pipeline_root.rglob("decide-retraining/record")).read_text())
-    verdicts = sorted((work / "runs" / f"retrain-{stamp}").glob("pipeline_root/*/evaluate-model/verdict"))
+    # The retraining ran inside the monitor's run: its steps sit beside the monitor's.
+    verdicts = sorted(run.pipeline_root.glob("**/evaluate-model/verdict"))
     if verdicts:
         verdict = json.loads(verdicts[-1].read_text())
         record["retraining_verdict"] = {"approved": verdict["approved"], "reasons": verdict["reasons"],

@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 
 KFP_HOST_HELP = "KFP API endpoint, e.g. https://kubeflow.example.com/pipeline"
+NAMESPACE_HELP = "Kubeflow profile namespace the run belongs to (multi-user Kubeflow)"
+TOKEN_PATH_HELP = ("file holding the bearer token for the KFP API, read for every call (default: "
+                   "$KF_PIPELINES_SA_TOKEN_PATH, else /var/run/secrets/kubeflow/pipelines/token when present)")
 
 
 class PipelineFailed(RuntimeError):
@@ -38,7 +41,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     submit.add_argument("--package", help="compiled pipeline YAML (default: the training pipeline)")
     submit.add_argument("--experiment", default="defectkit", help="(default %(default)s)")
     submit.add_argument("--run-name")
-    submit.add_argument("--namespace", help="Kubeflow profile namespace (multi-user clusters)")
+    submit.add_argument("--namespace", help=NAMESPACE_HELP)
+    submit.add_argument("--token-path", help=TOKEN_PATH_HELP)
     submit.set_defaults(func=cmd_submit)
 
     schedule = verbs.add_parser("schedule", help="run the drift monitor pipeline on a schedule (a recurring run, "
@@ -52,7 +56,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     schedule.add_argument("--experiment", default="defectkit", help="(default %(default)s)")
     schedule.add_argument("--job-name", default="defectkit-monitor", help="name of the recurring run "
                           "(default %(default)s)")
-    schedule.add_argument("--namespace", help="Kubeflow profile namespace (multi-user clusters)")
+    schedule.add_argument("--namespace", help=NAMESPACE_HELP)
+    schedule.add_argument("--token-path", help=TOKEN_PATH_HELP)
     schedule.set_defaults(func=cmd_schedule)
 
 
@@ -129,7 +134,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     package = Path(args.package) if args.package else training_package()
     arguments = parse_arguments(package, args.param)
     print(submit(args.host, package, arguments, experiment=args.experiment, run_name=args.run_name,
-                 namespace=args.namespace))
+                 namespace=args.namespace, token_path=args.token_path))
     return 0
 
 
@@ -139,5 +144,5 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     package = Path(args.package) if args.package else MONITOR_YAML
     arguments = parse_arguments(package, args.param)
     print(create_recurring_run(args.host, package, args.cron, arguments, experiment=args.experiment,
-                               job_name=args.job_name, namespace=args.namespace))
+                               job_name=args.job_name, namespace=args.namespace, token_path=args.token_path))
     return 0

@@ -16,6 +16,7 @@ from PIL import Image
 
 from defectkit import drift, monitor, sampling, storage
 from defectkit.data import Manifest
+from defectkit.decision_record import iso
 from defectkit.evaluation import Gates, evaluate
 from defectkit.models import load_model
 from defectkit.synthetic import generate_sample
@@ -23,7 +24,6 @@ from defectkit.serving.predictor import DefectPredictor, ServingConfig
 from defectkit.serving.kserve_runtime import import_kserve
 from defectkit.train import TrainConfig, train
 from defectkit.validation.dataset import ValidationConfig, validate_dataset
-from defectkit_kfp.pipelines.run import retraining_starter
 from tests import shifts
 
 import_kserve()  # kserve parses sys.argv when first imported, where pytest's own options could abort it
@@ -183,56 +183,64 @@ def test_registered_model_carries_its_drift_reference(judged_model, tmp_path):
         assert (resolved / "reference" / name).read_bytes() == (judged_model / "reference" / name).read_bytes()
 
 
-def test_monitor_act_starts_a_local_retraining_run_on_the_merged_data(judged_model, production_files, sample_dir,
-                                                                      tmp_path):
+def test_monitor_pipeline_retrains_in_its_own_run_only_on_a_window_that_passes_validation(
+        judged_model, production_files, sample_dir, tmp_path, monkeypatch):
+    """The compiled monitor pipeline through kfp.local: collect -> validate -> drift -> decide -> training
+    sub-pipeline on the merged data."""
+    from defectkit_kfp.pipelines.run import MONITOR_YAML, run_local
     from tests.conftest import TINY_IMAGE_SIZE
-
-    result, decision, window = _check(judged_model, [_brighter(f) for f in production_files], tmp_path)
-    assert decision.retrain
-    now = time.time()
-    record = monitor.act(
-        drifted=result.drifted, drifted_features=list(result.drifted_features), new_images=window.images,
-        window=(now - POLICY.window_s, now), window_dir=tmp_path / "window", state_uri=str(tmp_path / "state"),
-        policy=POLICY, base_dataset_uri=str(sample_dir), retraining_data_uri=str(tmp_path / "retraining"),
-        training_arguments={"image_size": TINY_IMAGE_SIZE, "epochs": 1, "batch_size": 16, "device": "cpu",
-                            "min_images_per_class": 2, "min_auroc": 0.0},
-        defect_class="stain", start_run=retraining_starter(local_work_dir=tmp_path / "retrain"), now=now,
-    )
-    assert record["run"] and monitor.read_last_retrain(tmp_path / "state")["at"] == now
-    dataset = Manifest.read(next((tmp_path / "retrain").rglob("validate-images/dataset")))
-    assert dataset.source == record["retraining_data"] == monitor.retraining_data_folder(str(tmp_path / "retraining"),
-                                                                                           now), \
-        "the retraining run reads the merged data"
-    assert sum(1 for e in dataset.entries if Path(e.path).name.startswith("prod-")) == window.images
-
-
-def test_monitor_pipeline_retrains_only_on_a_window_that_passes_validation(judged_model, production_files,
-                                                                           sample_dir, tmp_path, monkeypatch):
-    """The compiled monitor pipeline through kfp.local: collect -> validate -> drift -> decide (decision only)."""
-    from defectkit_kfp.pipelines.run import PIPELINE_DIR, run_local
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # run_local points TMPDIR into its work dir; restored afterwards
     stats = _serve(judged_model, [_brighter(f) for f in production_files], tmp_path / "samples")
     arguments = {"sample_uri": str(tmp_path / "samples"), "model_uri": str(judged_model),
                  "state_uri": str(tmp_path / "state"), "base_dataset_uri": str(sample_dir),
                  "retraining_data_uri": str(tmp_path / "retraining"), "window_s": 600.0, "min_new_images": 50,
-                 "cooldown_s": 3600.0}
+                 "cooldown_s": 0.0, "defect_class": "stain", "image_size": TINY_IMAGE_SIZE, "epochs": 1,
+                 "batch_size": 16, "device": "cpu", "min_images_per_class": 2, "min_auroc": 0.0}
 
-    def monitor_run(name: str) -> tuple[dict, str]:
-        root = run_local(PIPELINE_DIR / "monitor.yaml", arguments, tmp_path / name).pipeline_root
+    def monitor_run(name: str) -> tuple[dict, str, Path]:
+        root = run_local(MONITOR_YAML, arguments, tmp_path / name).pipeline_root
         record = json.loads(next(root.rglob("decide-retraining/record")).read_text())
-        return record, next(root.rglob("validate-window/expectations")).read_text()
+        return record, next(root.rglob("validate-window/expectations")).read_text(), root
 
-    record, report = monitor_run("clean")
+    record, report, root = monitor_run("clean")
     assert record["validation"] == {"passed": True, "problems": ""} and "PASSED" in report
     assert record["drift"]["drifted"] and "brightness" in record["drift"]["drifted_features"]
     assert record["new_images"] == stats["written"] and record["retrain"], record["reasons"]
+    assert record["run"] and "{{" not in record["run"], "the run id kfp.local substituted"
+    assert monitor.read_last_retrain(tmp_path / "state")["run"] == record["run"]
+    # The training sub-pipeline ran in the same run, on the merged data.
+    dataset = Manifest.read(next(root.rglob("validate-images/dataset")))
+    assert dataset.source == record["retraining_data"]
+    assert sum(1 for e in dataset.entries if Path(e.path).name.startswith("prod-")) == record["new_images"]
+    assert "approved" in json.loads(next(root.rglob("evaluate-model/verdict")).read_text())
 
     # Then clients start sending broken files: a quarter of the window no longer decodes.
     sampling.write_shards(storage.Store(str(tmp_path / "samples")),
                           [(b"\xff\xd8 torn upload", 0.5, "good", "v", time.time()) for _ in range(40)])
-    record, report = monitor_run("broken")
+    record, report, root = monitor_run("broken")
     assert not record["validation"]["passed"] and "FAILED" in report
     assert "40 of 160 sampled images do not decode" in record["validation"]["problems"]
     assert record["drift"]["drifted"] and not record["retrain"]
     assert record["reasons"][0].startswith("the production window failed validation")
+    assert not any(root.rglob("validate-images")), "no retraining on a window that failed validation"
+
+
+def test_monitor_pipeline_checks_the_window_ending_at_window_end(judged_model, production_files, tmp_path,
+                                                                monkeypatch):
+    """A past window, named by its end: the samples taken in it count, those taken after it do not."""
+    from defectkit_kfp.pipelines.run import MONITOR_YAML, run_local
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    end = 1767963600.0  # 2026-01-09T13:00:00Z
+    inside = [(data, 0.1, "good", "v1", end - 300 + i) for i, data in enumerate(production_files[:40])]
+    after = [(data, 0.1, "good", "v1", end + 1 + i) for i, data in enumerate(production_files[40:50])]
+    sampling.write_shards(storage.Store(str(tmp_path / "samples")), inside + after)
+    arguments = {"sample_uri": str(tmp_path / "samples"), "model_uri": str(judged_model),
+                 "state_uri": str(tmp_path / "state"), "base_dataset_uri": str(tmp_path / "unused"),
+                 "retraining_data_uri": str(tmp_path / "retraining"), "window_s": 600.0,
+                 "window_end": "2026-01-09T13:00:00Z", "min_new_images": 1000}
+    root = run_local(MONITOR_YAML, arguments, tmp_path / "run").pipeline_root
+    record = json.loads(next(root.rglob("decide-retraining/record")).read_text())
+    assert record["window"] == {"since": iso(end - 600.0), "until": iso(end)}
+    assert record["new_images"] == len(inside) and not record["retrain"]

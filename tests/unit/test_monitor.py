@@ -17,6 +17,7 @@ from defectkit.monitor import (
     read_last_retrain,
     render_record,
     retraining_data_folder,
+    run_window,
     write_last_retrain,
     write_record,
 )
@@ -128,37 +129,63 @@ def test_merge_with_a_defect_class_or_a_labeler(tmp_path):
         merge_for_retraining(_base(tmp_path), window, tmp_path / "bad", defect_class="good")
 
 
-def _act(tmp_path: Path, start_run, *, now: float = NOW) -> dict:
-    """A drifted window of one good and one defect image, acted on with ``start_run``."""
+def _act(tmp_path: Path, *, drifted: bool = True, now: float = NOW) -> dict:
+    """A window of one good and one defect image, acted on by monitor run "run-7"."""
     window = tmp_path / "window" if (tmp_path / "window").exists() else _window(tmp_path, ["good", "defect"])
-    return act(drifted=True, drifted_features=["brightness"], new_images=500, window=(now - 600, now),
-               window_dir=window, state_uri=str(tmp_path / "state"), policy=POLICY,
+    return act(drifted=drifted, drifted_features=["brightness"] if drifted else [], new_images=500,
+               window=(now - 600, now), window_dir=window, state_uri=str(tmp_path / "state"), policy=POLICY,
                base_dataset_uri=str(_base(tmp_path)), retraining_data_uri=str(tmp_path / "retraining"),
-               training_arguments={"epochs": 3}, defect_class="scratch", start_run=start_run, now=now)
+               run="run-7", defect_class="scratch", now=now)
 
 
-def test_act_hands_the_merged_data_to_the_starter_and_remembers_the_run(tmp_path):
-    started = []
-
-    def start_run(arguments, run_name):
-        started.append((dict(arguments), run_name))
-        return "run-7"
-
-    record = _act(tmp_path, start_run)
+def test_act_writes_the_merged_data_and_remembers_the_run(tmp_path):
+    record = _act(tmp_path)
     data = retraining_data_folder(str(tmp_path / "retraining"), NOW)
-    assert started == [({"epochs": 3, "source_uri": data}, f"retrain-{int(NOW)}")]
     assert record["run"] == "run-7" and record["retraining_data"] == data and record["retrain"] is True
     assert read_last_retrain(tmp_path / "state") == {"at": NOW, "run": "run-7"}
     assert (Path(data) / "train" / "scratch" / "prod-s1.jpg").is_file()
+    assert "Retrained in run `run-7`" in render_record(record)
 
-    again = _act(tmp_path, start_run, now=NOW + 60)
-    assert again["run"] is None and len(started) == 1, "the cooldown holds the second retraining back"
+    again = _act(tmp_path, now=NOW + 60)
+    assert not again["retrain"] and again["run"] is None and again["retraining_data"] is None, \
+        "the cooldown holds the second retraining back"
+    assert read_last_retrain(tmp_path / "state") == {"at": NOW, "run": "run-7"}
 
 
-def test_act_without_a_starter_only_records_the_decision(tmp_path):
-    record = _act(tmp_path, None)
-    assert record["retrain"] is True and record["run"] is None and record["retraining_data"] is None
+def test_act_writes_nothing_when_retraining_is_not_due(tmp_path):
+    record = _act(tmp_path, drifted=False)
+    assert record["retrain"] is False and record["run"] is None and record["retraining_data"] is None
     assert read_last_retrain(tmp_path / "state") is None and not (tmp_path / "retraining").exists()
+
+
+@pytest.mark.parametrize("scheduled, until", [
+    ("2026-01-09T13:00:00Z", 1767963600.0),  # as the KFP backend substitutes it (Go's time.RFC3339)
+    ("2026-01-09T13:00:00.250Z", 1767963600.25),
+    ("2026-01-09T14:00:00+01:00", 1767963600.0),
+])
+def test_the_window_ends_at_the_scheduled_time(scheduled, until):
+    assert run_window(3600.0, scheduled) == (until - 3600.0, until)
+
+
+def test_an_explicit_window_end_wins_over_the_scheduled_time():
+    assert run_window(60.0, "2026-01-09T13:00:00Z", "2026-01-01T00:00:00Z") == (1767225540.0, 1767225600.0)
+
+
+def test_an_unsubstituted_scheduled_time_is_refused_with_the_way_out():
+    with pytest.raises(ValueError, match="was not substituted: .* or give window_end"):
+        run_window(600.0, "{{$.pipeline_job_schedule_time_utc}}")
+
+
+@pytest.mark.parametrize("window_s, scheduled, window_end, message", [
+    (600.0, "2026-01-09 13:00", "", "no UTC offset"),
+    (600.0, "yesterday", "", "'yesterday' is not RFC 3339"),
+    (600.0, "", "", "'' is not RFC 3339"),
+    (600.0, "2026-01-09T13:00:00Z", "13:00", "'13:00' is not RFC 3339"),
+    (0.0, "2026-01-09T13:00:00Z", "", "window_s=0.0 must be a positive"),
+])
+def test_bad_window_times_are_named(window_s, scheduled, window_end, message):
+    with pytest.raises(ValueError, match=message):
+        run_window(window_s, scheduled, window_end)
 
 
 def test_last_retrain_marker_on_gcs(gcs_emulator):
