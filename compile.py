@@ -48,6 +48,7 @@ TARGETS = (
     Target("defectkit_kfp.pipelines.training", "training_pipeline"),
     Target("defectkit_kfp.pipelines.shipping", "ship_model"),
     Target("defectkit_kfp.pipelines.monitor", "monitor_pipeline"),
+    Target("defectkit_kfp.components.fingerprint_source", "fingerprint_source"),
     Target("defectkit_kfp.components.validate_images", "validate_images"),
     Target("defectkit_kfp.components.preprocess_images", "preprocess_images"),
     Target("defectkit_kfp.components.train_model", "train_model"),

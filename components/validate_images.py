@@ -9,6 +9,7 @@ from defectkit_kfp.components.images import DATA_IMAGE
 @dsl.component(base_image=DATA_IMAGE, install_kfp_package=False)
 def validate_images(
     source_uri: str,
+    source_fingerprint: str,
     dataset: Output[Dataset],
     quarantine: Output[Artifact],
     expectations: Output[HTML],
@@ -24,7 +25,8 @@ def validate_images(
     """Safely decode every image, quarantine bad files and check the dataset with Great Expectations.
 
     Args:
-        source_uri: Dataset root: a local path, file:// or gs:// URI laid out as {train,test}/<class>/<image>, class "good" meaning no defect.
+        source_uri: Dataset root: a local path, file://, gs:// or s3:// URI laid out as {train,test}/<class>/<image>, class "good" meaning no defect.
+        source_fingerprint: What fingerprint_source found under source_uri: the input this step's cache keys on, so that unchanged data reuses this step and everything after it, and changed data never does. The step fails if the files changed while it read them.
         max_quarantine_fraction: Fail the step when more than this fraction of files is quarantined (corrupt, truncated, empty, unsupported, oversized, renamed).
         val_fraction: Fraction of each train class moved to the validation split (seeded, stratified).
         min_images_per_class: Minimum images of every class in both train and test.
@@ -49,7 +51,8 @@ def validate_images(
         allowed_classes=tuple(c.strip() for c in allowed_classes.split(",") if c.strip()),
     )
     report = dataset_validation.validate_dataset(
-        source_uri, Path(dataset.path), config, quarantine_dir=Path(quarantine.path), raise_on_failure=False
+        source_uri, Path(dataset.path), config, quarantine_dir=Path(quarantine.path), raise_on_failure=False,
+        source_fingerprint=source_fingerprint,
     )
     Path(expectations.path).write_text(report.to_html())
     metrics.log_metric("images", len(report.manifest.entries))

@@ -9,6 +9,7 @@ from kfp import dsl
 from kfp.dsl import Artifact, Input, Model
 
 from defectkit_kfp.components.deploy_canary import deploy_canary
+from defectkit_kfp.components.images import SERVE_IMAGE
 from defectkit_kfp.components.register_model import register_model
 from defectkit_kfp.components.restore_traffic import restore_traffic
 from defectkit.delivery.rollout import policy_parameters
@@ -25,7 +26,7 @@ def ship_model(
     tracking_uri: str,
     registered_model: str = "defectkit",
     dataset_fingerprint: str = "",
-    deploy_backend: str = "local",
+    deploy_backend: str = "kserve",
     serving_work_dir: str = "runs",
     canary_steps: str = CANARY["steps"],
     canary_interval_s: float = CANARY["interval_s"],
@@ -41,7 +42,10 @@ def ship_model(
     kserve_namespace: str = "default",
     kserve_service: str = "defectkit",
     prometheus_url: str = "",
+    prometheus_scrape_interval_s: float = 30.0,
     kube_api_url: str = "",
+    kserve_deployment_mode: str = "",
+    kserve_serve_image: str = SERVE_IMAGE,
 ):
     """Judged model to champion, through a canary.
 
@@ -52,7 +56,7 @@ def ship_model(
         registered_model: Registered model name in MLflow.
         dataset_fingerprint: Fingerprint of the training dataset, tagged for lineage.
         deploy_backend: local (model servers on 127.0.0.1) or kserve (an InferenceService).
-        serving_work_dir: Directory of the local serving stack and the delivery state; must outlive the run (a volume or /gcs/ mount on a cluster).
+        serving_work_dir: Directory of the decision record and of the local backend's serving stack and delivery state (which must outlive the run); the kserve backend keeps its state on the cluster.
         canary_steps: Comma-separated canary traffic percents; a final 100 is the promotion.
         canary_interval_s: Seconds each canary step is held and analysed.
         canary_failure_threshold: Failed analyses that roll the candidate back.
@@ -67,7 +71,10 @@ def ship_model(
         kserve_namespace: Namespace of the InferenceService (kserve backend).
         kserve_service: InferenceService name (kserve backend).
         prometheus_url: Prometheus scraping the predictor pods (kserve backend).
+        prometheus_scrape_interval_s: How often that Prometheus scrapes the predictor pods; the canary analysis window derives from it (kserve backend).
         kube_api_url: Kubernetes API URL (kserve backend); empty uses in-cluster credentials.
+        kserve_deployment_mode: KServe deployment mode (Knative or Standard) of an InferenceService the first delivery creates; empty means the cluster default (kserve backend).
+        kserve_serve_image: Predictor image of an InferenceService the first delivery creates (kserve backend).
     """
     # Whatever fails from here on, stable traffic is restored: a delivery cut off
     # half-way is rolled back, a finished one is left alone.
@@ -113,7 +120,10 @@ def ship_model(
             namespace=kserve_namespace,
             service_name=kserve_service,
             prometheus_url=prometheus_url,
+            prometheus_scrape_interval_s=prometheus_scrape_interval_s,
             kube_api_url=kube_api_url,
+            serve_image=kserve_serve_image,
+            deployment_mode=kserve_deployment_mode,
         ).set_caching_options(False)
 
 
@@ -125,7 +135,7 @@ def release_if_approved(
     tracking_uri: str,
     registered_model: str = "defectkit",
     dataset_fingerprint: str = "",
-    deploy_backend: str = "local",
+    deploy_backend: str = "kserve",
     serving_work_dir: str = "runs",
     canary_steps: str = CANARY["steps"],
     canary_interval_s: float = CANARY["interval_s"],
@@ -141,7 +151,10 @@ def release_if_approved(
     kserve_namespace: str = "default",
     kserve_service: str = "defectkit",
     prometheus_url: str = "",
+    prometheus_scrape_interval_s: float = 30.0,
     kube_api_url: str = "",
+    kserve_deployment_mode: str = "",
+    kserve_serve_image: str = SERVE_IMAGE,
 ):
     """The blessing gates the shipping: an unapproved model, or a run without a registry, ships nothing.
 
@@ -153,7 +166,7 @@ def release_if_approved(
         registered_model: Registered model name in MLflow.
         dataset_fingerprint: Fingerprint of the training dataset, tagged for lineage.
         deploy_backend: local (model servers on 127.0.0.1) or kserve (an InferenceService).
-        serving_work_dir: Directory of the local serving stack and the delivery state; must outlive the run (a volume or /gcs/ mount on a cluster).
+        serving_work_dir: Directory of the decision record and of the local backend's serving stack and delivery state (which must outlive the run); the kserve backend keeps its state on the cluster.
         canary_steps: Comma-separated canary traffic percents; a final 100 is the promotion.
         canary_interval_s: Seconds each canary step is held and analysed.
         canary_failure_threshold: Failed analyses that roll the candidate back.
@@ -168,7 +181,10 @@ def release_if_approved(
         kserve_namespace: Namespace of the InferenceService (kserve backend).
         kserve_service: InferenceService name (kserve backend).
         prometheus_url: Prometheus scraping the predictor pods (kserve backend).
+        prometheus_scrape_interval_s: How often that Prometheus scrapes the predictor pods; the canary analysis window derives from it (kserve backend).
         kube_api_url: Kubernetes API URL (kserve backend); empty uses in-cluster credentials.
+        kserve_deployment_mode: KServe deployment mode (Knative or Standard) of an InferenceService the first delivery creates; empty means the cluster default (kserve backend).
+        kserve_serve_image: Predictor image of an InferenceService the first delivery creates (kserve backend).
     """
     with dsl.If(approved == True, name="approved"):  # noqa: E712 - a KFP condition, not Python
         with dsl.If(tracking_uri != "", name="registry-configured"):
@@ -194,5 +210,8 @@ def release_if_approved(
                 kserve_namespace=kserve_namespace,
                 kserve_service=kserve_service,
                 prometheus_url=prometheus_url,
+                prometheus_scrape_interval_s=prometheus_scrape_interval_s,
                 kube_api_url=kube_api_url,
+                kserve_deployment_mode=kserve_deployment_mode,
+                kserve_serve_image=kserve_serve_image,
             )

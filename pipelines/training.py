@@ -6,6 +6,8 @@ from kfp import dsl, kubernetes
 from kfp.dsl import Artifact, Model
 
 from defectkit_kfp.components.evaluate_model import evaluate_model
+from defectkit_kfp.components.fingerprint_source import fingerprint_source
+from defectkit_kfp.components.images import SERVE_IMAGE
 from defectkit_kfp.components.preprocess_images import preprocess_images
 from defectkit_kfp.components.resolve_champion import resolve_champion
 from defectkit_kfp.components.train_model import train_model
@@ -53,7 +55,7 @@ def training_pipeline(
     tracking_uri: str = "",
     registered_model: str = "defectkit",
     pretrained_weights_uri: str = "",
-    deploy_backend: str = "local",
+    deploy_backend: str = "kserve",
     serving_work_dir: str = "runs",
     canary_steps: str = CANARY["steps"],
     canary_interval_s: float = CANARY["interval_s"],
@@ -69,7 +71,10 @@ def training_pipeline(
     kserve_namespace: str = "default",
     kserve_service: str = "defectkit",
     prometheus_url: str = "",
+    prometheus_scrape_interval_s: float = 30.0,
     kube_api_url: str = "",
+    kserve_deployment_mode: str = "",
+    kserve_serve_image: str = SERVE_IMAGE,
 ) -> TrainingOutputs:
     """Images to a judged defect model.
 
@@ -109,16 +114,22 @@ def training_pipeline(
         kserve_namespace: Namespace of the InferenceService (kserve backend).
         kserve_service: InferenceService name (kserve backend).
         prometheus_url: Prometheus scraping the predictor pods (kserve backend).
+        prometheus_scrape_interval_s: How often that Prometheus scrapes the predictor pods; the canary analysis window derives from it (kserve backend).
         kube_api_url: Kubernetes API URL (kserve backend); empty uses in-cluster credentials.
+        kserve_deployment_mode: KServe deployment mode (Knative or Standard) of an InferenceService the first delivery creates; empty means the cluster default (kserve backend).
+        kserve_serve_image: Predictor image of an InferenceService the first delivery creates (kserve backend).
     """
-    # Reads mutable data at a URI: never served from cache. No task retry: storage
-    # I/O retries inside with backoff, and a failed validation is a verdict, not a fault.
+    # The backend caches on input values and artifact identities, never on what a URI holds: the
+    # source is fingerprinted on every run, and validation (with all that follows) caches on that.
+    source = fingerprint_source(source_uri=source_uri).set_caching_options(False)
+    # No task retry: storage I/O retries inside with backoff, and a failed validation is a verdict, not a fault.
     validate = validate_images(
         source_uri=source_uri,
+        source_fingerprint=source.output,
         max_quarantine_fraction=max_quarantine_fraction,
         min_images_per_class=min_images_per_class,
         seed=seed,
-    ).set_caching_options(False)
+    )
     validate.set_cpu_limit("4").set_memory_limit("8G")
     fingerprint = validate.outputs["fingerprint"]
 
@@ -187,7 +198,10 @@ def training_pipeline(
         kserve_namespace=kserve_namespace,
         kserve_service=kserve_service,
         prometheus_url=prometheus_url,
+        prometheus_scrape_interval_s=prometheus_scrape_interval_s,
         kube_api_url=kube_api_url,
+        kserve_deployment_mode=kserve_deployment_mode,
+        kserve_serve_image=kserve_serve_image,
     )
 
     return TrainingOutputs(

@@ -36,6 +36,7 @@ from defectkit.data import (
     parse_layout,
     sha256_bytes,
 )
+from defectkit.data import source_fingerprint as data_source_fingerprint
 from defectkit.storage import Store
 from defectkit.validation.expectations import Check, CheckResult, examples, run_checks
 from defectkit.validation.report import Quarantined, Report, html_table
@@ -243,6 +244,7 @@ def validate_dataset(
     quarantine_dir: Path | None = None,
     raise_on_failure: bool = True,
     workers: int | None = None,
+    source_fingerprint: str | None = None,
 ) -> ValidationReport:
     """Validate the image tree at ``source`` and write the accepted files as a dataset artifact to ``out_dir``.
 
@@ -252,6 +254,10 @@ def validate_dataset(
     before the verdict: with ``raise_on_failure`` a failing dataset raises
     ValidationFailed (carrying the report) afterwards, otherwise the caller
     checks ``report.passed``.
+
+    ``source_fingerprint`` is what :func:`defectkit.data.source_fingerprint` gave before this run (a
+    pipeline's cache keys on it): when the files under ``source`` no longer match it after they were
+    read, they changed meanwhile, and the artifact could be cached under the wrong key; that is an error.
     """
     out_dir = Path(out_dir)
     _require_empty(out_dir, "output directory")
@@ -346,7 +352,14 @@ def validate_dataset(
         ManifestEntry(f.path, f.split, f.class_name, a.sha256, a.size, a.info.width, a.info.height, a.info.mode, f.mask)
         for f, a in zip(files, accepted, strict=True)
     )
-    manifest = Manifest(entries, source=source)
+    if source_fingerprint is not None:
+        now = data_source_fingerprint(source)
+        if now != source_fingerprint:
+            raise ValueError(f"the files under {source} changed while they were validated (source fingerprint "
+                             f"{source_fingerprint[:12]} before, {now[:12]} after); run again once they are "
+                             f"written")
+    extra = {} if source_fingerprint is None else {"source_fingerprint": source_fingerprint}
+    manifest = Manifest(entries, source=source, extra=extra)
     manifest.write(out_dir)
     quarantined.sort(key=lambda q: q.path)
     if quarantine_dir is not None:

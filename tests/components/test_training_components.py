@@ -9,6 +9,7 @@ from kfp import dsl, local
 from kfp.dsl import Dataset, Model
 
 from defectkit_kfp.components.evaluate_model import evaluate_model
+from defectkit_kfp.components.fingerprint_source import fingerprint_source
 from defectkit_kfp.components.preprocess_images import preprocess_images
 from defectkit_kfp.components.resolve_champion import resolve_champion
 from defectkit_kfp.components.train_model import train_model
@@ -28,7 +29,9 @@ def kfp_local(tmp_path, monkeypatch):
 def test_validate_images_rejects_classes_outside_the_allow_list(sample_dir):
     @dsl.pipeline
     def only_validate(source_uri: str):
-        validate_images(source_uri=source_uri, min_images_per_class=2, allowed_classes="good,scratch,hole")
+        fingerprint = fingerprint_source(source_uri=source_uri)
+        validate_images(source_uri=source_uri, source_fingerprint=fingerprint.output, min_images_per_class=2,
+                        allowed_classes="good,scratch,hole")
 
     with pytest.raises(RuntimeError, match="validate-images"):
         only_validate(source_uri=str(sample_dir))
@@ -37,7 +40,9 @@ def test_validate_images_rejects_classes_outside_the_allow_list(sample_dir):
 def test_validate_images_outputs(sample_dir, tmp_path):
     @dsl.pipeline
     def only_validate(source_uri: str) -> Dataset:
-        return validate_images(source_uri=source_uri, min_images_per_class=2).outputs["dataset"]
+        fingerprint = fingerprint_source(source_uri=source_uri)
+        return validate_images(source_uri=source_uri, source_fingerprint=fingerprint.output,
+                               min_images_per_class=2).outputs["dataset"]
 
     task = only_validate(source_uri=str(sample_dir))
     dataset = Path(task.output.path)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from defectkit.data import MANIFEST_FILE, Manifest
+from defectkit.data import MANIFEST_FILE, Manifest, source_fingerprint
 from defectkit.synthetic import generate_sample
 from defectkit.validation.dataset import (
     QUARANTINE_FILE,
@@ -94,6 +94,15 @@ def test_same_source_gives_the_same_artifact_whatever_the_thread_count(source, t
     many = validate_dataset(str(source), tmp_path / "many", CONFIG, workers=8)
     assert (tmp_path / "one" / MANIFEST_FILE).read_bytes() == (tmp_path / "many" / MANIFEST_FILE).read_bytes()
     assert one.manifest.fingerprint == many.manifest.fingerprint
+
+
+def test_the_source_fingerprint_is_checked_after_reading_and_kept_as_lineage(source, tmp_path):
+    fingerprint = source_fingerprint(str(source))
+    validate_dataset(str(source), tmp_path / "ok", CONFIG, source_fingerprint=fingerprint)
+    assert json.loads((tmp_path / "ok" / MANIFEST_FILE).read_text())["source_fingerprint"] == fingerprint
+    # What a pipeline would have cached under another fingerprint than the data it read is refused.
+    with pytest.raises(ValueError, match="changed while they were validated"):
+        validate_dataset(str(source), tmp_path / "stale", CONFIG, source_fingerprint="0" * 64)
 
 
 def test_every_kind_of_bad_file_is_quarantined_with_its_reason(source, tmp_path):
