@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 WORK ?= runs
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run demo-rollback demo-drift test compile check bench images constraints clean
+.PHONY: run demo-rollback demo-drift test compile check bench images images-check constraints clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,9 +41,24 @@ check: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m tests.bench.run
 
-# Needs a Docker engine; tags are the package version.
+# Tags are the package version. Any Docker-compatible engine: DOCKER=podman.
+# Where Docker Hub cannot be reached, pass BASE_IMAGE (images/base-image.sh builds
+# one); BUILD_FLAGS reach the engine's `build` (see images/Makefile).
+DOCKER ?= docker
+CHECK_IMAGES ?= data train deploy serve monitor
+
 images:
-	$(MAKE) -C images
+	$(MAKE) -C images DOCKER=$(DOCKER)
+
+# Builds CHECK_IMAGES, then runs every executor of the compiled pipelines in its
+# image (tests/images). Keeps going past an image that fails to build, so the
+# others are still checked, and fails in the end; the tests fail rather than skip
+# for an image of CHECK_IMAGES that is missing.
+images-check: $(STAMP)
+	mkdir -p $(WORK)/tmp
+	$(MAKE) -k -C images $(CHECK_IMAGES) DOCKER=$(DOCKER); built=$$?; \
+	DOCKER=$(DOCKER) REQUIRED_IMAGES="$(CHECK_IMAGES)" TMPDIR=$(CURDIR)/$(WORK)/tmp \
+	  $(PY) -m pytest -q --timeout=1800 tests/images && test $$built -eq 0
 
 constraints: $(STAMP)
 	$(PY) -m pip freeze --exclude-editable | sed '1i # Exact versions of every transitive dependency, resolved together (pip check clean).\n# Regenerate with: make constraints' > constraints.txt

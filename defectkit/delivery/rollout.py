@@ -11,6 +11,7 @@ Pipelines cannot pass None, so the policy travels through them as parameters
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -160,14 +161,7 @@ def make_backend(config: DeliveryConfig, candidate: str | None = None):
     """The LocalBackend or KServeBackend ``config`` names, delivering ``candidate``; close() it when done
     (a LocalBackend scrapes)."""
     if config.backend == "local":
-        import importlib.util
-
         from defectkit.delivery.local import LocalBackend, StackOptions
-
-        # The local stack runs model servers in this environment; a cluster's deploy image carries no torch.
-        if importlib.util.find_spec("torch") is None:
-            raise ValueError("backend=local runs the model servers here and needs torch (defectkit[serve]), which "
-                             "this environment lacks, as the deploy image does: on a cluster use backend=kserve")
 
         return LocalBackend(Path(config.work_dir), StackOptions(
             model_name=config.served_name, tracking_uri=config.tracking_uri, router_port=config.router_port,
@@ -206,6 +200,10 @@ def restore_command(config: DeliveryConfig) -> str:
 def deliver(config: DeliveryConfig) -> RolloutState:
     """Run (or resume) the delivery ``config`` describes; writes the decision record and, with a registry
     and a version, moves the aliases and logs the record to the candidate's run."""
+    if config.backend == "local" and importlib.util.find_spec("torch") is None:
+        # The local stack starts model servers in this environment; a cluster's deploy image carries no torch.
+        raise ValueError("backend=local runs the model servers here and needs torch (defectkit[serve]), which "
+                         "this environment lacks, as the deploy image does: on a cluster use backend=kserve")
     candidate, version = _pinned(config.model, config.tracking_uri, config.backend)
     version = config.version or version
     golden = read_golden(Path(config.golden_dir)) if config.golden_dir else None
