@@ -14,10 +14,10 @@ namespace of their experiment.
 from __future__ import annotations
 
 import json
-import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+from collections.abc import Mapping
+
+from tests.stand_ins import JsonServer
 
 PREFIX = "/apis/v2beta1"
 TOKEN = "kubeflow-user-token"
@@ -34,45 +34,14 @@ class KfpApiStandIn:
         self.experiments: dict[str, dict] = {}
         self.runs: dict[str, dict] = {}
         self.recurring_runs: dict[str, dict] = {}
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self._server = JsonServer(self._serve)
+        self.url = self._server.url
 
     def __enter__(self) -> KfpApiStandIn:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self, method: str) -> None:
-                parsed = urlparse(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else None
-                api.requests.append((method, parsed.path, body))
-                status, payload = api._route(method, parsed.path, parse_qs(parsed.query), body,
-                                             self.headers.get("Authorization", ""))
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                self._serve("GET")
-
-            def do_POST(self):  # noqa: N802
-                self._serve("POST")
-
-            def log_message(self, *args) -> None:
-                pass
-
-        return Handler
+        self._server.close()
 
     def _namespace_of(self, experiment_id: str | None) -> str | None:
         experiment = self.experiments.get(experiment_id or "")
@@ -85,6 +54,11 @@ class KfpApiStandIn:
         if namespace not in self.grants[token]:
             return 403, {"error": f"PermissionDenied: the token may not use namespace {namespace!r}", "code": 7}
         return None
+
+    def _serve(self, method: str, path: str, query: dict, body: dict | None,
+               headers: Mapping[str, str]) -> tuple[int, dict]:
+        self.requests.append((method, path, body))
+        return self._route(method, path, query, body, headers.get("Authorization", ""))
 
     def _route(self, method: str, path: str, query: dict, body: dict | None,
                authorization: str) -> tuple[int, dict]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-# (method, path, query, JSON body or None) -> (status, JSON payload)
-Route = Callable[[str, str, dict, "dict | None"], tuple[int, dict]]
+# (method, path, query, JSON body or None, request headers) -> (status, JSON payload)
+Route = Callable[[str, str, dict, "dict | None", Mapping[str, str]], tuple[int, dict]]
 
 
 class JsonServer:
@@ -21,7 +21,7 @@ class JsonServer:
                 parsed = urlparse(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length)) if length else None
-                status, payload = route(method, parsed.path, parse_qs(parsed.query), body)
+                status, payload = route(method, parsed.path, parse_qs(parsed.query), body, self.headers)
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

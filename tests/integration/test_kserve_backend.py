@@ -245,7 +245,7 @@ class PrometheusStandIn:
         self._server = JsonServer(self._route)
         self.url = self._server.url
 
-    def _route(self, method: str, path: str, query: dict, body: dict | None) -> tuple[int, dict]:
+    def _route(self, method: str, path: str, query: dict, body: dict | None, headers: object) -> tuple[int, dict]:
         text = query.get("query", [""])[0]
         self.queries.append(text)
         if self.unavailable:

@@ -39,7 +39,7 @@ class Prometheus:
     def __init__(self) -> None:
         self.figures: dict[str, dict] = {}
         self._server = JsonServer(
-            lambda method, path, query, body: (200, {"status": "success", "data": self.answer(query["query"][0])}))
+            lambda method, path, query, body, headers: (200, {"status": "success", "data": self.answer(query["query"][0])}))
         self.url = self._server.url
 
     def answer(self, query: str) -> dict:

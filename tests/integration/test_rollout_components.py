@@ -152,7 +152,7 @@ class ModelServerStandIn:
         self._server = JsonServer(self._route)
         self.url = self._server.url
 
-    def _route(self, method: str, path: str, query: dict, body: dict | None) -> tuple[int, dict]:
+    def _route(self, method: str, path: str, query: dict, body: dict | None, headers: object) -> tuple[int, dict]:
         if method != "POST" or path != "/v2/models/defectkit/infer":
             return 404, {"error": f"no route {method} {path}"}
         images = [base64.b64decode(x) for x in body["inputs"][0]["data"]]

@@ -134,12 +134,16 @@ def build_app(router: Router, *, timeout_s: float = 60.0):
     from starlette.routing import Route
 
     client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0),
-                               limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+                               # Idle connections are dropped before the model server's keep-alive timeout
+                               # (uvicorn: 5 s) can close them under a request being sent.
+                               limits=httpx.Limits(max_connections=256, max_keepalive_connections=64,
+                                                   keepalive_expiry=2.0))
 
     async def forward(request: Request, variant: str, upstream: str) -> Response:
         body = await request.body()
         headers = {k: v for k, v in request.headers.items() if k in _PASSED_REQUEST_HEADERS}
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        reconnected = False
         while True:
             router.inflight[upstream] += 1
             try:
@@ -153,6 +157,16 @@ def build_app(router: Router, *, timeout_s: float = 60.0):
                     variant, upstream = STABLE, stable
                     continue
                 return _error(502, f"the {variant} model server {upstream} is unreachable: {exc}", variant)
+            except httpx.RemoteProtocolError as exc:
+                # A pooled keep-alive connection the server closed as it was reused: the request never reached
+                # the model, and inference has no side effects, so it is sent once more on a fresh connection.
+                if not reconnected:
+                    reconnected = True
+                    log.info("%s model server %s dropped a pooled connection (%s); sending again", variant,
+                             upstream, exc)
+                    continue
+                return _error(502, f"the {variant} model server {upstream} failed: {type(exc).__name__}: {exc}",
+                              variant)
             except httpx.TimeoutException:
                 return _error(504, f"the {variant} model server {upstream} did not answer within {timeout_s:g} s",
                               variant)
