@@ -69,6 +69,11 @@ def evaluate_model(
     for name, value in result.metrics.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(name, value)
+    # Per defect type, so that the run's metrics table shows which defects the model misses.
+    for prefix, per_type in (("recall", result.metrics["recall_by_defect_type"]),
+                             ("auroc", result.metrics["auroc_by_defect_type"])):
+        for defect_type, value in per_type.items():
+            metrics.log_metric(f"{prefix}_{defect_type}", value)
     roc = result.roc_curve
     classification.log_roc_curve(roc["fpr"], roc["tpr"], roc["thresholds"])
     classification.log_confusion_matrix(["good", "defect"], result.confusion_matrix)

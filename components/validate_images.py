@@ -29,7 +29,7 @@ def validate_images(
         source_fingerprint: What fingerprint_source found under source_uri: the input this step's cache keys on, so that unchanged data reuses this step and everything after it, and changed data never does. The step fails if the files changed while it read them.
         max_quarantine_fraction: Fail the step when more than this fraction of files is quarantined (corrupt, truncated, empty, unsupported, oversized, renamed).
         val_fraction: Fraction of each train class moved to the validation split (seeded, stratified).
-        min_images_per_class: Minimum images of every class in both train and test.
+        min_images_per_class: Minimum good images in train and in test, and images of each defect type in test; train may hold few or no defect images (training draws synthetic anomalies).
         min_side: Smallest accepted image width or height in pixels.
         max_side: Largest accepted image width or height in pixels.
         allowed_classes: Comma-separated class names accepted; empty accepts any.

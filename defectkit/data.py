@@ -91,7 +91,10 @@ def assign_validation(images: list[ImageFile], fraction: float, seed: int) -> li
     """Move a seeded, per-class stratified ``fraction`` of train images to split ``val``.
 
     Deterministic: the same files, fraction and seed always give the same split,
-    whatever order the files were listed in.
+    whatever order the files were listed in. A class with two or more train images
+    keeps at least one in each of train and val; a class with a single one keeps it
+    in train, whatever the fraction (with few or no real defects, each one matters
+    more to training than to the threshold).
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"validation fraction must be in [0, 1), got {fraction!r}")
@@ -104,7 +107,9 @@ def assign_validation(images: list[ImageFile], fraction: float, seed: int) -> li
         members = sorted(members, key=lambda f: f.path)
         random.Random(f"{seed}:{class_name}").shuffle(members)
         count = int(len(members) * fraction + 0.5)
-        if fraction > 0 and len(members) >= 2:
+        if len(members) < 2:
+            count = 0  # a lone image stays in train: rounding a fraction >= 0.5 up would take the class's only one
+        elif fraction > 0:
             count = min(max(count, 1), len(members) - 1)  # keep both splits non-empty
         to_val.update(f.path for f in members[:count])
     return [ImageFile(f.path, "val", f.class_name, f.mask) if f.path in to_val else f for f in images]

@@ -3,7 +3,9 @@
 GPU-safe (torch, numpy and defectkit's GPU-safe modules only). The metric
 functions are plain numpy. ``evaluate`` scores the candidate, and the champion
 when one is given, on the same frozen test split in the same run; the
-threshold is chosen on the validation split, never on test. The judged model
+threshold is chosen on the validation split, never on test; where that split
+holds good images only (training on good images with synthetic anomalies), the
+threshold is set by the false alarms it allows on them. The judged model
 carries the drift reference of its training data (``model/reference/``), so
 drift checks compare production with what the model learned from without
 reading the training set again.
@@ -150,32 +152,109 @@ def recall_by_class(class_names, labels, scores, threshold: float) -> dict[str, 
     return result
 
 
+def auroc_by_class(class_names, labels, scores) -> dict[str, float]:
+    """ROC AUC of each defect type: its images against all good images, the others left out.
+
+    A type whose AUROC is far below the overall one is a defect the model barely
+    separates from good parts, whichever threshold is chosen.
+    """
+    labels, scores = _binary_inputs(labels, scores)
+    class_names = np.asarray(class_names, dtype=object)
+    if class_names.shape != labels.shape:
+        raise ValueError(f"class_names has {class_names.size} entries but there are {labels.size} labels")
+    good = labels == 0
+    result = {}
+    for name in sorted(set(class_names[labels == 1].tolist())):
+        members = good | ((class_names == name) & (labels == 1))
+        result[name] = roc_auc(labels[members], scores[members])
+    return result
+
+
 # --------------------------------------------------------------------------- threshold
+
+
+NO_DEFECTS_IN_VAL = "validation split has no defect images"
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:g}%"
 
 
 @dataclass(frozen=True)
 class ThresholdPolicy:
     """How the decision threshold is chosen on validation scores.
 
-    ``max_f1`` maximises F1; ``target_fpr`` catches as many defects as possible
-    while flagging at most ``target_fpr`` of the good parts.
+    ``max_f1`` maximises F1 and needs good and defect images; ``target_fpr``
+    catches as many defects as possible while flagging at most ``target_fpr`` of
+    the good parts, and needs good images only. ``requested`` and ``reason`` are
+    set only on a policy applied in place of another (see :func:`applicable_policy`):
+    what was asked for, and why it could not be applied.
     """
 
     kind: str = "max_f1"
     target_fpr: float = 0.05
+    requested: str | None = None
+    reason: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in THRESHOLD_POLICIES:
             raise ValueError(f"threshold policy kind {self.kind!r} is unknown; use one of {THRESHOLD_POLICIES}")
         if not 0.0 <= self.target_fpr < 1.0:
             raise ValueError(f"target_fpr={self.target_fpr!r} must be in [0, 1)")
+        if (self.requested is None) != (self.reason is None):
+            raise ValueError(f"a fallback policy needs both requested and reason, got requested={self.requested!r} "
+                             f"and reason={self.reason!r}")
+        if self.requested is not None and (self.requested not in THRESHOLD_POLICIES or self.requested == self.kind):
+            raise ValueError(f"requested={self.requested!r} must be a policy kind other than {self.kind!r}, "
+                             f"one of {THRESHOLD_POLICIES}")
+
+    @property
+    def is_fallback(self) -> bool:
+        return self.requested is not None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        # The fallback fields only when set, so that a policy applied as asked reads as it always did.
+        record = asdict(self)
+        return record if self.is_fallback else {"kind": self.kind, "target_fpr": self.target_fpr}
 
     @classmethod
     def from_json(cls, record: dict) -> ThresholdPolicy:
         return cls(**record)
+
+    def in_words(self) -> str:
+        """What the threshold is chosen to do, e.g. "to flag at most 5% of good parts"."""
+        if self.kind == "max_f1":
+            words = "to maximise F1"
+        else:
+            words = f"to flag at most {_percent(self.target_fpr)} of good parts"
+        if self.is_fallback:
+            words += f" ({self.kind} fallback, {self.requested} was requested: {self.reason})"
+        return words
+
+
+def applicable_policy(policy: ThresholdPolicy, val_labels) -> ThresholdPolicy:
+    """The policy that can be applied to a validation split with these labels: ``policy`` itself, or, for
+    ``max_f1`` on a split of good images only, ``target_fpr`` at the policy's own ``target_fpr``, marked as
+    a fallback so that the metrics say which policy set the threshold and why.
+
+    Good-only training leaves no defect image to put in validation, and F1 cannot be measured without any;
+    the false alarms on good parts still can.
+    """
+    labels = np.asarray(val_labels)
+    if labels.size == 0:
+        raise ValueError("the validation split is empty, so no threshold can be chosen; carve one from train "
+                         "(a val_fraction above 0 when validating the dataset)")
+    n_defect = int(np.sum(labels == 1))
+    if n_defect == labels.size:
+        raise ValueError(f"the validation split has no good images ({labels.size} images, all defect); every "
+                         f"threshold policy needs good images to measure false alarms on")
+    if policy.kind == "max_f1" and n_defect == 0:
+        fallback = ThresholdPolicy("target_fpr", policy.target_fpr, requested=policy.kind, reason=NO_DEFECTS_IN_VAL)
+        log.warning("threshold policy max_f1 needs defect images but the validation split has %d good images only: "
+                    "falling back to target_fpr=%g, a threshold that flags at most %s of them", labels.size,
+                    policy.target_fpr, _percent(policy.target_fpr))
+        return fallback
+    return policy
 
 
 def choose_threshold(labels, scores, policy: ThresholdPolicy) -> float:
@@ -183,12 +262,21 @@ def choose_threshold(labels, scores, policy: ThresholdPolicy) -> float:
 
     The threshold sits halfway between the lowest score called defect and the
     next lower score, so it keeps the chosen split of these scores while
-    leaving a margin on both sides for unseen ones.
+    leaving a margin on both sides for unseen ones. ``max_f1`` needs good and
+    defect images; ``target_fpr`` needs good images only (see :func:`applicable_policy`).
     """
     labels, scores = _binary_inputs(labels, scores)
-    _require_both_classes(labels, f"threshold policy {policy.kind!r}")
-    tps, fps, cut_scores = _counts_at_thresholds(labels, scores)
+    if labels.size == 0:
+        raise ValueError(f"threshold policy {policy.kind!r} got no scores to choose on: the validation split is empty")
     n_pos = int(labels.sum())
+    if n_pos == labels.size:
+        raise ValueError(f"threshold policy {policy.kind!r} needs good images to measure false alarms on, but the "
+                         f"{labels.size} validation images are all defect")
+    if policy.kind == "max_f1" and n_pos == 0:
+        raise ValueError(f"threshold policy 'max_f1' needs defect images, but the {labels.size} validation images "
+                         f"are all good; use target_fpr, which needs good images only (applicable_policy falls "
+                         f"back to it)")
+    tps, fps, cut_scores = _counts_at_thresholds(labels, scores)
     n_neg = labels.size - n_pos
     if policy.kind == "max_f1":
         f1 = 2 * tps / (tps + fps + n_pos)
@@ -304,10 +392,14 @@ def _scores_for(model: models.DefectModel, split: preprocess.Split, shard_spec: 
     return model.scores(_images_for(model, split, shard_spec, dataset_dir, model_dir))
 
 
+def _has_both_classes(labels: np.ndarray) -> bool:
+    return 0 < int(np.sum(labels)) < labels.size
+
+
 def _judge(model: models.DefectModel, model_dir: Path, val: preprocess.Split, test: preprocess.Split,
            shard_spec: preprocess.PreprocessSpec, dataset_dir: Path | None,
            policy: ThresholdPolicy) -> tuple[dict, np.ndarray]:
-    """Threshold from validation, metrics on test."""
+    """Threshold from validation, metrics on test; ``policy`` is one :func:`applicable_policy` gave for ``val``."""
     val_scores = _scores_for(model, val, shard_spec, dataset_dir, model_dir)
     test_scores = _scores_for(model, test, shard_spec, dataset_dir, model_dir)
     threshold = choose_threshold(val.labels, val_scores, policy)
@@ -316,8 +408,10 @@ def _judge(model: models.DefectModel, model_dir: Path, val: preprocess.Split, te
         **binary_metrics(test.labels, test_scores, threshold),
         "threshold": threshold,
         "threshold_policy": policy.to_json(),
-        "val_auroc": roc_auc(val.labels, val_scores),
+        # None (null in JSON, "n/a" in the report) where validation holds good images only: undefined, not 0.5.
+        "val_auroc": roc_auc(val.labels, val_scores) if _has_both_classes(np.asarray(val.labels)) else None,
         "recall_by_defect_type": recall_by_class(test.class_names, test.labels, test_scores, threshold),
+        "auroc_by_defect_type": auroc_by_class(test.class_names, test.labels, test_scores),
         "n_test": int(test.labels.size),
         "n_val": int(val.labels.size),
         "architecture": model.metadata.architecture,
@@ -348,7 +442,9 @@ def evaluate(model_dir: Path, preprocessed_dir: Path, out_dir: Path, *, policy: 
 
     Writes ``out_dir/model/`` (the candidate with its threshold and test
     metrics, and ``reference/``: see :func:`write_reference`),
-    ``out_dir/metrics.json`` and ``out_dir/report.md``.
+    ``out_dir/metrics.json`` and ``out_dir/report.md``. The threshold policy
+    recorded there is the one applied (:func:`applicable_policy`), which is
+    ``policy`` unless it could not be applied to the validation split.
     """
     model_dir, preprocessed_dir, out_dir = Path(model_dir), Path(preprocessed_dir), Path(out_dir)
     torch_device = models.resolve_device(device)
@@ -356,13 +452,15 @@ def evaluate(model_dir: Path, preprocessed_dir: Path, out_dir: Path, *, policy: 
     val = preprocess.load_split(preprocessed_dir, "val")
     test = preprocess.load_split(preprocessed_dir, "test")
     _require_both_classes(np.asarray(test.labels), f"evaluation on the test split of {preprocessed_dir}")
+    # Once for both models, so that they are judged alike and a fallback is logged once.
+    applied = applicable_policy(policy, val.labels)
 
     candidate = models.load_model(model_dir, torch_device)
-    metrics, test_scores = _judge(candidate, model_dir, val, test, shard_spec, dataset_dir, policy)
+    metrics, test_scores = _judge(candidate, model_dir, val, test, shard_spec, dataset_dir, applied)
     champion_metrics = None
     if champion_dir is not None:
         champion = models.load_model(Path(champion_dir), torch_device)
-        champion_metrics, _ = _judge(champion, Path(champion_dir), val, test, shard_spec, dataset_dir, policy)
+        champion_metrics, _ = _judge(champion, Path(champion_dir), val, test, shard_spec, dataset_dir, applied)
         metrics["deltas"] = {k: metrics[k] - champion_metrics[k] for k in _DELTA_KEYS}
     blessing = bless(metrics, gates, champion_metrics)
     confusion = [[metrics["tn"], metrics["fp"]], [metrics["fn"], metrics["tp"]]]
@@ -372,7 +470,7 @@ def evaluate(model_dir: Path, preprocessed_dir: Path, out_dir: Path, *, policy: 
         log.info("  %s", reason)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    judged_model_dir = _write_judged_model(model_dir, candidate.metadata, metrics, policy, out_dir / MODEL_SUBDIR)
+    judged_model_dir = _write_judged_model(model_dir, candidate.metadata, metrics, applied, out_dir / MODEL_SUBDIR)
     train = preprocess.load_split(preprocessed_dir, "train")
     write_reference(judged_model_dir / reference.MODEL_DIR, preprocessed_dir,
                     candidate.embeddings(_images_for(candidate, train, shard_spec, dataset_dir, model_dir)))
@@ -411,7 +509,7 @@ def judge(model_dir: Path, preprocessed_dir: Path, dataset_dir: Path, champion_d
 
 
 _TEST_METRIC_KEYS = ("image_auroc", "precision", "recall", "f1", "accuracy", "fpr", "tp", "fp", "tn", "fn",
-                     "recall_by_defect_type", "n_test")
+                     "recall_by_defect_type", "auroc_by_defect_type", "n_test")
 
 
 def _write_judged_model(model_dir: Path, metadata: models.ModelMetadata, metrics: dict, policy: ThresholdPolicy,
@@ -463,14 +561,38 @@ def _fmt(value: float) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
+def threshold_in_words(metrics: dict) -> str:
+    """One sentence on how the threshold was chosen, e.g. "Threshold 0.4100 chosen on 88 validation images
+    to maximise F1." """
+    policy = ThresholdPolicy.from_json(metrics["threshold_policy"])
+    return (f"Threshold {metrics['threshold']:.4f} chosen on {metrics['n_val']} validation images "
+            f"{policy.in_words()}.")
+
+
+def _per_defect_type_rows(metrics: dict, champion_metrics: dict | None) -> list[str]:
+    recall = metrics["recall_by_defect_type"]
+    auroc = metrics.get("auroc_by_defect_type") or {}  # absent from metrics written before it was measured
+    names = sorted(set(recall) | set(auroc))
+    if champion_metrics is None:
+        rows = ["| defect type | recall | AUROC |", "|---|---|---|"]
+        rows += [f"| {name} | {_fmt(recall.get(name))} | {_fmt(auroc.get(name))} |" for name in names]
+        return rows
+    their_recall = champion_metrics.get("recall_by_defect_type") or {}
+    their_auroc = champion_metrics.get("auroc_by_defect_type") or {}
+    rows = ["| defect type | recall | champion recall | AUROC | champion AUROC |", "|---|---|---|---|---|"]
+    rows += [f"| {name} | {_fmt(recall.get(name))} | {_fmt(their_recall.get(name))} | {_fmt(auroc.get(name))} | "
+             f"{_fmt(their_auroc.get(name))} |" for name in names]
+    return rows
+
+
 def render_report(metrics: dict, champion_metrics: dict | None, blessing: Blessing, confusion: list) -> str:
-    """The evaluation as Markdown: verdict, metrics vs champion, per-defect recall, confusion matrix."""
+    """The evaluation as Markdown: verdict, how the threshold was chosen, metrics vs champion, recall and AUROC
+    per defect type, confusion matrix."""
     verdict = "APPROVED" if blessing.approved else "REJECTED"
     lines = [f"# Model evaluation: {verdict}", "",
              f"Architecture `{metrics['architecture']}` at {metrics['image_size']} px, "
-             f"weights sha256 `{metrics['weights_sha256'][:12]}`; {metrics['n_test']} test images, "
-             f"threshold {metrics['threshold']:.4f} chosen on {metrics['n_val']} validation images "
-             f"by policy `{metrics['threshold_policy']['kind']}`.", "",
+             f"weights sha256 `{metrics['weights_sha256'][:12]}`; {metrics['n_test']} test images.", "",
+             f"{threshold_in_words(metrics)} Validation AUROC: {_fmt(metrics.get('val_auroc'))}.", "",
              "## Verdict", ""]
     lines += [f"- {reason}" for reason in blessing.reasons]
     lines += ["", "## Test metrics", ""]
@@ -483,14 +605,9 @@ def render_report(metrics: dict, champion_metrics: dict | None, blessing: Blessi
         lines += [f"| {k} | {_fmt(metrics[k])} | {_fmt(champion_metrics[k])} | {metrics['deltas'][k]:+.4f} |"
                   for k in _DELTA_KEYS]
         lines += [f"| threshold | {_fmt(metrics['threshold'])} | {_fmt(champion_metrics['threshold'])} | |"]
-    lines += ["", "## Recall per defect type", ""]
-    if champion_metrics is None:
-        lines += ["| defect type | recall |", "|---|---|"]
-        lines += [f"| {name} | {_fmt(r)} |" for name, r in metrics["recall_by_defect_type"].items()]
-    else:
-        lines += ["| defect type | candidate | champion |", "|---|---|---|"]
-        lines += [f"| {name} | {_fmt(r)} | {_fmt(champion_metrics['recall_by_defect_type'].get(name))} |"
-                  for name, r in metrics["recall_by_defect_type"].items()]
+    lines += ["", "## Per defect type (test)", "",
+              "Recall at the threshold; AUROC of the type's images against the good ones.", ""]
+    lines += _per_defect_type_rows(metrics, champion_metrics)
     (tn, fp), (fn, tp) = confusion
     lines += ["", "## Confusion matrix (test)", "",
               "| actual \\ predicted | good | defect |", "|---|---|---|",

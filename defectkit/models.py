@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -81,8 +82,16 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"pretrained weights {path} must be a .safetensors or .pth/.pt state dict")
 
 
+# torchvision's published DenseNet checkpoints name layers 'norm.1' where the module now has 'norm1'; the same
+# pattern torchvision's densenet._load_state_dict renames them with.
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
 def _load_pretrained(module: torch.nn.Module, path: Path) -> None:
     state = _read_state_dict(path)
+    state = {(lambda m: m.group(1) + m.group(2) if m else key)(_OLD_DENSENET_KEY.match(key)): value
+             for key, value in state.items()}
     own = module.state_dict()
     usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     reshaped = sorted(k for k in state if k in own and k not in usable)
@@ -247,6 +256,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == AUTO:
         return BF16 if device.type == "cuda" else FP32
     return precision
+
+
+def training_precision(device: torch.device) -> str:
+    """bf16 on CUDA and on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX), where it is faster; else fp32."""
+    if device.type == "cuda":
+        return BF16
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return BF16 if native else FP32
 
 
 def autocast(device: torch.device, precision: str = AUTO) -> torch.autocast:

@@ -278,6 +278,17 @@ def _crack(rng: np.random.Generator, img: np.ndarray) -> tuple[np.ndarray, np.nd
 _DEFECTS = {"scratch": _scratch, "hole": _hole, "stain": _stain, "crack": _crack}
 
 
+def draw_defect(defect_type: str, rng: np.random.Generator, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(``image`` with one defect of ``defect_type`` drawn on it, the defect's boolean mask).
+
+    ``image`` is float32 (H, W, 3) in [0, 1] and square; any surface will do,
+    a photograph as well as a rendered one.
+    """
+    if defect_type not in _DEFECTS:
+        raise ValueError(f"defect type {defect_type!r} is not one of {', '.join(DEFECT_TYPES)}")
+    return _DEFECTS[defect_type](rng, image)
+
+
 def _lighting(rng: np.random.Generator, size: int) -> np.ndarray:
     y, x = _grid(size)
     theta = rng.uniform(0.0, 2 * math.pi)
@@ -292,7 +303,7 @@ def _render(item: _Item, size: int, seed: int) -> tuple[bytes, bytes | None]:
     img = _surface(rng, size)
     mask = None
     if item.class_name != GOOD:
-        img, mask = _DEFECTS[item.class_name](rng, img)
+        img, mask = draw_defect(item.class_name, rng, img)
     img = img * _lighting(rng, size) + 0.012 * rng.standard_normal(img.shape, dtype=np.float32)
     pixels = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()

@@ -23,9 +23,11 @@ def retrain_if_due(
     source_uri: str,
     image_size: int,
     architecture: str,
-    epochs: int,
+    steps: int,
     batch_size: int,
     learning_rate: float,
+    pretrained_weights: str,
+    pretrained_cache: str,
     seed: int,
     device: str,
     min_images_per_class: int,
@@ -58,9 +60,11 @@ def retrain_if_due(
             source_uri=source_uri,
             image_size=image_size,
             architecture=architecture,
-            epochs=epochs,
+            steps=steps,
             batch_size=batch_size,
             learning_rate=learning_rate,
+            pretrained_weights=pretrained_weights,
+            pretrained_cache=pretrained_cache,
             seed=seed,
             device=device,
             min_images_per_class=min_images_per_class,
@@ -101,11 +105,13 @@ def monitor_pipeline(
     psi_threshold: float = 0.2,
     defect_class: str = "",
     max_quarantine_fraction: float = 0.1,
-    image_size: int = 224,
+    image_size: int = 128,
     architecture: str = "resnet18",
-    epochs: int = 10,
+    steps: int = 1000,
     batch_size: int = 32,
-    learning_rate: float = 0.001,
+    learning_rate: float = 0.002,
+    pretrained_weights: str = "imagenet",
+    pretrained_cache: str = "",
     seed: int = 0,
     device: str = "auto",
     min_images_per_class: int = 5,
@@ -145,12 +151,14 @@ def monitor_pipeline(
         max_quarantine_fraction: Largest share of sampled images that may fail to decode before the window is not trusted.
         image_size: Retraining: side in pixels of the square model input.
         architecture: Retraining: torchvision classification model name.
-        epochs: Retraining: maximum training epochs.
+        steps: Retraining: budget of training steps.
+        pretrained_weights: Retraining: "imagenet", "" or a state dict URI (see the training pipeline).
+        pretrained_cache: Retraining: where downloaded ImageNet weights are kept; empty downloads them each run.
         batch_size: Retraining: training batch size.
         learning_rate: Retraining: peak learning rate.
         seed: Retraining: seed for the validation split and training.
         device: Retraining: auto, cpu, cuda or cuda:N.
-        min_images_per_class: Retraining: minimum images per class in train and test.
+        min_images_per_class: Retraining: minimum good images in train and test, and of each defect type in test.
         min_auroc: Retraining: lowest test image AUROC that can be approved.
         max_auroc_drop: Retraining: how far the retrained model's test AUROC may fall below the champion's.
         max_f1_drop: Retraining: how far the retrained model's test F1 may fall below the champion's.
@@ -191,9 +199,11 @@ def monitor_pipeline(
         source_uri=decide.outputs["retraining_data"],
         image_size=image_size,
         architecture=architecture,
-        epochs=epochs,
+        steps=steps,
         batch_size=batch_size,
         learning_rate=learning_rate,
+        pretrained_weights=pretrained_weights,
+        pretrained_cache=pretrained_cache,
         seed=seed,
         device=device,
         min_images_per_class=min_images_per_class,

@@ -37,11 +37,14 @@ TrainingOutputs = NamedTuple(
 )
 def training_pipeline(
     source_uri: str,
-    image_size: int = 224,
+    image_size: int = 128,
     architecture: str = "resnet18",
-    epochs: int = 10,
+    steps: int = 1000,
     batch_size: int = 32,
-    learning_rate: float = 0.001,
+    learning_rate: float = 0.002,
+    synthetic_anomalies: float = 0.5,
+    pretrained_weights: str = "imagenet",
+    pretrained_cache: str = "",
     seed: int = 0,
     device: str = "auto",
     max_quarantine_fraction: float = 0.1,
@@ -54,7 +57,6 @@ def training_pipeline(
     champion_uri: str = "",
     tracking_uri: str = "",
     registered_model: str = "defectkit",
-    pretrained_weights_uri: str = "",
     deploy_backend: str = "kserve",
     serving_work_dir: str = "runs",
     canary_steps: str = CANARY["steps"],
@@ -82,13 +84,16 @@ def training_pipeline(
         source_uri: Dataset root (local path, file:// or gs://) laid out as {train,test}/<class>/<image>.
         image_size: Side in pixels of the square model input.
         architecture: torchvision classification model name.
-        epochs: Maximum training epochs (early stopping may end sooner).
+        steps: Budget of training steps (early stopping on the smoothed validation AUROC may end sooner).
         batch_size: Training batch size.
-        learning_rate: Peak learning rate.
+        learning_rate: Peak AdamW learning rate of the one-cycle schedule.
+        synthetic_anomalies: Share of each batch's defect half drawn on good images (CutPaste, DRAEM); with no defect images in train, every defect seen in training is synthetic.
+        pretrained_weights: "imagenet" (torchvision's published weights, checked by hash; without internet training starts from scratch and the log says so), "" for none, or a .safetensors/.pth state dict (path, gs:// or s3://).
+        pretrained_cache: gs://, s3:// or local directory where downloaded ImageNet weights are kept, so that they are fetched once; empty downloads them each run.
         seed: Seed for the validation split and training.
         device: auto, cpu, cuda or cuda:N.
         max_quarantine_fraction: Fail validation above this fraction of bad files.
-        min_images_per_class: Minimum images per class in train and test.
+        min_images_per_class: Minimum good images in train and test, and images of each defect type in test; train may hold few or no defect images.
         threshold_policy: max_f1 or target_fpr.
         target_fpr: False positive rate for the target_fpr policy.
         min_auroc: Lowest test image AUROC that can be approved.
@@ -97,7 +102,6 @@ def training_pipeline(
         champion_uri: Model to judge the candidate against on the same test set (models:/..., path or gs://); empty uses the registry's champion alias.
         tracking_uri: MLflow tracking URI of the model registry; an approved model is registered there. Empty skips registration.
         registered_model: Registered model name in MLflow.
-        pretrained_weights_uri: Optional starting weights (local path or gs://).
         deploy_backend: Where an approved, registered model is shipped: local (model servers on 127.0.0.1) or kserve (an InferenceService).
         serving_work_dir: Directory of the local serving stack and the delivery state; must outlive the run (a volume or /gcs/ mount on a cluster).
         canary_steps: Comma-separated canary traffic percents; a final 100 is the promotion.
@@ -142,12 +146,14 @@ def training_pipeline(
         preprocessed=preprocess.outputs["preprocessed"],
         dataset_fingerprint=fingerprint,
         architecture=architecture,
-        epochs=epochs,
+        steps=steps,
         batch_size=batch_size,
         learning_rate=learning_rate,
+        synthetic_anomalies=synthetic_anomalies,
         seed=seed,
         device=device,
-        pretrained_weights_uri=pretrained_weights_uri,
+        pretrained_weights=pretrained_weights,
+        pretrained_cache=pretrained_cache,
     )
     train.set_cpu_limit("8").set_memory_limit("32G").set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
     # GPU nodes are usually tainted so that only GPU work lands on them.

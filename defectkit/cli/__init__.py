@@ -1,7 +1,7 @@
 """The ``defectkit`` command: nouns and verbs, one module per noun.
 
     defectkit sample     --out DIR [--count N --size PX --seed S]
-    defectkit train      --data URI --out DIR [--epochs --image-size --arch --device]
+    defectkit train      --data URI --out DIR [--steps --image-size --arch --device]
     defectkit demo       [rollback | drift] [--work DIR]            (`make run`, `make demo-rollback`, ...)
     defectkit pipeline   submit | schedule --host URL ...
     defectkit serve      --model DIR|models:/<name>@<alias> --port P ...

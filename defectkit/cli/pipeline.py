@@ -24,11 +24,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--data", required=True, help="dataset root: path, file:// or gs:// URI")
     train.add_argument("--out", required=True, help="writes OUT/metrics.json and OUT/model/")
     # Unset options are left to the training pipeline, so that its compiled defaults are the only ones.
-    train.add_argument("--epochs", type=int, help="maximum training epochs (default: the pipeline's)")
+    train.add_argument("--steps", type=int, help="budget of training steps (default: the pipeline's)")
     train.add_argument("--image-size", type=int, help="side of the square model input in px (default: the pipeline's)")
     train.add_argument("--arch", help="torchvision model name (default: the pipeline's)")
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the pipeline's)")
     train.add_argument("--batch-size", type=int, help="(default: the pipeline's)")
+    train.add_argument("--pretrained-weights", help="'imagenet', '' (from scratch) or a state dict path/URI "
+                       "(default: the pipeline's)")
+    train.add_argument("--pretrained-cache", help="directory or gs:// / s3:// URI where downloaded ImageNet weights "
+                       "are kept (default: none)")
     train.add_argument("--champion", help="champion model directory to judge against")
     train.set_defaults(func=cmd_train)
 
@@ -91,7 +95,7 @@ def summary(run, verdict: dict, *, started: float, model_dir: Path | None = None
         "=" * 60,
         f"validation   {run.outputs['images']} images accepted, {run.outputs['quarantined']} quarantined",
         f"image AUROC  {verdict['image_auroc']:.4f}",
-        f"threshold    {verdict['threshold']:.4f} ({verdict.get('threshold_policy', {}).get('kind', 'max_f1')})",
+        f"threshold    {verdict['threshold']:.4f} ({_policy_words(verdict.get('threshold_policy') or {})})",
         f"precision    {verdict['precision']:.4f}   recall {verdict['recall']:.4f}   F1 {verdict['f1']:.4f}",
     ]
     per_type = verdict.get("recall_by_defect_type") or {}
@@ -109,13 +113,21 @@ def summary(run, verdict: dict, *, started: float, model_dir: Path | None = None
     return "\n".join(lines)
 
 
+def _policy_words(policy: dict) -> str:
+    kind = policy.get("kind", "max_f1")
+    if policy.get("requested"):
+        return f"{kind} instead of {policy['requested']}: {policy.get('reason', '')}"
+    return kind
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from defectkit_kfp.pipelines.run import run_local
 
     started = time.perf_counter()
     out = Path(args.out).resolve()
-    given = {"epochs": args.epochs, "image_size": args.image_size, "architecture": args.arch, "device": args.device,
-             "batch_size": args.batch_size, "champion_uri": args.champion}
+    given = {"steps": args.steps, "image_size": args.image_size, "architecture": args.arch, "device": args.device,
+             "batch_size": args.batch_size, "champion_uri": args.champion,
+             "pretrained_weights": args.pretrained_weights, "pretrained_cache": args.pretrained_cache}
     arguments = {"source_uri": args.data if "://" in args.data else str(Path(args.data).resolve()),
                  **{name: value for name, value in given.items() if value is not None}}
     work = out / "work"

@@ -6,8 +6,8 @@ dimensions is copied byte-for-byte with its mask, a validation split is carved
 from train, and ``manifest.json`` is written. Files that fail are kept, with
 the reason, in a quarantine directory. A Great Expectations suite then checks
 the metadata of the accepted images (completeness, dimensions, pixel modes,
-classes, images per class, train/test leakage). The report says what passed,
-what failed, and what to do about it.
+classes, images per class, defects in test to measure on, train/test leakage).
+The report says what passed, what failed, and what to do about it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from defectkit import image
 from defectkit.data import (
+    GOOD,
     MASK_DIR,
     SOURCE_SPLITS,
     SPLITS,
@@ -67,6 +68,19 @@ _LOGGED_QUARANTINE = 20  # quarantined files logged one by one; the report has t
 
 @dataclass(frozen=True)
 class ValidationConfig:
+    """How a raw image tree is validated.
+
+    ``min_images_per_class`` is the fewest images a class needs where it is learned from or measured on
+    (:func:`required_images` is the rule's one home; val is carved from train and counts as train):
+
+    - ``good`` needs it in train and in test, and at least one image in each even when it is 0;
+    - every defect type needs it in test, where its recall and AUROC are measured;
+    - in train a defect type may have any count, none included: training fills in with synthetic anomalies
+      (the "few defect examples" and "good images only" modes, as in MVTec AD's train/good-only layout).
+
+    A test split without any defect image is refused whatever the minimum: there would be nothing to measure.
+    """
+
     max_quarantine_fraction: float = 0.1
     val_fraction: float = 0.2
     seed: int = 0
@@ -115,7 +129,10 @@ _REMEDIES = {
     "height_between": "Resize or remove these images, or change min_side/max_side.",
     "mode_in_set": "Convert these images to RGB or greyscale.",
     "class_allowed": "Rename the class directories, or add the classes to allowed_classes.",
-    "min_images_per_class": "Add images of these classes to that split, or lower min_images_per_class.",
+    "min_images_per_class": "Add images of these classes to that split, or lower min_images_per_class (good needs "
+                            "one image in train and one in test whatever it is).",
+    "test_has_defect_images": "Add defect images under test/<defect type>/: without them the model's ability to "
+                              "find defects cannot be measured.",
     "no_train_test_leakage": "Remove the duplicates from test or from train, so that test scores measure "
                              "generalisation rather than memory.",
     "_not_null": "Missing metadata means the decoder returned incomplete information; report it with these files.",
@@ -411,13 +428,29 @@ def _source_split(split: str) -> str:
     return "test" if split == "test" else "train"  # val is carved from train and lives under train/
 
 
-def _class_counts_frame(metadata: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
-    """Images per (split as on disk, class) for every class found, including zero rows for absent pairs."""
+def required_images(split: str, class_name: str, config: ValidationConfig) -> int:
+    """The fewest images ``class_name`` needs in ``split`` as on disk (val counts as train).
+
+    Good images are what the model learns normal from and what its false alarms are measured on, so
+    ``good`` needs ``min_images_per_class`` in train and in test, and one image at least even when that is 0.
+    A defect type is measured on test, so it needs the minimum there; in train any count will do, none
+    included, because training draws synthetic anomalies on good images for what real ones are missing.
+    """
+    if class_name == GOOD:
+        return max(1, config.min_images_per_class)
+    return config.min_images_per_class if split == "test" else 0
+
+
+def _class_counts_frame(metadata: pd.DataFrame, classes: list[str], config: ValidationConfig) -> pd.DataFrame:
+    """Images per (split as on disk, class) for every class found, and good whether found or not, including
+    zero rows for absent pairs, with what :func:`required_images` asks of each pair."""
     import pandas as pd
 
     found = Counter(zip(metadata["split"].map(_source_split), metadata["class"], strict=True))
-    rows = [(split, name, found.get((split, name), 0)) for split in SOURCE_SPLITS for name in classes]
-    return pd.DataFrame(rows, columns=["split", "class", "count"]).astype({"count": "int64"})
+    rows = [(split, name, name != GOOD, found.get((split, name), 0), required_images(split, name, config))
+            for split in SOURCE_SPLITS for name in sorted({*classes, GOOD})]
+    frame = pd.DataFrame(rows, columns=["split", "class", "is_defect", "count", "required"])
+    return frame.astype({"is_defect": "bool", "count": "int64", "required": "int64"})
 
 
 def _sides_frame(metadata: pd.DataFrame) -> pd.DataFrame:
@@ -486,22 +519,56 @@ def _checks(metadata: pd.DataFrame, counts: pd.DataFrame, config: ValidationConf
             + examples(unexpected_paths(r, "class")),
         ))
 
+    good_minimum = required_images("train", GOOD, config)
+    defect_minimum = required_images("test", "defect", config)
+    rule = (f"good needs {good_minimum} in train and in test, each defect type {defect_minimum} in test "
+            f"and any number in train; val counts as train")
+    required = counts[counts["required"] > 0]
+    train_defects = counts[(counts["split"] == "train") & counts["is_defect"]]
+    test_defects = counts[(counts["split"] == "test") & counts["is_defect"]]
+
+    def describe_train_defects() -> str:
+        # Not a requirement: how much training will lean on synthetic anomalies, said where people look.
+        total = int(train_defects["count"].sum())
+        if total == 0:
+            return "train holds 0 defect images: training relies on synthetic anomalies"
+        held = ", ".join(f"{row['class']} {row['count']}" for _, row in train_defects.iterrows() if row["count"])
+        missing = [str(name) for name in train_defects.loc[train_defects["count"] == 0, "class"]]
+        if missing:
+            return (f"train holds {total} defect images ({held}); synthetic anomalies stand in for the defect "
+                    f"types it lacks ({', '.join(missing)})")
+        return f"train holds {total} defect images ({held}); training adds synthetic anomalies to them"
+
     def describe_counts(r: dict, ok: bool) -> str:
         if ok:
-            if counts.empty:
-                return "no classes found"
-            low = counts.loc[counts["count"].idxmin()]
-            return (f"every class has at least {config.min_images_per_class} images in each of "
-                    f"{' and '.join(SOURCE_SPLITS)} (fewest: {low['split']}/{low['class']} with {low['count']})")
-        short = [f"{row['split']}/{row['class']} has {row['count']}"
+            low = required.loc[required["count"].idxmin()]  # good is always required, so there is one
+            return (f"every class has the images it needs ({rule}; fewest where required: "
+                    f"{low['split']}/{low['class']} with {low['count']}); {describe_train_defects()}")
+        short = [f"{row['split']}/{row['class']} has {row['count']} (needs {row['required']})"
                  for row in r.get("unexpected_index_list") or []]
-        return (f"fewer than {config.min_images_per_class} images (val counts as train) in "
-                f"{len(short)} of {len(counts)} split/class pairs: " + examples(short))
+        return f"too few images in {len(short)} of {len(required)} split/class pairs ({rule}): " + examples(short)
 
     checks.append(Check(
         "min_images_per_class", "class_counts",
-        lambda: expect.ExpectColumnValuesToBeBetween(column="count", min_value=config.min_images_per_class),
+        lambda: expect.ExpectColumnPairValuesAToBeGreaterThanB(column_A="count", column_B="required", or_equal=True),
         describe_counts,
+    ))
+
+    def describe_test_defects(r: dict, ok: bool) -> str:
+        present = test_defects[test_defects["count"] > 0]
+        if ok:
+            return (f"test holds {int(present['count'].sum())} defect images of {len(present)} defect types "
+                    f"to measure the model on")
+        only_in_train = sorted(train_defects.loc[train_defects["count"] > 0, "class"])
+        hint = f" (defect types found only in train: {', '.join(only_in_train)})" if only_in_train else ""
+        return f"test holds no defect image, so recall and AUROC cannot be measured{hint}"
+
+    # Apart from the per-class minimum, which may be 0: without a single defect in test nothing can be judged.
+    checks.append(Check(
+        "test_has_defect_images", "class_counts",
+        lambda: expect.ExpectColumnSumToBeBetween(column="count", min_value=1, condition_parser="pandas",
+                                                  row_condition='split == "test" and is_defect'),
+        describe_test_defects,
     ))
 
     def describe_leakage(r: dict, ok: bool) -> str:
@@ -532,7 +599,7 @@ _INDEX_COLUMNS = {"images": ["path"], "class_counts": ["split", "class"], "sides
 def _run_expectations(metadata: pd.DataFrame, classes: list[str], config: ValidationConfig) -> list[CheckResult]:
     tables = {
         "images": metadata,
-        "class_counts": _class_counts_frame(metadata, classes),
+        "class_counts": _class_counts_frame(metadata, classes, config),
         "sides": _sides_frame(metadata),
     }
     return run_checks(tables, lambda: _checks(metadata, tables["class_counts"], config), _INDEX_COLUMNS)

@@ -29,7 +29,8 @@ def main(argv: list[str]) -> int:
         except Exception as exc:  # noqa: BLE001 - report and go on with the others
             failed += 1
             result = {"name": name, "error": f"{type(exc).__name__}: {exc}"}
-        if result.get("ratio") is not None and result.get("target") is not None:
+        # A benchmark with a goal of more than one figure (quality: AUROC and time) says itself whether it met it.
+        if "met" not in result and result.get("ratio") is not None and result.get("target") is not None:
             result["met"] = result["ratio"] >= result["target"]
         print(json.dumps(result), flush=True)
     return 1 if failed else 0

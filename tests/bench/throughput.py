@@ -17,12 +17,11 @@ import torch
 
 from defectkit import models
 from defectkit.train import (
-    TensorData,
+    Sampler,
     TrainConfig,
-    iterate_batches,
+    fetch_batch,
     load_data,
     make_generators,
-    make_loss,
     make_model,
     make_optimizer,
     runtime,
@@ -33,14 +32,8 @@ from defectkit.train import (
 log = logging.getLogger(__name__)
 
 
-def _endless_batches(data: TensorData, batch_size: int, device: torch.device,
-                     generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    while True:
-        yield from iterate_batches(data, torch.randperm(len(data), generator=generator), batch_size, device)
-
-
-def _images_per_s(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                  batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, warmup: int,
+def _images_per_s(step: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+                  batches: Iterator[tuple[torch.Tensor, torch.Tensor, int]], steps: int, warmup: int,
                   device: torch.device) -> float:
     for _ in range(warmup):
         step(*next(batches))
@@ -48,8 +41,8 @@ def _images_per_s(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     seen = 0
     started = time.perf_counter()
     for _ in range(steps):
-        images, labels = next(batches)
-        step(images, labels)
+        images, labels, synthetic = next(batches)
+        step(images, labels, synthetic)
         seen += labels.numel()
     synchronize(device)
     return seen / (time.perf_counter() - started)
@@ -59,7 +52,8 @@ def measure_throughput(preprocessed_dir: Path, config: TrainConfig, *, steps: in
     """Steady-state training images/s fed from the real shards vs a synthetic batch already on the device.
 
     Both runs use the same model, optimizer, precision, batch size and
-    ``train_step``; their ratio is the cost of the input pipeline.
+    ``train_step``; their ratio is the cost of the input pipeline: sampling,
+    the copy to the device, and the synthetic anomalies drawn on the real side.
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps={steps} must be at least 1 and warmup={warmup} non-negative")
@@ -70,22 +64,26 @@ def measure_throughput(preprocessed_dir: Path, config: TrainConfig, *, steps: in
         if len(train_data) < config.batch_size:
             raise ValueError(f"the train split has {len(train_data)} images, fewer than batch_size="
                              f"{config.batch_size}; use a larger sample or a smaller batch")
-        module, model = make_model(config, device)
+        module, model, _ = make_model(config, device)
         optimizer = make_optimizer(module, config)
-        loss_fn = make_loss(train_data.labels)
         order_generator, augment_generator = make_generators(config.seed, device)
+        sampler = Sampler(train_data, config, order_generator)
         model.train()
 
-        def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return train_step(model, optimizer, loss_fn, images, labels, spec,
-                              augment_generator if config.augment else None, device)
+        def step(images: torch.Tensor, labels: torch.Tensor, synthetic: int) -> torch.Tensor:
+            return train_step(model, optimizer, images, labels, spec, augment_generator, config, synthetic, device)
 
-        real = _images_per_s(step, _endless_batches(train_data, config.batch_size, device, order_generator),
-                             steps, warmup, device)
+        def real_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+            while True:
+                plan = sampler.plan(config.batch_size)
+                yield *fetch_batch(train_data, plan.index, device), plan.synthetic
+
+        real = _images_per_s(step, real_batches(), steps, warmup, device)
         synthetic_batch = (
             torch.randint(0, 256, (config.batch_size, *train_data.images.shape[1:]), dtype=torch.uint8,
                           device=device, generator=augment_generator),
             (torch.arange(config.batch_size, device=device) % 2).float(),
+            0,
         )
         synthetic = _images_per_s(step, iter(lambda: synthetic_batch, None), steps, warmup, device)
     result = {
@@ -95,7 +93,7 @@ def measure_throughput(preprocessed_dir: Path, config: TrainConfig, *, steps: in
         "architecture": config.architecture,
         "batch_size": config.batch_size,
         "image_size": spec.image_size,
-        "precision": "bf16" if device.type == "cuda" else "fp32",
+        "precision": models.training_precision(device),
         "channels_last": True,
         "compile": config.compile and device.type == "cuda",
         "steps": steps,

@@ -28,7 +28,7 @@ def test_train_command_writes_metrics_and_model(sample_dir, tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "defectkit", "train", "--data", str(sample_dir), "--out", str(out),
-         "--epochs", "1", "--image-size", str(TINY_IMAGE_SIZE), "--device", "cpu", "--batch-size", "16"],
+         "--steps", "10", "--image-size", str(TINY_IMAGE_SIZE), "--device", "cpu", "--batch-size", "16"],
         capture_output=True, text=True,
     )
     # The tiny sample has few images per class; the default minimum of 5 rejects it with a clear message.
@@ -42,7 +42,7 @@ def test_train_command_on_a_valid_dataset(tmp_path):
                    capture_output=True)
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "defectkit", "train", "--data", str(data), "--out", str(out), "--epochs", "1",
+        [sys.executable, "-m", "defectkit", "train", "--data", str(data), "--out", str(out), "--steps", "10",
          "--image-size", str(TINY_IMAGE_SIZE), "--device", "cpu", "--batch-size", "16"],
         capture_output=True, text=True,
     )

@@ -62,7 +62,7 @@ def test_preprocess_then_train_then_evaluate(dataset_dir, tmp_path):
     def chain(dataset_uri: str, fingerprint: str) -> Model:
         dataset = dsl.importer(artifact_uri=dataset_uri, artifact_class=Dataset, reimport=False)
         pre = preprocess_images(dataset=dataset.output, dataset_fingerprint=fingerprint, image_size=TINY_IMAGE_SIZE)
-        trained = train_model(preprocessed=pre.outputs["preprocessed"], dataset_fingerprint=fingerprint, epochs=1,
+        trained = train_model(preprocessed=pre.outputs["preprocessed"], dataset_fingerprint=fingerprint, steps=10,
                               batch_size=16, device="cpu")
         no_champion = resolve_champion()
         judged = evaluate_model(model=trained.outputs["model"], preprocessed=pre.outputs["preprocessed"],

@@ -38,7 +38,7 @@ WINDOW_IMAGES = 60
 @pytest.fixture(scope="module")
 def judged_model(preprocessed_dir, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("monitor-model")
-    train(preprocessed_dir, work / "trained", TrainConfig(epochs=1, batch_size=16, device="cpu"))
+    train(preprocessed_dir, work / "trained", TrainConfig(steps=10, batch_size=16, device="cpu"))
     return evaluate(work / "trained", preprocessed_dir, work / "eval", device="cpu",
                     gates=Gates(min_auroc=0.0)).model_dir
 
@@ -195,7 +195,7 @@ def test_monitor_pipeline_retrains_in_its_own_run_only_on_a_window_that_passes_v
     arguments = {"sample_uri": str(tmp_path / "samples"), "model_uri": str(judged_model),
                  "state_uri": str(tmp_path / "state"), "base_dataset_uri": str(sample_dir),
                  "retraining_data_uri": str(tmp_path / "retraining"), "window_s": 600.0, "min_new_images": 50,
-                 "cooldown_s": 0.0, "defect_class": "stain", "image_size": TINY_IMAGE_SIZE, "epochs": 1,
+                 "cooldown_s": 0.0, "defect_class": "stain", "image_size": TINY_IMAGE_SIZE, "steps": 10,
                  "batch_size": 16, "device": "cpu", "min_images_per_class": 2, "min_auroc": 0.0}
 
     def monitor_run(name: str) -> tuple[dict, str, Path]:

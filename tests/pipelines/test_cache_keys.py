@@ -97,7 +97,7 @@ def _produced(source_fingerprint: str) -> dict[str, dict[str, Any]]:
     # The manifest's fingerprint follows the data as the source fingerprint does.
     return {"fingerprint-source": {"Output": source_fingerprint},
             "validate-images": {"fingerprint": f"manifest-of-{source_fingerprint}", "images": 400, "quarantined": 0},
-            "train-model": {"val_auroc": 0.99, "best_epoch": 3}}
+            "train-model": {"val_auroc": 0.99, "best_step": 300}}
 
 
 @pytest.fixture

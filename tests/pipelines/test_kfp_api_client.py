@@ -34,7 +34,7 @@ def test_submit_creates_experiment_and_run_in_the_namespace_with_typed_parameter
     with KfpApiStandIn() as api:
         auth = ["--namespace", NAMESPACE, "--token-path", token_file]
         code = cli.main(
-            ["pipeline", "submit", "--host", api.url, "--param", "source_uri=gs://bucket/data", "--param", "epochs=3",
+            ["pipeline", "submit", "--host", api.url, "--param", "source_uri=gs://bucket/data", "--param", "steps=300",
              "--param", "learning_rate=0.01", "--run-name", "nightly", "--experiment", "surfaces", *auth]
         )
         assert code == 0
@@ -42,7 +42,7 @@ def test_submit_creates_experiment_and_run_in_the_namespace_with_typed_parameter
         run = api.runs[run_id]
         assert [(e["display_name"], e["namespace"]) for e in api.experiments.values()] == [("surfaces", NAMESPACE)]
         assert run["display_name"] == "nightly"
-        assert run["runtime_config"]["parameters"] == {"source_uri": "gs://bucket/data", "epochs": 3, "learning_rate": 0.01}
+        assert run["runtime_config"]["parameters"] == {"source_uri": "gs://bucket/data", "steps": 300, "learning_rate": 0.01}
         committed = next(yaml.safe_load_all(TRAINING_YAML.read_text()))
         assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"] == committed["pipelineInfo"]
         assert run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]
@@ -92,9 +92,9 @@ def test_a_missing_token_file_is_named_before_the_server_is_asked(capsys, tmp_pa
 @pytest.mark.parametrize(
     "pairs, message",
     [
-        (["source_uri=x", "epochz=3"], "no parameter 'epochz'"),
-        (["source_uri=x", "epochs=three"], "epochs takes a int, got 'three'"),
-        (["epochs=3"], "needs a value for source_uri"),
+        (["source_uri=x", "stepz=3"], "no parameter 'stepz'"),
+        (["source_uri=x", "steps=three"], "steps takes a int, got 'three'"),
+        (["steps=3"], "needs a value for source_uri"),
         (["source_uri"], "not of the form name=value"),
     ],
 )
@@ -105,7 +105,7 @@ def test_bad_parameters_are_named(pairs, message):
 
 def test_submit_cli_reports_bad_parameter_without_contacting_the_server(capsys):
     with KfpApiStandIn() as api:
-        assert cli.main(["pipeline", "submit", "--host", api.url, "--param", "epochs=3"]) == 2
+        assert cli.main(["pipeline", "submit", "--host", api.url, "--param", "steps=300"]) == 2
         assert api.requests == []
     assert "needs a value for source_uri" in capsys.readouterr().err
 

@@ -34,7 +34,7 @@ def test_quickstart_submits_follows_schedules_and_trains_locally(tmp_path, monke
         experiment = api.experiments[run["experiment_id"]]
     assert experiment["namespace"] == NAMESPACE and recurring["experiment_id"] == run["experiment_id"]
     assert run["display_name"] == "quickstart"
-    assert run["runtime_config"]["parameters"] == {"source_uri": "gs://bucket/surfaces", "epochs": 5}
+    assert run["runtime_config"]["parameters"] == {"source_uri": "gs://bucket/surfaces", "steps": 500}
     text = _output_text(notebook)
     assert f"run {run['run_id']} (quickstart): SUCCEEDED" in text and "ended SUCCEEDED" in text
     assert f"monitor scheduled: recurring run {recurring['recurring_run_id']}" in text

@@ -12,7 +12,7 @@ from defectkit.storage import Store
 from defectkit_kfp.pipelines.run import TRAINING_YAML, run_local
 from tests.conftest import TINY_IMAGE_SIZE
 
-TINY = {"image_size": TINY_IMAGE_SIZE, "epochs": 2, "batch_size": 16, "min_images_per_class": 2, "min_auroc": 0.0}
+TINY = {"image_size": TINY_IMAGE_SIZE, "steps": 10, "batch_size": 16, "min_images_per_class": 2, "min_auroc": 0.0}
 
 
 @pytest.fixture(scope="module")

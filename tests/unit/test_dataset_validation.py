@@ -8,16 +8,19 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from defectkit.data import MANIFEST_FILE, Manifest, source_fingerprint
+from defectkit.data import GOOD, MANIFEST_FILE, Manifest, source_fingerprint
 from defectkit.synthetic import generate_sample
 from defectkit.validation.dataset import (
     QUARANTINE_FILE,
     ValidationConfig,
     ValidationFailed,
+    required_images,
     validate_dataset,
 )
+from tests.unit.layouts import thin_train_defects
 
-# The 60-image sample has 2 images of some defect classes in test.
+# The 60-image sample has 2 images of some defect classes in test: train good 21, crack/hole/stain/scratch 5 or 6;
+# test good 9, scratch 3 and the other types 2.
 CONFIG = ValidationConfig(min_images_per_class=2)
 
 
@@ -81,8 +84,10 @@ def test_clean_sample_passes_and_becomes_a_dataset_artifact(source, tmp_path):
     assert (entry.width, entry.height, entry.mode) == (64, 64, "RGB")
     assert json.loads((quarantine / QUARANTINE_FILE).read_text()) == []
     assert {c.name for c in report.checks} >= {"has_images", "width_between", "height_between", "mode_in_set",
-                                               "min_images_per_class", "no_train_test_leakage", "path_not_null",
-                                               "sha256_not_null"}
+                                               "min_images_per_class", "test_has_defect_images",
+                                               "no_train_test_leakage", "path_not_null", "sha256_not_null"}
+    counts = next(c for c in report.checks if c.name == "min_images_per_class").detail
+    assert "train holds 21 defect images (crack 5, hole 5, scratch 6, stain 5)" in counts, counts
     record = json.loads(json.dumps(report.to_json()))
     assert record["passed"] is True and record["dataset_fingerprint"] == manifest.fingerprint
     page = report.to_html()
@@ -213,10 +218,121 @@ def test_classes_below_the_minimum_are_caught_even_when_absent_from_a_split(sour
 
     (check,) = [c for c in failure.value.report.checks if not c.success]
     assert check.name == "min_images_per_class"
-    assert "test/crack has 0" in check.detail
-    assert "test/hole has 2" in check.detail and "test/stain has 2" in check.detail
+    assert "test/crack has 0 (needs 3)" in check.detail
+    assert "test/hole has 2 (needs 3)" in check.detail and "test/stain has 2 (needs 3)" in check.detail
     assert "train/" not in check.detail
     assert "lower min_images_per_class" in str(failure.value)
+
+
+def test_required_images_is_the_rule_for_good_and_defect_types():
+    config = ValidationConfig(min_images_per_class=5)
+    assert [required_images(split, GOOD, config) for split in ("train", "test")] == [5, 5]
+    assert [required_images(split, "scratch", config) for split in ("train", "test")] == [0, 5]
+    # A minimum of 0 still leaves the model good parts to learn from and be measured on.
+    lax = ValidationConfig(min_images_per_class=0)
+    assert [required_images(split, GOOD, lax) for split in ("train", "test")] == [1, 1]
+    assert [required_images(split, "scratch", lax) for split in ("train", "test")] == [0, 0]
+
+
+@pytest.mark.parametrize("val_fraction", [0.2, 0.5])
+def test_train_with_good_images_only_passes_and_says_training_relies_on_synthetic_anomalies(source, tmp_path,
+                                                                                            val_fraction):
+    thin_train_defects(source)  # MVTec AD's layout: train/good only, test good and defect
+    config = ValidationConfig(min_images_per_class=2, val_fraction=val_fraction)
+
+    report = validate_dataset(str(source), tmp_path / "dataset", config, quarantine_dir=tmp_path / "quarantine")
+
+    assert report.passed, report.failure_message()
+    assert report.quarantined == ()
+    counts = {c.name: c for c in report.checks}
+    assert counts["min_images_per_class"].detail.endswith(
+        "train holds 0 defect images: training relies on synthetic anomalies")
+    assert "good needs 2 in train and in test, each defect type 2 in test and any number in train" in \
+        counts["min_images_per_class"].detail
+    assert counts["test_has_defect_images"].detail == "test holds 9 defect images of 4 defect types to measure the model on"
+    table = report.manifest.counts()
+    assert table["train"] == {GOOD: 21 - table["val"][GOOD]} and set(table["val"]) == {GOOD}
+    assert table["test"] == {GOOD: 9, "crack": 2, "hole": 2, "scratch": 3, "stain": 2}
+
+
+@pytest.mark.parametrize("val_fraction", [0.2, 0.5])
+def test_a_few_train_defects_pass_and_a_lone_one_stays_in_train(source, tmp_path, val_fraction):
+    thin_train_defects(source, keep={"crack": 1, "hole": 2})
+    config = ValidationConfig(min_images_per_class=2, val_fraction=val_fraction)
+
+    report = validate_dataset(str(source), tmp_path / "dataset", config)
+
+    assert report.passed, report.failure_message()
+    detail = next(c for c in report.checks if c.name == "min_images_per_class").detail
+    assert detail.endswith("train holds 3 defect images (crack 1, hole 2); synthetic anomalies stand in for the "
+                           "defect types it lacks (scratch, stain)"), detail
+    table = report.manifest.counts()
+    # The stratified val split: a lone image stays in train, two are shared one each.
+    assert table["train"]["crack"] == 1 and "crack" not in table["val"]
+    assert table["train"]["hole"] == 1 and table["val"]["hole"] == 1
+
+
+def test_a_defect_type_with_too_few_test_images_fails_by_name(source, tmp_path):
+    thin_train_defects(source)
+    dropped = sorted((source / "test/crack").iterdir())[0]
+    dropped.unlink()
+    (source / "ground_truth/crack" / f"{dropped.stem}_mask.png").unlink()
+
+    with pytest.raises(ValidationFailed) as failure:
+        validate_dataset(str(source), tmp_path / "dataset", CONFIG)
+
+    (check,) = [c for c in failure.value.report.checks if not c.success]
+    assert check.name == "min_images_per_class"
+    assert check.detail.startswith("too few images in 1 of 6 split/class pairs")
+    assert check.detail.endswith(": test/crack has 1 (needs 2)")
+    assert "test/crack has 1 (needs 2)" in str(failure.value)
+
+
+def test_train_good_below_the_minimum_fails(source, tmp_path):
+    thin_train_defects(source)
+    for image in sorted((source / "train/good").iterdir())[4:]:
+        image.unlink()
+    config = ValidationConfig(min_images_per_class=5)
+
+    report = validate_dataset(str(source), tmp_path / "dataset", config, raise_on_failure=False)
+
+    (check,) = [c for c in report.checks if not c.success]
+    assert check.name == "min_images_per_class"
+    # test/good has 9 and every test defect type fewer than 5, but that is not all that is wrong: train/good too.
+    assert "train/good has 4 (needs 5)" in check.detail
+    assert "good needs 5 in train and in test" in check.detail
+
+
+def test_a_test_split_without_defects_is_refused_whatever_the_minimum(source, tmp_path):
+    for folder in (source / "test").iterdir():
+        if folder.name != GOOD:
+            shutil.rmtree(folder)
+    shutil.rmtree(source / "ground_truth")  # the masks of the test defects, and of train's
+    config = ValidationConfig(min_images_per_class=0)
+
+    report = validate_dataset(str(source), tmp_path / "dataset", config, raise_on_failure=False)
+
+    (check,) = [c for c in report.checks if not c.success]
+    assert check.name == "test_has_defect_images"
+    assert check.detail == ("test holds no defect image, so recall and AUROC cannot be measured (defect types "
+                            "found only in train: crack, hole, scratch, stain)")
+    assert "Add defect images under test/<defect type>/" in report.failure_message()
+
+    thin_train_defects(source)  # good images only, anywhere: nothing at all to measure
+    report = validate_dataset(str(source), tmp_path / "good-only", config, raise_on_failure=False)
+    assert [c.name for c in report.checks if not c.success] == ["test_has_defect_images"]
+
+
+def test_good_images_are_required_even_where_none_were_found(source, tmp_path):
+    shutil.rmtree(source / "train" / GOOD)
+    shutil.rmtree(source / "test" / GOOD)
+    config = ValidationConfig(min_images_per_class=0)
+
+    report = validate_dataset(str(source), tmp_path / "dataset", config, raise_on_failure=False)
+
+    (check,) = [c for c in report.checks if not c.success]
+    assert check.name == "min_images_per_class"
+    assert check.detail.endswith(": train/good has 0 (needs 1); test/good has 0 (needs 1)"), check.detail
 
 
 def test_classes_outside_allowed_classes_are_caught(source, tmp_path):

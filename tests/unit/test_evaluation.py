@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sklearn import metrics as skm
 
 from defectkit import models
 from defectkit.drift import Reference
 from defectkit.evaluation import (
     MAX_ROC_POINTS,
+    NO_DEFECTS_IN_VAL,
     Blessing,
     Gates,
     ThresholdPolicy,
+    applicable_policy,
+    auroc_by_class,
     binary_metrics,
     bless,
     champion_in,
@@ -24,12 +30,15 @@ from defectkit.evaluation import (
     evaluate,
     judge,
     recall_by_class,
+    render_report,
     roc_auc,
     roc_curve,
 )
 from defectkit.golden import read_golden
-from defectkit.preprocess import PreprocessSpec, load_split, preprocess_dataset
-from defectkit.train import TrainConfig, train
+from defectkit.preprocess import PreprocessSpec, load_split, preprocess_dataset, read_info, read_spec
+from defectkit.validation.dataset import ValidationConfig, validate_dataset
+from tests.conftest import TINY_IMAGE_SIZE
+from tests.unit.layouts import thin_train_defects
 
 
 def _random_case(seed: int, n: int = 300, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -95,6 +104,25 @@ def test_recall_by_class_counts_only_defect_types():
     assert recall_by_class(names, labels, scores, 0.5) == {"hole": 2 / 3, "scratch": 0.5, "stain": 1.0}
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_auroc_by_class_equals_sklearn_on_each_type_against_the_good_images(seed):
+    rng = np.random.default_rng(seed)
+    names = rng.choice(["good", "good", "scratch", "hole", "stain"], size=200)
+    labels = (names != "good").astype(np.uint8)
+    # Types separated from good by different margins, with ties in half the cases.
+    shift = {"good": 0.0, "scratch": 2.0, "hole": 0.5, "stain": -0.3}
+    scores = rng.normal([shift[n] for n in names], 1.0)
+    if seed % 2:
+        scores = np.round(scores, 1)
+    got = auroc_by_class(names, labels, scores)
+    assert set(got) == {"scratch", "hole", "stain"}
+    good = names == "good"
+    for name, value in got.items():
+        members = good | (names == name)
+        assert value == pytest.approx(skm.roc_auc_score(labels[members], scores[members]), abs=1e-12), name
+    assert got["scratch"] > got["hole"] > got["stain"]
+
+
 def _candidate_thresholds(scores: np.ndarray) -> np.ndarray:
     unique = np.unique(scores)
     return np.r_[unique, unique[-1] + 1.0]
@@ -125,6 +153,56 @@ def test_target_fpr_when_the_top_score_is_good():
     assert binary_metrics([0, 1, 0, 1], [0.9, 0.8, 0.1, 0.2], threshold)["fpr"] == 0.0
 
 
+@pytest.mark.parametrize("target", [0.0, 0.05, 0.1, 0.3])
+@pytest.mark.parametrize("seed", range(4))
+def test_target_fpr_on_good_images_only_keeps_their_fpr_at_the_lowest_such_threshold(seed, target):
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(0.0, 1.0, 87)
+    if seed % 2:
+        scores = np.round(scores, 1)  # ties: a run of equal scores is flagged or kept together
+    labels = np.zeros(scores.size, np.uint8)
+    threshold = choose_threshold(labels, scores, ThresholdPolicy("target_fpr", target_fpr=target))
+    assert binary_metrics(labels, scores, threshold)["fpr"] <= target
+    # It is the lowest that keeps the target: at the next lower score, one more good part (or run of equal
+    # scores) is flagged, which is over it.
+    below = scores[scores < threshold]
+    assert below.size == 0 or binary_metrics(labels, scores, below.max())["fpr"] > target
+    if below.size and threshold <= scores.max():
+        above = scores[scores >= threshold].min()
+        assert threshold == pytest.approx((above + below.max()) / 2)  # halfway, as with both classes
+
+
+def test_max_f1_needs_defect_images_and_falls_back_to_target_fpr_on_good_only_validation():
+    good_only = np.zeros(20, np.uint8)
+    with pytest.raises(ValueError, match="'max_f1' needs defect images.*target_fpr"):
+        choose_threshold(good_only, np.linspace(0, 1, 20), ThresholdPolicy("max_f1"))
+    applied = applicable_policy(ThresholdPolicy("max_f1", target_fpr=0.1), good_only)
+    assert applied == ThresholdPolicy("target_fpr", 0.1, requested="max_f1", reason=NO_DEFECTS_IN_VAL)
+    assert applied.to_json() == {"kind": "target_fpr", "target_fpr": 0.1, "requested": "max_f1",
+                                 "reason": "validation split has no defect images"}
+    assert ThresholdPolicy.from_json(applied.to_json()) == applied
+    assert applied.in_words() == ("to flag at most 10% of good parts (target_fpr fallback, max_f1 was requested: "
+                                  "validation split has no defect images)")
+    # Applied as asked wherever it can be: the record stays what it always was.
+    both = np.array([0, 0, 1])
+    assert applicable_policy(ThresholdPolicy("max_f1"), both) == ThresholdPolicy("max_f1")
+    assert ThresholdPolicy("max_f1").to_json() == {"kind": "max_f1", "target_fpr": 0.05}
+    target = ThresholdPolicy("target_fpr", target_fpr=0.025)
+    assert applicable_policy(target, good_only) is target and target.in_words() == "to flag at most 2.5% of good parts"
+
+
+@pytest.mark.parametrize("labels, match", [
+    ([], "validation split is empty"),
+    ([1, 1, 1], "no good images \\(3 images, all defect\\)"),
+])
+def test_no_policy_applies_without_good_validation_images(labels, match):
+    for kind in ("max_f1", "target_fpr"):
+        with pytest.raises(ValueError, match=match):
+            applicable_policy(ThresholdPolicy(kind), np.array(labels, np.uint8))
+    with pytest.raises(ValueError, match="'target_fpr' needs good images"):
+        choose_threshold([1, 1], [0.2, 0.4], ThresholdPolicy("target_fpr"))
+
+
 def test_threshold_lies_between_scores_on_separable_data():
     threshold = choose_threshold([0, 0, 1, 1], [0.1, 0.3, 0.7, 0.9], ThresholdPolicy())
     assert threshold == pytest.approx(0.5)
@@ -134,6 +212,9 @@ def test_threshold_lies_between_scores_on_separable_data():
     ({"kind": "youden"}, "youden"),
     ({"kind": "target_fpr", "target_fpr": 1.5}, "1.5"),
     ({"target_fpr": -0.1}, "-0.1"),
+    ({"kind": "target_fpr", "requested": "max_f1"}, "reason=None"),
+    ({"kind": "target_fpr", "requested": "target_fpr", "reason": "why"}, "requested='target_fpr'"),
+    ({"kind": "target_fpr", "requested": "youden", "reason": "why"}, "requested='youden'"),
 ])
 def test_threshold_policy_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -186,21 +267,31 @@ def test_better_or_equal_candidate_is_approved():
 # ---------------------------------------------------------------- end to end on real files
 
 
+def _model_for(preprocessed_dir: Path, out: Path, seed: int) -> Path:
+    """A real model artifact for the classes and input size of ``preprocessed_dir``, with seeded weights.
+
+    Evaluation judges whatever model it is given; an untrained one keeps these tests about judging,
+    independent of how training works and fast.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        module = models.build_model("resnet18")
+    metadata = models.ModelMetadata("resnet18", tuple(read_info(preprocessed_dir)["classes"]),
+                                    read_spec(preprocessed_dir), metrics={"val_auroc": 0.5, "best_epoch": 1})
+    return models.save_model(module, metadata, out)
+
+
 @pytest.fixture(scope="module")
 def candidate_dir(preprocessed_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("candidate")
-    train(preprocessed_dir, out, TrainConfig(epochs=2, batch_size=16, device="cpu"))
-    return out
+    return _model_for(preprocessed_dir, tmp_path_factory.mktemp("candidate"), seed=0)
 
 
 @pytest.fixture(scope="module")
 def champion_48px(dataset_dir, tmp_path_factory) -> tuple[Path, Path]:
-    """A champion trained at another image size: (model dir, its own preprocessed dir)."""
+    """A champion made for another image size: (model dir, its own preprocessed dir)."""
     preprocessed = tmp_path_factory.mktemp("preprocessed48")
     preprocess_dataset(dataset_dir, preprocessed, PreprocessSpec(image_size=48), workers=1)
-    out = tmp_path_factory.mktemp("champion")
-    train(preprocessed, out, TrainConfig(epochs=1, batch_size=16, seed=1, device="cpu"))
-    return out, preprocessed
+    return _model_for(preprocessed, tmp_path_factory.mktemp("champion"), seed=1), preprocessed
 
 
 def test_evaluate_writes_judged_model_metrics_and_report(candidate_dir, preprocessed_dir, tmp_path):
@@ -215,6 +306,13 @@ def test_evaluate_writes_judged_model_metrics_and_report(candidate_dir, preproce
     (tn, fp), (fn, tp) = result.confusion_matrix
     assert tp + fn == int(test.labels.sum()) and (tp, fp, tn, fn) == (m["tp"], m["fp"], m["tn"], m["fn"])
     assert set(m["recall_by_defect_type"]) == {"crack", "hole", "scratch", "stain"}
+    names = np.asarray(test.class_names)
+    for name, value in m["auroc_by_defect_type"].items():
+        members = (names == "good") | (names == name)
+        assert value == pytest.approx(skm.roc_auc_score(test.labels[members], result.test_scores[members])), name
+    assert set(m["auroc_by_defect_type"]) == set(m["recall_by_defect_type"])
+    assert m["val_auroc"] == pytest.approx(skm.roc_auc_score(load_split(preprocessed_dir, "val").labels,
+                                                            judged_scores(candidate_dir, preprocessed_dir, "val")))
     assert len(result.roc_curve["fpr"]) <= MAX_ROC_POINTS
     assert all(np.isfinite(result.roc_curve["thresholds"]))
 
@@ -224,6 +322,7 @@ def test_evaluate_writes_judged_model_metrics_and_report(candidate_dir, preproce
     assert judged.metadata.threshold == m["threshold"]
     assert judged.metadata.threshold_policy == {"kind": "target_fpr", "target_fpr": 0.25}
     assert judged.metadata.metrics["test"]["f1"] == m["f1"]
+    assert judged.metadata.metrics["test"]["auroc_by_defect_type"] == m["auroc_by_defect_type"]
     assert judged.metadata.metrics["best_epoch"] == original.metrics["best_epoch"]
     scores, labels = judged.predict(test.images)
     np.testing.assert_allclose(scores, result.test_scores, rtol=1e-6)
@@ -246,6 +345,10 @@ def test_evaluate_writes_judged_model_metrics_and_report(candidate_dir, preproce
     report = (tmp_path / "eval" / "report.md").read_text()
     assert report.startswith("# Model evaluation: APPROVED")
     assert "| image_auroc |" in report and "| scratch |" in report and "Confusion matrix" in report
+    assert f"chosen on {m['n_val']} validation images to flag at most 25% of good parts." in report
+    assert "| defect type | recall | AUROC |" in report
+    scratch = f"| scratch | {m['recall_by_defect_type']['scratch']:.4f} | {m['auroc_by_defect_type']['scratch']:.4f} |"
+    assert scratch in report
 
 
 def test_champion_at_another_image_size_is_scored_from_raw_files(candidate_dir, champion_48px, preprocessed_dir,
@@ -271,6 +374,12 @@ def test_champion_at_another_image_size_is_scored_from_raw_files(candidate_dir, 
     assert record["deltas"] == deltas
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| metric | candidate | champion | delta |" in report
+    assert "| defect type | recall | champion recall | AUROC | champion AUROC |" in report
+    hole = (f"| hole | {result.metrics['recall_by_defect_type']['hole']:.4f} | "
+            f"{result.champion_metrics['recall_by_defect_type']['hole']:.4f} | "
+            f"{result.metrics['auroc_by_defect_type']['hole']:.4f} | "
+            f"{result.champion_metrics['auroc_by_defect_type']['hole']:.4f} |")
+    assert hole in report
 
 
 def test_candidate_identical_to_its_champion_is_approved(candidate_dir, preprocessed_dir, tmp_path):
@@ -302,3 +411,77 @@ def test_judge_writes_what_delivery_needs_and_finds_the_champion_only_where_ther
                     gates=Gates(min_auroc=0.0), device="cpu")
     assert against.champion_metrics["image_auroc"] == against.metrics["image_auroc"]
     assert "| metric | candidate | champion | delta |" in (tmp_path / "report-again.md").read_text()
+
+
+def judged_scores(model_dir: Path, preprocessed_dir: Path, split: str) -> np.ndarray:
+    return models.load_model(model_dir).scores(load_split(preprocessed_dir, split).images)
+
+
+@pytest.fixture(scope="module")
+def good_only_preprocessed_dir(sample_dir, tmp_path_factory) -> Path:
+    """A product line without real defects in train (MVTec AD's layout): its validation split is all good."""
+    source = tmp_path_factory.mktemp("good-only") / "source"
+    shutil.copytree(sample_dir, source)
+    thin_train_defects(source)
+    dataset = tmp_path_factory.mktemp("good-only-dataset")
+    validate_dataset(str(source), dataset, ValidationConfig(min_images_per_class=2, min_side=16))
+    out = tmp_path_factory.mktemp("good-only-preprocessed")
+    preprocess_dataset(dataset, out, PreprocessSpec(image_size=TINY_IMAGE_SIZE), workers=2)
+    return out
+
+
+def test_good_only_validation_falls_back_to_target_fpr_and_says_so(candidate_dir, good_only_preprocessed_dir,
+                                                                    tmp_path, caplog):
+    val = load_split(good_only_preprocessed_dir, "val")
+    assert val.labels.size > 0 and not val.labels.any()
+    caplog.set_level(logging.WARNING, logger="defectkit.evaluation")
+
+    result = evaluate(candidate_dir, good_only_preprocessed_dir, tmp_path / "eval", champion_dir=candidate_dir,
+                      device="cpu", gates=Gates(min_auroc=0.0))  # default policy: max_f1
+
+    fallback = {"kind": "target_fpr", "target_fpr": 0.05, "requested": "max_f1",
+                "reason": "validation split has no defect images"}
+    m = result.metrics
+    assert m["threshold_policy"] == fallback and result.champion_metrics["threshold_policy"] == fallback
+    assert [r.message for r in caplog.records if "falling back" in r.message] == [
+        f"threshold policy max_f1 needs defect images but the validation split has {val.labels.size} good images "
+        f"only: falling back to target_fpr=0.05, a threshold that flags at most 5% of them"]  # once for both models
+    val_scores = judged_scores(candidate_dir, good_only_preprocessed_dir, "val")
+    assert binary_metrics(val.labels, val_scores, m["threshold"])["fpr"] <= 0.05
+    assert m["val_auroc"] is None and m["n_val"] == val.labels.size
+    test = load_split(good_only_preprocessed_dir, "test")
+    assert set(m["auroc_by_defect_type"]) == {"crack", "hole", "scratch", "stain"}
+    assert m["image_auroc"] == pytest.approx(skm.roc_auc_score(test.labels, result.test_scores))
+
+    record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert record["threshold_policy"] == fallback and record["val_auroc"] is None
+    judged = models.read_metadata(tmp_path / "eval" / "model")
+    assert ThresholdPolicy.from_json(judged.threshold_policy) == ThresholdPolicy("target_fpr", 0.05, "max_f1",
+                                                                                  NO_DEFECTS_IN_VAL)
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert (f"Threshold {m['threshold']:.4f} chosen on {val.labels.size} validation images to flag at most 5% of "
+            f"good parts (target_fpr fallback, max_f1 was requested: validation split has no defect images). "
+            f"Validation AUROC: n/a.") in report
+    assert "| defect type | recall | champion recall | AUROC | champion AUROC |" in report
+
+
+def test_good_only_validation_with_target_fpr_is_no_fallback(candidate_dir, good_only_preprocessed_dir, tmp_path):
+    result = evaluate(candidate_dir, good_only_preprocessed_dir, tmp_path / "eval", device="cpu",
+                      policy=ThresholdPolicy("target_fpr", target_fpr=0.2), gates=Gates(min_auroc=0.0))
+    assert result.metrics["threshold_policy"] == {"kind": "target_fpr", "target_fpr": 0.2}
+    val = load_split(good_only_preprocessed_dir, "val")
+    val_scores = judged_scores(candidate_dir, good_only_preprocessed_dir, "val")
+    assert binary_metrics(val.labels, val_scores, result.metrics["threshold"])["fpr"] <= 0.2
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "to flag at most 20% of good parts. Validation AUROC: n/a." in report and "fallback" not in report
+
+
+def test_report_reads_metrics_without_per_type_auroc():
+    """Metrics recorded before per-type AUROC was measured (a champion's, say) still render."""
+    metrics = {"architecture": "resnet18", "image_size": 32, "weights_sha256": "a" * 64, "n_test": 10, "n_val": 4,
+               "threshold": 0.41, "threshold_policy": {"kind": "max_f1", "target_fpr": 0.05}, "val_auroc": 0.9,
+               "recall_by_defect_type": {"hole": 0.5}, **dict.fromkeys(("image_auroc", "precision", "recall", "f1",
+                                                                        "accuracy", "fpr"), 0.5)}
+    report = render_report(metrics, None, Blessing(True, ("ok",)), [[4, 1], [2, 3]])
+    assert "Threshold 0.4100 chosen on 4 validation images to maximise F1. Validation AUROC: 0.9000." in report
+    assert "| hole | 0.5000 | n/a |" in report

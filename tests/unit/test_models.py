@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -163,3 +164,14 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="'cuda:0' requested but CUDA is not available"):
             resolve_device("cuda:0")
+
+
+def test_densenet_checkpoints_with_the_old_layer_names_load_completely(tmp_path):
+    # torchvision publishes DenseNet weights under 'denselayer1.norm.1' where the module now says 'norm1'.
+    current = torchvision.models.densenet121(weights=None).state_dict()
+    published = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))(\d)", r"\1.\2", k): v for k, v in current.items()}
+    assert published.keys() != current.keys()
+    torch.save(published, tmp_path / "densenet121-a639ec97.pth")
+    module = models.build_model("densenet121", pretrained_weights=tmp_path / "densenet121-a639ec97.pth")
+    loaded = module.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in current.items() if not k.startswith("classifier"))
