@@ -22,18 +22,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from defectkit.data import GOOD, MASK_DIR
 from defectkit.evaluation import evaluate
 from defectkit.preprocess import PreprocessSpec, preprocess_dataset
 from defectkit.train import TrainConfig, train
 from tests import photos
+from tests.unit.layouts import thin_train_defects
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +41,6 @@ TRAIN_IMAGES = 440
 TEST_IMAGES = 210
 GOAL = {"cpu": 0.95, "cuda": 0.98}
 BUDGET_S = 20 * 60
-
-
-def _without_train_defects(root: Path) -> None:
-    """Remove the training split's defect images and their masks, as a product line without defect examples."""
-    for path in sorted((root / "train").iterdir()):
-        if path.name != GOOD:
-            for image in path.iterdir():
-                (root / MASK_DIR / path.name / f"{image.stem}_mask.png").unlink(missing_ok=True)
-            shutil.rmtree(path)
 
 
 def _dataset_artifact(source: Path, out: Path) -> Path:
@@ -70,7 +60,7 @@ def measure(root: Path, *, seed: int = 0, overrides: dict | None = None, good_on
     """Build, validate, preprocess, train and evaluate under ``root``; the figures of one run."""
     photos.build(root / "photos", train=TRAIN_IMAGES, test=TEST_IMAGES, seed=seed)
     if good_only:
-        _without_train_defects(root / "photos")
+        thin_train_defects(root / "photos")
     dataset = _dataset_artifact(root / "photos", root / "dataset")
     preprocess_dataset(dataset, root / "preprocessed", spec)
     config = TrainConfig(seed=seed, **(overrides or {}))
