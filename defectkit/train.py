@@ -164,11 +164,12 @@ def runtime(device: torch.device, seed: int) -> Iterator[None]:
 
 
 def load_data(preprocessed_dir: Path, device: torch.device, splits: tuple[str, ...] = ("train", "val"),
-              *, need_defects: bool = True) -> tuple[dict[str, TensorData], preprocess.PreprocessSpec, dict]:
+              ) -> tuple[dict[str, TensorData], preprocess.PreprocessSpec, dict]:
     """The splits as uint8 tensors in memory, with the spec and preprocess.json they were made with.
 
-    Every split needs good images; defect images too unless ``need_defects`` is
-    false (training that draws synthetic anomalies can do without them).
+    Every split needs good images. Whether training can do without defect
+    images is the :class:`Sampler`'s rule; validation without them gets
+    :func:`synthetic_validation`.
     """
     info = preprocess.read_info(preprocessed_dir)
     spec = preprocess.read_spec(preprocessed_dir)
@@ -176,10 +177,9 @@ def load_data(preprocessed_dir: Path, device: torch.device, splits: tuple[str, .
     for split in splits:
         loaded = preprocess.load_split(preprocessed_dir, split)
         defects = int(loaded.labels.sum())
-        if defects == loaded.labels.size or (need_defects and defects == 0):
-            raise ValueError(f"the {split} split of {preprocessed_dir} has {loaded.labels.size} images of which "
-                             f"{defects} are defects; training needs good images, and defect images too unless "
-                             f"synthetic_anomalies > 0")
+        if defects == loaded.labels.size:
+            raise ValueError(f"the {split} split of {preprocessed_dir} has {loaded.labels.size} images, all of them "
+                             f"defects; training needs good images")
         images = torch.from_numpy(loaded.images)
         if device.type == "cuda":
             images = images.pin_memory()  # lets batch copies to the GPU run asynchronously
@@ -528,13 +528,13 @@ def train(preprocessed_dir: Path, out_dir: Path, config: TrainConfig) -> TrainRe
     device = models.resolve_device(config.device)
     log.info("training %s on %s for up to %d steps: %s", config.architecture, device, config.steps, config)
     with runtime(device, config.seed):
-        data, spec, info = load_data(preprocessed_dir, device, need_defects=config.synthetic_anomalies == 0)
+        data, spec, info = load_data(preprocessed_dir, device)
+        order_generator, augment_generator = make_generators(config.seed, device)
+        sampler = Sampler(data["train"], config, order_generator)  # refuses unusable data before any work
         if not bool(data["val"].labels.any()):
             data["val"] = synthetic_validation(data["val"], spec, config, device)
         module, model, origin = make_model(config, device)
         optimizer = make_optimizer(module, config)
-        order_generator, augment_generator = make_generators(config.seed, device)
-        sampler = Sampler(data["train"], config, order_generator)
         batch_size = config.batch_size
         history: list[dict] = []
         stopping = EarlyStopping(config.patience)
