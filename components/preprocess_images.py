@@ -10,7 +10,7 @@ def preprocess_images(
     dataset_fingerprint: str,
     preprocessed: Output[Dataset],
     metrics: Output[Metrics],
-    image_size: int = 128,
+    image_size: int = 160,
     workers: int = 0,
 ) -> str:
     """Decode and resize every image to the model input size on all cores; write uint8 shards and a feature table.

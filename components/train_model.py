@@ -13,7 +13,7 @@ def train_model(
     model: Output[Model],
     metrics: Output[Metrics],
     architecture: str = "resnet18",
-    steps: int = 1000,
+    steps: int = 650,
     batch_size: int = 32,
     learning_rate: float = 0.002,
     weight_decay: float = 0.05,
@@ -26,7 +26,7 @@ def train_model(
     pretrained_cache: str = "",
     synthetic_anomalies: float = 0.5,
     balanced_sampling: bool = True,
-    crop_fraction: float = 0.875,
+    crop_fraction: float = 0.8,
     augment: bool = True,
 ) -> NamedTuple("TrainOutputs", [("val_auroc", float), ("best_step", int)]):
     """Train a torchvision classifier to score defects; GPU with bf16 when present, CPU otherwise.

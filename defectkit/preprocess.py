@@ -63,7 +63,7 @@ REDUCING_GAP = 3.0
 class PreprocessSpec:
     """How images become model input: squashed to ``image_size`` square, bilinear; mean/std for normalisation."""
 
-    image_size: int = 128
+    image_size: int = 160
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 

@@ -53,7 +53,7 @@ class TrainConfig:
     """
 
     architecture: str = "resnet18"
-    steps: int = 1000  # optimizer steps; early stopping may end sooner
+    steps: int = 650  # optimizer steps; early stopping may end sooner
     batch_size: int = 32
     learning_rate: float = 2e-3  # the peak of the one-cycle schedule
     weight_decay: float = 0.05
@@ -68,7 +68,7 @@ class TrainConfig:
     pretrained_weights: str = "imagenet"
     pretrained_cache: str = ""  # directory URI where downloaded weights are kept for later runs; "" keeps none
     augment: bool = True  # flips, 90-degree rotations and colour jitter
-    crop_fraction: float = 0.875  # side of the random training crop, as a fraction of the image; 1.0 = no crop
+    crop_fraction: float = 0.8  # side of the random training crop, as a fraction of the image; 1.0 = no crop
     balanced_sampling: bool = True  # half of each batch good, the defect half spread evenly over defect types
     synthetic_anomalies: float = 0.5  # share of the defect half drawn on good images; 1.0 without real defects
     min_batch_size: int = 4  # out-of-memory halving stops here

@@ -37,9 +37,9 @@ TrainingOutputs = NamedTuple(
 )
 def training_pipeline(
     source_uri: str,
-    image_size: int = 128,
+    image_size: int = 160,
     architecture: str = "resnet18",
-    steps: int = 1000,
+    steps: int = 650,
     batch_size: int = 32,
     learning_rate: float = 0.002,
     synthetic_anomalies: float = 0.5,
