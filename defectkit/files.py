@@ -48,6 +48,29 @@ def write_bytes_atomic(path: Path | str, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def create_bytes(path: Path | str, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` unless it exists; False when it did, and then it is left as it was.
+
+    Of two writers racing for the same name exactly one creates it, and a reader sees it whole or not at all:
+    the data goes to a temporary file, which is then hard-linked into place (a link fails if the name is taken).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.unlink(temporary)
+
+
 def write_text_atomic(path: Path | str, text: str) -> None:
     """Replace ``path`` by ``text`` (UTF-8), durably."""
     write_bytes_atomic(path, text.encode())

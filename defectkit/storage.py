@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Protocol, TypeVar
 from urllib.parse import urlparse
 
-from defectkit.files import write_bytes_atomic
+from defectkit.files import create_bytes, write_bytes_atomic
 from defectkit.retry import TRANSIENT_HTTP_STATUS, RetryPolicy
 from defectkit.retry import retry as retrying
 
@@ -30,6 +30,10 @@ T = TypeVar("T")
 
 
 DEFAULT_RETRY = RetryPolicy()
+# Seconds to connect, and to wait for each read of an answer, in one attempt: the client libraries' own
+# default. A server that holds a connection open without answering costs this much per attempt.
+DEFAULT_TIMEOUT_S = 60.0
+_CONNECT_TIMEOUT_S = 10.0
 
 # S3 error codes worth another try, whatever their HTTP status: throttling, a server-side hiccup, a socket the
 # server gave up reading, and a conditional write that raced another (AWS asks for a retry of those).
@@ -42,12 +46,17 @@ _S3_TRANSIENT_CODES = frozenset({
 def _gcs_transient(exc: BaseException) -> bool:
     try:
         from google.api_core import exceptions as gexc
+        from google.cloud.storage.exceptions import DataCorruption
         import requests
+        import urllib3
     except ImportError:
         return False
+    # What google-cloud-storage's own retry would take (it is switched off: one retry rule, ours): throttling,
+    # server errors, refused, reset or timed-out connections, and an answer cut short or failing its checksum.
     return isinstance(exc, (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway,
                             gexc.ServiceUnavailable, gexc.GatewayTimeout, requests.ConnectionError,
-                            requests.Timeout))
+                            requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                            urllib3.exceptions.ProtocolError, DataCorruption))
 
 
 def _s3_transient(exc: BaseException) -> bool:
@@ -102,7 +111,7 @@ class _Backend(Protocol):
 
 
 class _Local:
-    def __init__(self, root: str):
+    def __init__(self, root: str, timeout_s: float):
         self._root = root
         self._path = local_path(root)
 
@@ -121,33 +130,38 @@ class _Local:
 
     def write(self, rel: str, data: bytes, *, overwrite: bool) -> None:
         target = self._path / rel
-        if not overwrite and target.exists():
+        if overwrite:
+            write_bytes_atomic(target, data)
+        elif not create_bytes(target, data):
             raise FileExistsError(f"{target} exists")
-        write_bytes_atomic(target, data)
 
 
 class _Gcs:
-    def __init__(self, root: str):
+    def __init__(self, root: str, timeout_s: float):
         from google.cloud import storage as gcs
 
         bucket, self._prefix = _bucket_and_prefix(root)
         self._bucket = gcs.Client().bucket(bucket)
+        # retry=None on every call: google-cloud-storage would otherwise retry inside each of our attempts for up
+        # to two minutes, and a create it retried after a lost answer would meet its own object as "exists".
+        self._call = {"timeout": (min(_CONNECT_TIMEOUT_S, timeout_s), timeout_s), "retry": None}
+
+    def _blobs(self):
+        return self._bucket.client.list_blobs(self._bucket.name, prefix=self._prefix, **self._call)
 
     def list(self) -> list[str]:
-        blobs = self._bucket.client.list_blobs(self._bucket.name, prefix=self._prefix)
-        return [b.name[len(self._prefix):] for b in blobs if not b.name.endswith("/")]
+        return [b.name[len(self._prefix):] for b in self._blobs() if not b.name.endswith("/")]
 
     def versions(self) -> dict[str, str]:
         # GCS keeps a content checksum of every object: crc32c always, md5 for objects not composed of parts.
-        blobs = self._bucket.client.list_blobs(self._bucket.name, prefix=self._prefix)
         return {b.name[len(self._prefix):]: f"{b.size}:{b.crc32c}:{b.md5_hash or ''}"
-                for b in blobs if not b.name.endswith("/")}
+                for b in self._blobs() if not b.name.endswith("/")}
 
     def read(self, rel: str) -> bytes:
         from google.api_core.exceptions import NotFound
 
         try:
-            return self._bucket.blob(self._prefix + rel).download_as_bytes()
+            return self._bucket.blob(self._prefix + rel).download_as_bytes(**self._call)
         except NotFound as exc:
             raise FileNotFoundError(f"gs://{self._bucket.name}/{self._prefix}{rel} not found") from exc
 
@@ -157,19 +171,21 @@ class _Gcs:
         # Generation 0 means "no live object": the write never clobbers and is safe to retry.
         kwargs = {} if overwrite else {"if_generation_match": 0}
         try:
-            self._bucket.blob(self._prefix + rel).upload_from_string(data, **kwargs)
+            self._bucket.blob(self._prefix + rel).upload_from_string(data, **kwargs, **self._call)
         except PreconditionFailed as exc:
             raise FileExistsError(f"gs://{self._bucket.name}/{self._prefix}{rel} exists") from exc
 
 
 class _S3:
-    def __init__(self, root: str):
+    def __init__(self, root: str, timeout_s: float):
         import boto3
         from botocore.config import Config
 
         self._bucket, self._prefix = _bucket_and_prefix(root)
         # One retry rule, ours: botocore retrying inside each of our attempts would multiply them.
-        self._client = boto3.client("s3", config=Config(retries={"total_max_attempts": 1}))
+        self._client = boto3.client("s3", config=Config(retries={"total_max_attempts": 1},
+                                                        connect_timeout=min(_CONNECT_TIMEOUT_S, timeout_s),
+                                                        read_timeout=timeout_s))
 
     def _uri(self, rel: str = "") -> str:
         return f"s3://{self._bucket}/{self._prefix}{rel}"
@@ -210,7 +226,7 @@ class _S3:
             raise
 
 
-_REMOTE: dict[str, Callable[[str], _Backend]] = {"gs": _Gcs, "s3": _S3}
+_REMOTE: dict[str, Callable[[str, float], _Backend]] = {"gs": _Gcs, "s3": _S3}
 
 
 def is_remote(uri: str) -> bool:
@@ -219,14 +235,21 @@ def is_remote(uri: str) -> bool:
 
 
 class Store:
-    """Files under one root URI, addressed by relative POSIX path."""
+    """Files under one root URI, addressed by relative POSIX path.
 
-    def __init__(self, root: str, retry_policy: RetryPolicy = DEFAULT_RETRY):
+    Each call is tried up to ``retry_policy.attempts`` times; one attempt waits at most ``timeout_s``
+    to connect and for each read of the answer.
+    """
+
+    def __init__(self, root: str, retry_policy: RetryPolicy = DEFAULT_RETRY, *, timeout_s: float = DEFAULT_TIMEOUT_S):
         if not root:
             raise ValueError("storage root must not be empty")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s={timeout_s!r} must be a positive number of seconds")
         self.root = root.rstrip("/")
         self.retry_policy = retry_policy
-        self._backend: _Backend = _REMOTE.get(urlparse(self.root).scheme, _Local)(self.root)
+        self.timeout_s = timeout_s
+        self._backend: _Backend = _REMOTE.get(urlparse(self.root).scheme, _Local)(self.root, timeout_s)
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,30 @@ def test_write_without_overwrite_refuses_existing(tmp_path: Path):
     with pytest.raises(FileExistsError):
         store.write("a", b"2", overwrite=False)
     assert store.read("a") == b"1"
+
+
+def test_racing_local_creates_leave_exactly_one_winner_and_no_temporary_files(tmp_path: Path):
+    store = storage.Store(str(tmp_path))
+    for round_ in range(20):
+        barrier = threading.Barrier(4)
+        outcomes: list[bytes] = []
+
+        def create(data: bytes, name: str = f"claim-{round_}") -> None:
+            barrier.wait()
+            try:
+                store.write(name, data, overwrite=False)
+                outcomes.append(data)
+            except FileExistsError:
+                pass
+
+        threads = [threading.Thread(target=create, args=(bytes([i]) * 1000,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(outcomes) == 1, f"round {round_}: {len(outcomes)} writers created the same name"
+        assert store.read(f"claim-{round_}") == outcomes[0]  # the winner's bytes, whole
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_missing_root_is_a_clear_error(tmp_path: Path):
