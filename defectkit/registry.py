@@ -13,6 +13,17 @@ version. Aliases carry the delivery state:
 A failed canary leaves ``champion`` where it was; :func:`mark` records the
 outcome on the version instead.
 
+MLflow aliases are last-writer-wins, so :func:`promote` moves them under a
+lock: a registered model named ``<model>.promotion-lock`` (see
+:func:`promotion_lock_name`), whose creation the tracking server makes atomic.
+Two promotions at once then happen one after the other.
+
+MLflow's client retries every request on connection errors, POSTs included,
+so a request the server committed but never answered is sent again: register
+and promote are written to come out right when that happens. When the server
+stays down past those retries, the step fails with
+:class:`RegistryUnavailable`, which names the server and what was left behind.
+
 Any MLflow tracking URI works: a tracking server (``http://...``) or, as the
 embedded default, sqlite in a work dir (:meth:`RegistryConfig.embedded`).
 ``mlflow`` is imported inside the functions, so this module imports without
@@ -27,11 +38,13 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +70,22 @@ WEIGHTS_SHA256 = "weights_sha256"
 CODE_VERSION = "code_version"
 ARCHITECTURE = "architecture"
 KFP_RUN_ID = "kfp_run_id"
+
+
+# The lock serialising promotions of one registered model; see promote().
+PROMOTION_LOCK_SUFFIX = ".promotion-lock"
+LOCK_VERSION_TAG = "promoting_version"
+LOCK_SINCE_TAG = "since_unix_s"
+# Longer than a promotion whose every call waits out MLflow's retries while the server restarts.
+PROMOTION_LOCK_STALE_S = 600.0
+
+
+class RegistryUnavailable(ConnectionError):
+    """The tracking server did not answer, even after MLflow's retries; the message says what was left behind."""
+
+
+class PromotionInProgress(RuntimeError):
+    """Another version's promotion held the model's promotion lock for longer than the caller would wait."""
 
 
 _SQLITE_PREFIX = "sqlite:///"
@@ -184,51 +213,154 @@ def register(config: RegistryConfig, model_dir: Path, *, params: Mapping[str, An
     metrics = [Metric(name, value, now_ms, 0) for name, value in _numeric_metrics(record.get("metrics") or {})]
 
     client = _client(config.tracking_uri)
-    experiment_id = _experiment_id(client, config)
-    run = client.create_run(experiment_id, run_name=f"{config.model_name}-{sha256[:12]}", tags=run_tags)
-    run_id = run.info.run_id
-    try:
-        client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in run_params.items()])
-        for name in (artifact.WEIGHTS_FILE, artifact.METADATA_FILE):
-            client.log_artifact(run_id, str(model_dir / name), MODEL_ARTIFACT_PATH)
-        # The drift reference travels with the model, so monitoring a registered version needs nothing else.
-        if (model_dir / REFERENCE_DIR).is_dir():
-            client.log_artifacts(run_id, str(model_dir / REFERENCE_DIR), f"{MODEL_ARTIFACT_PATH}/{REFERENCE_DIR}")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
+    progress = "nothing was written"
+    with _unavailable(config.tracking_uri, f"registering {model_dir}", lambda: progress):
+        experiment_id = _experiment_id(client, config)
+        run = client.create_run(experiment_id, run_name=f"{config.model_name}-{sha256[:12]}", tags=run_tags)
+        run_id = run.info.run_id
+        progress = f"run {run_id} was created and is left unfinished; no version was registered"
+        try:
+            client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in run_params.items()])
+            for name in (artifact.WEIGHTS_FILE, artifact.METADATA_FILE):
+                client.log_artifact(run_id, str(model_dir / name), MODEL_ARTIFACT_PATH)
+            # The drift reference travels with the model, so monitoring a registered version needs nothing else.
+            if (model_dir / REFERENCE_DIR).is_dir():
+                client.log_artifacts(run_id, str(model_dir / REFERENCE_DIR),
+                                     f"{MODEL_ARTIFACT_PATH}/{REFERENCE_DIR}")
+            _check_uploaded(client, run_id, model_dir)
+        except BaseException:
+            _fail_run(client, run_id)
+            raise
+        client.set_terminated(run_id, "FINISHED")
 
-    _ensure_registered_model(client, config.model_name)
-    created = client.create_model_version(
-        config.model_name,
-        source=f"{run.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}",
-        run_id=run_id,
-        tags=run_tags,
-        description=f"{record['architecture']} trained on dataset {run_tags.get(DATASET_FINGERPRINT, 'unknown')}",
-    )
-    client.set_registered_model_alias(config.model_name, CHALLENGER, created.version)
-    log.info("registered %s version %s (run %s, weights %s) as %s", config.model_name, created.version, run_id,
-             sha256[:12], CHALLENGER)
-    return _ref(client.get_model_version(config.model_name, created.version))
+        _ensure_registered_model(client, config.model_name)
+        source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
+        progress = (f"run {run_id} holds the complete model, but the version may not exist yet or has no "
+                    f"{CHALLENGER} alias; re-running registers it again")
+        created = client.create_model_version(
+            config.model_name,
+            source=source,
+            run_id=run_id,
+            tags=run_tags,
+            description=f"{record['architecture']} trained on dataset {run_tags.get(DATASET_FINGERPRINT, 'unknown')}",
+        )
+        version = _one_version_of_run(client, config.model_name, run_id, str(created.version))
+        client.set_registered_model_alias(config.model_name, CHALLENGER, version)
+        progress = f"version {version} is registered as {CHALLENGER}"
+        log.info("registered %s version %s (run %s, weights %s) as %s", config.model_name, version, run_id,
+                 sha256[:12], CHALLENGER)
+        return _ref(client.get_model_version(config.model_name, version))
 
 
-def promote(config: RegistryConfig, version: str | int) -> None:
+def promote(config: RegistryConfig, version: str | int, *, wait_s: float = 30.0) -> None:
     """Make ``version`` the champion; the champion it replaces becomes ``previous-champion``.
 
-    MLflow aliases are last-writer-wins, so run one delivery per model name at a time.
+    The aliases move under the model's promotion lock, so a promotion that
+    starts while another version's is under way waits for it (up to
+    ``wait_s``, then :class:`PromotionInProgress`) and then replaces it: the
+    aliases always read as one promotion after the other. Promoting the
+    champion again changes nothing, so a step that failed part-way can be re-run.
     """
     client = _client(config.tracking_uri)
-    version = str(_model_version(client, config.model_name, str(version)).version)
-    current = _aliases(client, config.model_name).get(CHAMPION)
-    if current == version:
-        log.info("%s version %s is already %s", config.model_name, version, CHAMPION)
-        return
-    # previous-champion first: if we stop in between, champion has not moved and nothing is lost.
-    if current is not None:
-        client.set_registered_model_alias(config.model_name, PREVIOUS_CHAMPION, current)
-    client.set_registered_model_alias(config.model_name, CHAMPION, version)
-    log.info("%s: %s -> version %s (%s: %s)", config.model_name, CHAMPION, version, PREVIOUS_CHAMPION, current)
+    name = config.model_name
+    with _unavailable(config.tracking_uri, f"promoting {name} version {version}",
+                      lambda: f"{CHAMPION} is either where it was or at version {version}; re-running finishes it"):
+        version = str(_model_version(client, name, str(version)).version)
+        with _promotion_lock(client, config, version, wait_s):
+            current = _aliases(client, name).get(CHAMPION)
+            if current == version:
+                log.info("%s version %s is already %s", name, version, CHAMPION)
+                return
+            # previous-champion first: if we stop in between, champion has not moved and nothing is lost.
+            if current is not None:
+                client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current)
+            client.set_registered_model_alias(name, CHAMPION, version)
+        log.info("%s: %s -> version %s (%s: %s)", name, CHAMPION, version, PREVIOUS_CHAMPION, current)
+
+
+def promotion_lock_name(model_name: str) -> str:
+    """The registered model whose existence means a promotion of ``model_name`` is under way."""
+    return f"{model_name}{PROMOTION_LOCK_SUFFIX}"
+
+
+@contextmanager
+def _promotion_lock(client, config: RegistryConfig, version: str, wait_s: float) -> Iterator[None]:
+    """Hold ``model.promotion-lock`` while the aliases move.
+
+    Creating a registered model is atomic on the server (its name is unique),
+    and a lock is owned by the version it promotes, not by the process: the
+    create that MLflow's client sends again after its answer was lost, and a
+    re-run of a promotion that died holding the lock, both find their own lock.
+    """
+    from mlflow.exceptions import MlflowException
+
+    lock = promotion_lock_name(config.model_name)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock, tags={LOCK_VERSION_TAG: version, LOCK_SINCE_TAG: f"{time.time():.3f}"},
+                description=f"defectkit: a promotion of {config.model_name} is under way; deleted when it ends")
+            break
+        except MlflowException as exc:
+            # RESOURCE_DOES_NOT_EXIST: the server found the name taken, then the holder released it.
+            if getattr(exc, "error_code", None) not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                raise
+        holder = _lock_tags(client, lock)
+        if holder is None:
+            continue  # released since; try again
+        if holder.get(LOCK_VERSION_TAG) == version:
+            break
+        # No tags: read while its holder deleted it (the server reads the model and its tags apart).
+        since = _float(holder.get(LOCK_SINCE_TAG)) or time.time()
+        if time.time() - since > PROMOTION_LOCK_STALE_S:
+            log.warning("breaking %s: held for version %s since %.0f s ago, longer than any promotion takes", lock,
+                        holder.get(LOCK_VERSION_TAG), time.time() - since)
+            _delete_lock(client, lock)
+            continue
+        if time.monotonic() >= deadline:
+            raise PromotionInProgress(
+                f"promotion of {config.model_name} version {version} refused: version "
+                f"{holder.get(LOCK_VERSION_TAG)} has been being promoted for {time.time() - since:.0f} s "
+                f"(registered model {lock!r} at {config.tracking_uri}). Re-run this step once that promotion has "
+                f"finished; if no promotion is running, delete {lock!r} (it is broken by itself after "
+                f"{PROMOTION_LOCK_STALE_S:.0f} s)")
+        time.sleep(0.05 + 0.1 * random.random())
+    try:
+        yield
+    finally:
+        holder = _lock_tags(client, lock)
+        if holder is not None and holder.get(LOCK_VERSION_TAG) == version:
+            _delete_lock(client, lock)
+
+
+def _lock_tags(client, lock: str) -> dict[str, str] | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(client.get_registered_model(lock).tags or {})
+    except MlflowException as exc:
+        if _not_found(exc):
+            return None
+        raise
+
+
+def _delete_lock(client, lock: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_registered_model(lock)
+    except MlflowException as exc:
+        # Gone already: the delete was sent again after its answer was lost, or another promotion broke it.
+        if not _not_found(exc):
+            raise
+
+
+def _float(text: str | None) -> float:
+    try:
+        return float(text or 0.0)
+    except ValueError:
+        return 0.0
 
 
 def version_for_alias(config: RegistryConfig, alias: str) -> ModelVersionRef | None:
@@ -248,8 +380,10 @@ def champion(config: RegistryConfig) -> ModelVersionRef | None:
 def mark(config: RegistryConfig, version: str | int, key: str, value: str) -> None:
     """Tag a version, e.g. ``mark(config, "3", "canary", "rolled_back")``."""
     client = _client(config.tracking_uri)
-    version = str(_model_version(client, config.model_name, str(version)).version)
-    client.set_model_version_tag(config.model_name, version, key, value)
+    with _unavailable(config.tracking_uri, f"tagging {config.model_name} version {version} {key}={value}",
+                      lambda: "the tag may not be set; re-running sets it"):
+        version = str(_model_version(client, config.model_name, str(version)).version)
+        client.set_model_version_tag(config.model_name, version, key, value)
 
 
 def storage_uri(tracking_uri: str, registered_model: str, version: str | int) -> str:
@@ -382,6 +516,73 @@ def _client(tracking_uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+@contextmanager
+def _unavailable(tracking_uri: str, what: str, left: Callable[[], str]) -> Iterator[None]:
+    """Turn "the server did not answer" into :class:`RegistryUnavailable` saying what ``left`` behind."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        if not _unreachable(exc):
+            raise
+        raise RegistryUnavailable(
+            f"MLflow tracking server {tracking_uri} did not answer while {what}, after MLflow's retries "
+            f"({exc}). State: {left()}. Check that the server is up (restarted on the same store it loses "
+            f"nothing), then re-run the step") from exc
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether MLflow gave up on reaching the server (refused, reset, timed out, 5xx after retries)."""
+    import requests
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _fail_run(client, run_id: str) -> None:
+    """Mark the run FAILED where the server lets us; the error being raised matters more than this one."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_terminated(run_id, "FAILED")
+    except MlflowException as exc:
+        log.warning("could not mark run %s FAILED: %s", run_id, exc)
+
+
+def _check_uploaded(client, run_id: str, model_dir: Path) -> None:
+    """The server holds both model files at their full size, before any version can point at them."""
+    stored = {Path(f.path).name: f.file_size for f in client.list_artifacts(run_id, MODEL_ARTIFACT_PATH)}
+    for name in (artifact.WEIGHTS_FILE, artifact.METADATA_FILE):
+        size = (model_dir / name).stat().st_size
+        if stored.get(name) != size:
+            raise ModelIntegrityError(f"run {run_id}: {MODEL_ARTIFACT_PATH}/{name} is stored with "
+                                      f"{stored.get(name)} bytes, the model has {size}; nothing was registered, "
+                                      f"re-run the step")
+
+
+def _one_version_of_run(client, name: str, run_id: str, created: str) -> str:
+    """The one version registered from ``run_id``: the first, when a resent create made more.
+
+    MLflow's client sends a create again when the server committed it but its
+    answer was lost; the later copies are deleted before any alias can point at them.
+    """
+    found = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
+    if len(found) <= 1:
+        return created
+    for extra in found[1:]:
+        log.warning("%s version %s repeats version %s (both from run %s): deleting it", name, extra, found[0],
+                    run_id)
+        client.delete_model_version(name, str(extra))
+    return str(found[0])
 
 
 def _not_found(exc: Exception) -> bool:
