@@ -24,10 +24,22 @@ a retried or late run checks the same one.
 
 **Training** is not started here: the monitor pipeline runs the training
 pipeline as a sub-pipeline on the merged data when the decision says so.
+
+**One retraining at a time** (:func:`claim_retraining`): two monitor runs can
+check the same window at once (a retried run beside a late one, two schedules
+on one service). Each reads the same last retraining, so both would decide to
+retrain. A retraining is therefore claimed before anything is written: the claim
+is created, create-only, under a name derived from the last retraining it
+follows, so of the runs that read the same last retraining exactly one creates
+it. A run that finds the claim taken treats the claimant as the last retraining
+and decides again (the cooldown then usually holds it back, and it never
+retrains on a window the claimant retrains on). A retried run finds its own
+claim and goes on with it, under the first attempt's time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -47,6 +59,7 @@ from defectkit.sampling import SAMPLES_FILE, Sample
 log = logging.getLogger(__name__)
 
 MARKER_FILE = "last_retrain.json"
+CLAIMS_DIR = "retrain-claims"
 PRODUCTION_PREFIX = "prod-"
 Labeler = Callable[[Sample], "str | None"]
 # How KFP run-time placeholders start: one left in a value was not substituted by the runner.
@@ -149,6 +162,70 @@ def read_last_retrain(state_uri: str | Path) -> dict | None:
 
 def write_last_retrain(state_uri: str | Path, at: float, run: str) -> None:
     storage.Store(str(state_uri)).write(MARKER_FILE, json.dumps({"at": at, "run": run}).encode())
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The claim on the retraining that follows one last retraining: who made it, when, for which window."""
+
+    at: float
+    run: str
+    window: tuple[float, float]
+    name: str
+
+    @property
+    def as_last_retrain(self) -> dict:
+        """The claim in the shape of the last-retraining marker, which the claimant writes once it has merged."""
+        return {"at": self.at, "run": self.run}
+
+
+def claim_name(last_retrain: dict | None) -> str:
+    """Where the claim on the retraining after ``last_retrain`` (None: the first one) is created."""
+    if last_retrain is None:
+        return f"{CLAIMS_DIR}/first.json"
+    key = json.dumps({"at": float(last_retrain["at"]), "run": str(last_retrain["run"])}, sort_keys=True)
+    return f"{CLAIMS_DIR}/after-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _window_name(retraining: dict) -> str:
+    """Where the window a retraining was made on is kept, beside the claims."""
+    return claim_name(retraining).replace("/after-", "/window-of-")
+
+
+def window_of(state_uri: str | Path, retraining: dict | None) -> tuple[float, float] | None:
+    """The window ``retraining`` (a last-retraining marker) was made on; None when unknown."""
+    if retraining is None:
+        return None
+    data = storage.Store(str(state_uri)).read_if_exists(_window_name(retraining))
+    return None if data is None else tuple(json.loads(data)["window"])
+
+
+def claim_retraining(state_uri: str | Path, last_retrain: dict | None, window: tuple[float, float], at: float,
+                     run: str) -> tuple[bool, Claim]:
+    """Claim the retraining after ``last_retrain`` for ``run``: (True, the claim) when ``run`` holds it (it made
+    it now, or an earlier attempt of the same run did), else (False, the other run's claim).
+
+    The claim is created create-only (``Store.write(overwrite=False)``: a hard link locally, a generation-0
+    precondition on gs://, If-None-Match on s3://), so of two runs that race for it exactly one creates it. (An object store that ignores the
+    precondition, such as the GCS emulator, cannot give that guarantee.)
+    """
+    name = claim_name(last_retrain)
+    record = {"at": at, "run": run, "window": [window[0], window[1]], "after": last_retrain}
+    data = json.dumps(record).encode()
+    store = storage.Store(str(state_uri))
+    try:
+        store.write(name, data, overwrite=False)
+        created = True
+    except FileExistsError:
+        created = False
+    if not created:
+        record = json.loads(store.read(name))
+    claim = Claim(at=float(record["at"]), run=str(record["run"]), window=(float(record["window"][0]),
+                                                                        float(record["window"][1])), name=name)
+    if claim.run == run:
+        # Kept so that a later run on the same window (with no cooldown to stop it) knows it was retrained on.
+        store.write(_window_name(claim.as_last_retrain), json.dumps({"window": list(claim.window)}).encode())
+    return claim.run == run, claim
 
 
 # --------------------------------------------------------------------------- decision record
@@ -263,8 +340,30 @@ def act(*, drifted: bool, drifted_features: list[str], new_images: int, window: 
     """
     now = time.time() if now is None else now
     last = read_last_retrain(state_uri)
-    decision = decide(drifted, new_images, None if last is None else float(last["at"]), now, policy,
-                      window_valid=not validation_problems)
+    taken: list[str] = []  # claims other runs hold, followed to the last retraining
+    while True:
+        decision = decide(drifted, new_images, None if last is None else float(last["at"]), now, policy,
+                          window_valid=not validation_problems)
+        if not decision.retrain:
+            break
+        if last is not None and last["run"] != run and window_of(state_uri, last) == tuple(window):
+            decision = Decision(False, decision.reasons + (f"monitor run {last['run']} already retrained on this "
+                                                           f"window (at {iso(float(last['at']))})",))
+            break
+        mine, claim = claim_retraining(state_uri, last, window, now, run)
+        if mine:
+            now = claim.at  # a retried run goes on with its first attempt's retraining (same time, same folder)
+            break
+        taken.append(f"monitor run {claim.run} claimed the retraining after "
+                     f"{'none' if last is None else last['run']} at {iso(claim.at)} (window until "
+                     f"{iso(claim.window[1])}): it is the last retraining")
+        if claim.window == tuple(window):
+            decision = Decision(False, decision.reasons + (f"monitor run {claim.run} already retrains on this "
+                                                           f"window (claimed at {iso(claim.at)})",))
+            break
+        last = claim.as_last_retrain
+    if taken:
+        decision = Decision(decision.retrain, decision.reasons + tuple(taken))
     data_uri = None
     if decision.retrain:
         data_uri = retraining_data_folder(retraining_data_uri, now)
