@@ -16,7 +16,7 @@ from defectkit.delivery.analysis import CanaryPolicy
 from defectkit.delivery.kserve.manifest import ServiceConfig
 
 BACKENDS = ("local", "kserve")
-EXIT_PROMOTED, EXIT_ERROR, EXIT_ROLLED_BACK = 0, 2, 3
+EXIT_PROMOTED, EXIT_ERROR, EXIT_ROLLED_BACK, EXIT_REFUSED = 0, 2, 3, 4
 # Policy fields with a command-line override; the others come from --policy FILE.
 POLICY_OVERRIDES = ("steps", "interval_s", "failure_threshold", "min_requests", "max_error_rate",
                     "max_p99_latency_s", "max_score_shift")
@@ -69,7 +69,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     verbs = rollout.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=BackendParser)
 
     start = verbs.add_parser("start", help="deliver a candidate: probe, step traffic, analyse, then promote or roll "
-                             "back (exit 0 promoted, 3 rolled back, 2 failed); resumes an unfinished delivery",
+                             "back (exit 0 promoted, 3 rolled back, 2 failed, 4 refused: another delivery to the service is "
+                             "running or unfinished); resumes an unfinished delivery",
                              description="Deliver a candidate through a canary. Running it again for the same "
                              "candidate resumes an interrupted delivery.")
     _add_backend(start)
@@ -229,21 +230,32 @@ def start_config(args: argparse.Namespace):
 
 def cmd_start(args: argparse.Namespace) -> int:
     from defectkit.delivery import record, rollout
-    from defectkit.delivery.state import PROMOTED, ROLLED_BACK
+    from defectkit.delivery.state import PROMOTED, ROLLED_BACK, RolloutInProgress
 
     config = start_config(args)
     if args.dry_run:
         print(json.dumps(rollout.plan(config), indent=2))
         return 0
-    state = rollout.deliver(config)
+    try:
+        state = rollout.deliver(config)
+    except RolloutInProgress as exc:
+        # Refused before anything changed: distinct from a failed delivery, so a scheduler can wait and retry.
+        print(f"REFUSED: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     print(f"{state.phase.upper()}: {state.reason}\ndecision record: {config.record_path / record.MARKDOWN_NAME}")
     return {PROMOTED: EXIT_PROMOTED, ROLLED_BACK: EXIT_ROLLED_BACK}.get(state.phase, EXIT_ERROR)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
     from defectkit.delivery import rollout
+    from defectkit.delivery.state import RolloutInProgress
 
-    restored = rollout.restore(rollout.DeliveryConfig(**_delivery_settings(args)), reason="restore requested (defectkit rollout restore)")
+    try:
+        restored = rollout.restore(rollout.DeliveryConfig(**_delivery_settings(args)),
+                                   reason="restore requested (defectkit rollout restore)")
+    except RolloutInProgress as exc:
+        print(f"REFUSED: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     print("stable traffic restored" if restored else "nothing to restore")
     return 0
 

@@ -15,7 +15,10 @@ Checks on the canary, each against a limit:
   requests a negligible shift is significant, with a few dozen a large D can be chance.
 
 A window in which the canary answered fewer than ``min_requests`` requests is
-inconclusive: neither a failure nor a pass. Comparative checks need ``min_requests`` from
+inconclusive: neither a failure nor a pass. So is a window whose figures could not be read
+(:class:`MetricsUnavailable`: Prometheus down, a scrape failing while the server runs):
+missing data is evidence neither against the candidate nor for it, so it holds the step,
+and ``max_inconclusive`` such windows in a row roll the candidate back. Comparative checks need ``min_requests`` from
 the stable version too and are skipped (passed, with the reason) without them.
 """
 
@@ -25,7 +28,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-from defectkit.delivery.backend import VariantMetrics
+from defectkit.delivery.backend import BackendError, VariantMetrics
 
 # Five times the largest bf16 deviation measured (see CanaryPolicy.probe_tolerance_for).
 BF16_PROBE_TOLERANCE = 0.02
@@ -33,6 +36,12 @@ BF16_PROBE_TOLERANCE = 0.02
 PASS = "pass"
 FAIL = "fail"
 INCONCLUSIVE = "inconclusive"
+
+
+class MetricsUnavailable(BackendError):
+    """The figures of a window could not be read, while nothing says the candidate is at fault (the metrics
+    store is down or a scrape failed); :func:`unavailable` is the verdict on such a window. A backend that knows
+    the candidate itself is down raises a plain BackendError instead, which fails the analysis."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,7 @@ class CanaryPolicy:
     an analysed step, because with no stable traffic left there is nothing to compare with,
     and KServe cannot send traffic back once a revision has had 100% of it.
     ``max_inconclusive`` bounds how many inconclusive windows in a row one step may see
-    (too little traffic to judge) before the delivery gives up and rolls back.
+    (too little traffic, or figures that could not be read) before the delivery gives up and rolls back.
     """
 
     steps: tuple[int, ...] = (10, 25, 50, 100)
@@ -185,6 +194,11 @@ class Analysis:
     def to_json(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "passed": self.passed, "skipped_reason": self.skipped_reason,
                 "checks": [c.to_json() for c in self.checks]}
+
+
+def unavailable(error: MetricsUnavailable) -> Analysis:
+    """The inconclusive verdict on a window whose figures could not be read."""
+    return Analysis(False, (), f"metrics unavailable: {error}")
 
 
 def ks_test(a: tuple[float, ...], b: tuple[float, ...]) -> tuple[float, float]:

@@ -13,7 +13,7 @@ Phases, each persisted in a store (:mod:`defectkit.delivery.state`) before the n
 3. ``stepping`` / ``analysing``: traffic moves through the policy's steps; each is held
    for ``interval_s`` and the window is then analysed (:mod:`defectkit.delivery.analysis`).
    A pass moves to the next step; a failure counts towards ``failure_threshold``, and the
-   step is held for another interval; an inconclusive window (too little traffic) holds it
+   step is held for another interval; an inconclusive window (too little traffic, or figures that could not be read) holds it
    too, up to ``max_inconclusive`` times in a row.
 4. ``promoting`` -> ``promoted``: the candidate gets all traffic and ``on_promote`` runs
    (the registry moves alias ``champion``); or ``rolling_back`` -> ``rolled_back``: all
@@ -46,6 +46,7 @@ revision once it had all of it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -72,6 +73,7 @@ from defectkit.delivery.state import (
     ROLLED_BACK,
     ROLLING_BACK,
     STEPPING,
+    RolloutInProgress,
     RolloutState,
     RolloutStore,
     StateConflict,
@@ -89,8 +91,10 @@ RESTORE_COMMAND = "defectkit rollout restore"
 Hook = Callable[[RolloutState], None]
 
 
-class RolloutInProgress(ValueError):
-    """Another candidate's delivery is unfinished in the same store (the request conflicts with it)."""
+def held(store: RolloutStore) -> contextlib.AbstractContextManager[None]:
+    """The store's delivery lock (:meth:`defectkit.delivery.state.StateStore.hold`), where it has one."""
+    hold = getattr(store, "hold", None)
+    return hold() if hold is not None else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- the state machine
@@ -129,7 +133,15 @@ class Controller:
     # ------------------------------------------------------------------ entry point
 
     def run(self) -> RolloutState:
-        """Deliver the candidate, or resume its unfinished delivery; returns the final state."""
+        """Deliver the candidate, or resume its unfinished delivery; returns the final state.
+
+        Raises RolloutInProgress, touching nothing, while another process drives a delivery in
+        the same store, or while another candidate's delivery there is unfinished.
+        """
+        with held(self.store):
+            return self._run()
+
+    def _run(self) -> RolloutState:
         state, resuming = self._load_or_create()
         handlers = {DEPLOYING: self._deploy, PROBING: self._probe, STEPPING: self._step, ANALYSING: self._analyse,
                     PROMOTING: self._promote, ROLLING_BACK: self._roll_back}
@@ -181,7 +193,13 @@ class Controller:
         state = RolloutState(candidate=self.candidate, candidate_version=self.candidate_version, stable=self.stable,
                              backend=self.backend_name, policy=self.policy.to_json())
         state.event("delivery started", steps=",".join(map(str, self.policy.analysed_steps)) + ",promote")
-        self.store.save(state)
+        try:
+            self.store.save(state)
+        except StateConflict as exc:
+            # Another delivery recorded itself between our read and our write: it goes on, this one never began.
+            raise RolloutInProgress(f"another delivery to this service started at the same moment as the delivery "
+                                    f"of {self.candidate}: {exc}; nothing was changed for {self.candidate}: wait "
+                                    f"for the other to finish, then deliver again") from exc
         log.info("delivering %s (stable %s) through steps %s, %g s each", self.candidate, self.stable,
                  list(self.policy.analysed_steps), self.policy.interval_s)
         return state, False
@@ -308,8 +326,8 @@ class Controller:
             state.event("analysis inconclusive", analysis=len(state.analyses), inconclusive=state.inconclusive)
             if state.inconclusive >= policy.max_inconclusive:
                 self._begin_rollback(state, f"{state.inconclusive} inconclusive analyses in a row at "
-                                            f"{state.weight}%: {result.skipped_reason}; too little traffic to judge "
-                                            f"the candidate")
+                                            f"{state.weight}%: {result.skipped_reason}; the candidate cannot be "
+                                            f"judged")
                 return
         if state.phase == ANALYSING:
             # A fixed cadence; after a long stall (a slow backend, a suspended process) start a fresh interval.
@@ -321,6 +339,9 @@ class Controller:
         policy = self.policy
         try:
             metrics = metrics_by_variant(self.backend.metrics(policy.interval_s))
+        except analysis.MetricsUnavailable as exc:
+            # Missing figures are evidence neither way: the step is held, and max_inconclusive rolls back.
+            return EMPTY, EMPTY, analysis.unavailable(exc), False
         except BackendError as exc:
             check = analysis.Check("metrics", None, None, False, f"metrics unavailable: {exc}")
             return EMPTY, EMPTY, analysis.Analysis(False, (check,)), False
@@ -421,6 +442,12 @@ def restore_stable(backend: Backend, store: StoreOrPath, *, reason: str = "resto
     all, is left alone.
     """
     store = as_store(store)
+    with held(store):
+        return _restore_stable(backend, store, reason, on_rollback, record_dir)
+
+
+def _restore_stable(backend: Backend, store: RolloutStore, reason: str, on_rollback: Hook | None,
+                    record_dir: Path | None) -> bool:
     state = store.load()
     if state is None:
         log.info("no delivery recorded in %s; nothing to restore", store.where)

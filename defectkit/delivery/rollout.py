@@ -11,6 +11,7 @@ Pipelines cannot pass None, so the policy travels through them as parameters
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -21,13 +22,14 @@ from typing import Any, Callable
 from defectkit.delivery import analysis, record
 from defectkit.delivery.analysis import CanaryPolicy
 from defectkit.delivery.controller import RESTORE_COMMAND, Controller, Hook, restore_stable
-from defectkit.delivery.state import PROMOTED, ROLLED_BACK, RolloutState, RolloutStore, StateStore
-from defectkit.golden import read_golden
+from defectkit.delivery.state import PROMOTED, ROLLED_BACK, RolloutState, RolloutStore, StateStore, delivery_lock
+from defectkit.golden import Golden, read_golden
 
 log = logging.getLogger(__name__)
 
 DELIVERY_DIR = "delivery"
 STATE_FILE = "state.json"
+SERVICE_LOCK = "service.lock"
 CANARY_TAG = "canary"
 BACKENDS = ("local", "kserve")
 # CanaryPolicy fields that may be None (no limit); a pipeline parameter of 0 means None.
@@ -189,6 +191,19 @@ def make_store(config: DeliveryConfig, backend) -> RolloutStore:
     return ConfigMapStore(backend.api, config.namespace, config.service_name)
 
 
+def service_lock(config: DeliveryConfig) -> contextlib.AbstractContextManager[None]:
+    """Held while a delivery (or a restore) changes ``config``'s service: the local stack of the work directory.
+
+    The local state file can be moved with ``state_path``, but the stack is one per work directory, so the
+    lock lives there. On a cluster the state itself, beside the InferenceService, is the only lock: its
+    writes compare resource versions (:class:`defectkit.delivery.kserve.state.ConfigMapStore`).
+    """
+    if config.backend != "local":
+        return contextlib.nullcontext()
+    return delivery_lock(Path(config.work_dir) / DELIVERY_DIR / SERVICE_LOCK,
+                         f"the local service of {config.work_dir}")
+
+
 def restore_command(config: DeliveryConfig) -> str:
     """The command that rolls back an unfinished delivery of ``config``'s service."""
     if config.backend == "local":
@@ -214,6 +229,16 @@ def deliver(config: DeliveryConfig) -> RolloutState:
                              f" but the candidate {candidate} has weights {str(weights)[:12]}; build the golden set "
                              f"with the candidate model")
     on_promote, on_rollback = _hooks(config, version)
+    with service_lock(config):
+        state = _deliver(config, candidate, version, golden, on_promote, on_rollback)
+    record.write_record(state, config.record_path)
+    if config.tracking_uri and version:
+        log_record(config.tracking_uri, config.registered_model, version, state)
+    return state
+
+
+def _deliver(config: DeliveryConfig, candidate: str, version: str | None, golden: Golden | None,
+             on_promote: Hook | None, on_rollback: Hook | None) -> RolloutState:
     backend = make_backend(config, candidate)
     try:
         store = make_store(config, backend)
@@ -234,9 +259,6 @@ def deliver(config: DeliveryConfig) -> RolloutState:
                                on_rollback=on_rollback, restore_command=restore_command(config)).run()
     finally:
         _close(backend)
-    record.write_record(state, config.record_path)
-    if config.tracking_uri and version:
-        log_record(config.tracking_uri, config.registered_model, version, state)
     return state
 
 
@@ -246,6 +268,11 @@ def restore(config: DeliveryConfig, reason: str = "restore requested") -> bool:
     Needs nothing from the process that ran the delivery: the kserve backend reads the state
     from the cluster.
     """
+    with service_lock(config):
+        return _restore(config, reason)
+
+
+def _restore(config: DeliveryConfig, reason: str) -> bool:
     backend = make_backend(config)
     try:
         store = make_store(config, backend)

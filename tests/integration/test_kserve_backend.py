@@ -271,6 +271,7 @@ WINDOW_S = prom.query_window_s(prom.DEFAULT_SCRAPE_INTERVAL_S, STEP_S)
 def canned(revision: str, requests: str, errors: str | None, p50: str, p99: str, buckets: dict[str, str]) -> dict:
     variant = prom.Variant(NAMESPACE, NAME, revision)
     return {
+        prom.scrape_health_query(variant, WINDOW_S): vector(({}, "1")),
         prom.request_count_query(variant, WINDOW_S): vector(({}, requests)),
         prom.error_count_query(variant, WINDOW_S): vector(({}, errors)) if errors else vector(),
         prom.latency_quantile_query(variant, WINDOW_S, 0.5): vector(({}, p50)),
@@ -314,6 +315,27 @@ def test_metrics_per_variant_from_prometheus(kube, deployed):
     assert sorted(stable.scores) == [0.05] * 500 + [0.3] * 300 + [0.75] * 100
     assert sorted(canary.scores) == [0.05] * 10 + [0.3] * 30 + [0.75] * 60
     assert set(prometheus.queries[1:]) == set(answers)  # the first one met the 503 and was retried
+
+
+def test_a_failed_scrape_in_the_window_makes_the_figures_unavailable(kube, deployed):
+    deployed.deploy_candidate(CANDIDATE_URI)
+    deployed.set_traffic(10)
+    canary = prom.Variant(NAMESPACE, NAME, REVISION_2)
+    answers = {
+        **canned(REVISION_1, "900", "9", "0.012", "0.080", {"+Inf": "900"}),
+        **canned(REVISION_2, "100", None, "0.01", "0.120", {"+Inf": "100"}),
+        prom.scrape_health_query(canary, WINDOW_S): vector(({}, "0")),  # one scrape of the canary failed
+    }
+    prometheus = PrometheusStandIn(answers)
+    try:
+        backend = make_backend(kube, prom.PrometheusClient(prometheus.url))
+        with pytest.raises(prom.PrometheusUnavailable, match="a failed scrape of .*defect-predictor-00002"):
+            backend.metrics(STEP_S)
+        answers[prom.scrape_health_query(canary, WINDOW_S)] = vector()  # no sample of `up`: no figures either
+        with pytest.raises(prom.PrometheusUnavailable, match="no scrape at all"):
+            backend.metrics(STEP_S)
+    finally:
+        prometheus.close()
 
 
 def test_prometheus_errors_are_clear():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from defectkit.delivery import record
-from defectkit.delivery.analysis import CanaryPolicy
+from defectkit.delivery.analysis import CanaryPolicy, MetricsUnavailable
 from defectkit.delivery.backend import BackendError, ProbeAnswer, VariantMetrics
 from defectkit.delivery.controller import Controller, Golden, RolloutInProgress, restore_stable
 from defectkit.delivery.state import (
@@ -61,6 +61,7 @@ class StandInBackend:
         self.calls: list[str] = []
         self.kill: tuple[str, int, str] | None = None  # (method, nth call, "before" | "after" | "error")
         self.metrics_error: str | None = None
+        self.metrics_missing: str | None = None  # figures that cannot be read (Prometheus down), not a bad candidate
 
     def _call(self, name: str, apply) -> object:
         self.calls.append(name)
@@ -106,6 +107,8 @@ class StandInBackend:
         def apply():
             if self.metrics_error:
                 raise BackendError(self.metrics_error)
+            if self.metrics_missing:
+                raise MetricsUnavailable(self.metrics_missing)
             return self.figures(self.weight)
         return self._call("metrics", apply)
 
@@ -218,7 +221,7 @@ def test_inconclusive_windows_neither_fail_nor_pass_but_are_bounded(tmp_path, cl
     state = controller(backend, tmp_path, clock).run()
     assert state.phase == ROLLED_BACK and state.failed_checks == 0
     assert [a["verdict"] for a in state.analyses] == ["inconclusive"] * 3
-    assert "too little traffic" in state.reason
+    assert "fewer than min_requests=50; the candidate cannot be judged" in state.reason
 
 
 def test_metrics_the_backend_cannot_give_count_as_a_failed_analysis(tmp_path, clock):
@@ -227,6 +230,17 @@ def test_metrics_the_backend_cannot_give_count_as_a_failed_analysis(tmp_path, cl
     state = controller(backend, tmp_path, clock).run()
     assert state.phase == ROLLED_BACK and state.failed_checks == 2
     assert "cannot scrape" in state.analyses[0]["explanation"]
+
+
+def test_metrics_that_cannot_be_read_hold_the_step_and_never_promote(tmp_path, clock):
+    backend = StandInBackend()
+    backend.metrics_missing = "Prometheus at http://prometheus:9090 is unreachable"
+    state = controller(backend, tmp_path, clock).run()
+    assert state.phase == ROLLED_BACK and state.failed_checks == 0
+    assert [a["verdict"] for a in state.analyses] == ["inconclusive"] * POLICY.max_inconclusive
+    assert max(a["weight"] for a in state.analyses) == POLICY.steps[0]  # held at the first step throughout
+    assert "3 inconclusive analyses in a row" in state.reason and "Prometheus" in state.reason
+    assert "too little traffic" not in state.reason
 
 
 def test_a_golden_mismatch_rolls_back_before_any_traffic(tmp_path, clock):

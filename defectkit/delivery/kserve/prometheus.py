@@ -35,7 +35,8 @@ from typing import Mapping
 
 import requests
 
-from defectkit.delivery.backend import VariantMetrics, scores_from_buckets
+from defectkit.delivery.analysis import MetricsUnavailable
+from defectkit.delivery.backend import BackendError, VariantMetrics, scores_from_buckets
 from defectkit.retry import TRANSIENT_HTTP_STATUS, RetryableResponse, RetryPolicy, retry
 from defectkit.serving.metrics import (
     ERROR_STATUS,
@@ -98,8 +99,14 @@ def _warn_overlap(scrape_interval_s: float, interval_s: float, window_s: float) 
         window_s, window_s - interval_s, (MIN_WINDOW_SCRAPES - 1) * scrape_interval_s)
 
 
-class PrometheusError(RuntimeError):
-    """Prometheus answered, but not with a usable result."""
+class PrometheusError(BackendError):
+    """Prometheus answered, but not with a usable result (a query it rejected fails the analysis: that is a
+    configuration to fix, not missing data)."""
+
+
+class PrometheusUnavailable(PrometheusError, MetricsUnavailable):
+    """Prometheus could not be reached, or kept answering with a server error: the window's figures are
+    missing, so the analysis is inconclusive rather than failed."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,15 @@ def latency_quantile_query(variant: Variant, window_s: float, quantile: float = 
     return f"histogram_quantile({quantile:g}, sum by (le) ({buckets}))"
 
 
+def scrape_health_query(variant: Variant, window_s: float) -> str:
+    """1 when every scrape of the variant's pods in the window succeeded; less, or no data, when one failed.
+
+    Prometheus records each scrape's success in ``up``, with the target's labels, so the variant's selector
+    finds it. Counters that stop moving because their scrape broke look like a quiet, healthy server.
+    """
+    return f"min(min_over_time(up{variant.selector()}{_range(window_s)}))"
+
+
 def score_buckets_query(variant: Variant, window_s: float) -> str:
     """Per-bucket (cumulative) counts of defect scores observed in the window."""
     return f"sum by (le) (increase({bucket_series(SCORE_METRIC)}{variant.selector()}{_range(window_s)}))"
@@ -219,9 +235,11 @@ class PrometheusClient:
         try:
             return retry(get, "Prometheus query", self.retry_policy, transient=_transient)
         except RetryableResponse as exc:
-            return exc.response
+            raise PrometheusUnavailable(
+                f"Prometheus at {self.url} answered HTTP {exc.response.status_code} to "
+                f"{self.retry_policy.attempts} attempts: {exc.response.text[:200]!r}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise PrometheusError(f"Prometheus at {self.url} is unreachable: {exc}") from exc
+            raise PrometheusUnavailable(f"Prometheus at {self.url} is unreachable: {exc}") from exc
 
     def query(self, promql: str, at: float | None = None) -> list[Sample]:
         """The samples of an instant query; a scalar result comes back as one unlabelled sample."""
@@ -259,7 +277,16 @@ class PrometheusClient:
 
 def variant_metrics(client: PrometheusClient, variant: Variant, window_s: float) -> VariantMetrics:
     """Requests, 5xx errors, latency quantiles and a score sample of ``variant`` over the last ``window_s``
-    (for a canary step: ``query_window_s(client.scrape_interval_s, interval_s)``)."""
+    (for a canary step: ``query_window_s(client.scrape_interval_s, interval_s)``).
+
+    Raises :class:`PrometheusUnavailable` when a scrape of the variant failed within the window: figures read
+    from part of a window must not pass a candidate.
+    """
+    scraped = client.value(scrape_health_query(variant, window_s))
+    if scraped is None or scraped < 1:
+        state = "no scrape at all" if scraped is None else "a failed scrape"
+        raise PrometheusUnavailable(f"Prometheus holds {state} of {variant.selector()} in the last {window_s:.1f} s: "
+                                    f"the window's figures are incomplete")
     buckets = client.query(score_buckets_query(variant, window_s))
     cumulative = [(float(s.labels["le"]), s.value) for s in buckets if "le" in s.labels and not math.isnan(s.value)]
     return VariantMetrics(

@@ -2,10 +2,16 @@
 
 Servers are never stopped while the router still sends them requests: traffic moves
 first, then in-flight requests drain, then the process gets SIGTERM.
+
+A stable server that died is started again, with the model it served, by the next call
+that needs the stack (as Kubernetes restarts a predictor pod); until then the router sends
+stable's share to a canary that already takes traffic. A canary that died is not restarted:
+it fails the analysis in progress, and the delivery rolls it back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -173,13 +179,36 @@ class LocalBackend:
             self._scraper = Scraper(self.options.scrape_interval_s)
         self._scraper.watch({STABLE: stack.stable, CANARY: stack.canary})
 
-    def _stack(self) -> Stack:
+    def _stack(self, *, lock_held: bool = False) -> Stack:
+        """The running stack, with its stable server started again if it died; ``lock_held`` when the caller
+        holds the stack's lock already (it is not re-entrant)."""
         stack = read_stack(self.work_dir)
+        if stack is not None and alive(stack.router) and stack.stable is not None and not alive(stack.stable):
+            stack = self._restart_stable(lock_held)
         if stack is None or not alive(stack.router) or not alive(stack.stable):
             raise BackendError(f"the local serving stack in {stack_dir(self.work_dir)} is not running (router or "
                                f"stable server down); start it with a delivery (defectkit rollout start --backend local)")
         if self._scraper is None:
             self._watch(stack)
+        return stack
+
+    def _restart_stable(self, lock_held: bool) -> Stack | None:
+        """Start the stable server again with the model it served and point the router at it; the routing
+        split is kept."""
+        with contextlib.nullcontext() if lock_held else locked(self.work_dir):
+            stack = read_stack(self.work_dir)
+            if stack is None or stack.stable is None or alive(stack.stable) or not alive(stack.router):
+                return stack  # another process restarted it, or there is nothing to route to
+            dead = stack.stable
+            log.warning("the stable server (pid %d, %s) is not running; starting it again with %s", dead.pid,
+                        dead.url, dead.model)
+            stack.stable = self._start_server(STABLE, dead.model)
+            write_stack(self.work_dir, stack)
+            config = self._router_config(stack)
+            canary = config["canary"] if stack.canary is not None and config["canary"] == stack.canary.url else None
+            self._put_config(stack, stable=stack.stable.url, canary=canary, weight=config["weight"] if canary else 0)
+            log.warning("stable server restarted (pid %d) on %s", stack.stable.pid, stack.stable.url)
+        self._watch(stack)
         return stack
 
     def close(self) -> None:
@@ -231,7 +260,7 @@ class LocalBackend:
         """Start a canary server for ``model_uri`` at 0%; a running canary of the same model is kept (a resumed
         delivery), any other is drained and stopped first."""
         with locked(self.work_dir):
-            stack = self._stack()
+            stack = self._stack(lock_held=True)
             if stack.stable.model == model_uri and stack.canary is None:
                 raise BackendError(f"{model_uri} is already the stable model of the local stack; there is no "
                                    "candidate to canary")
@@ -288,7 +317,7 @@ class LocalBackend:
     def promote(self) -> None:
         """The canary server becomes the stable one with all traffic; the old stable server drains and stops."""
         with locked(self.work_dir):
-            stack = self._stack()
+            stack = self._stack(lock_held=True)
             if stack.canary is None:
                 if stack.candidate is not None and stack.candidate == stack.stable.model:
                     log.info("candidate %s is already the stable model", stack.candidate)
@@ -318,6 +347,9 @@ class LocalBackend:
                     stack.canary = None
                     write_stack(self.work_dir, stack)
                 return
+            if not alive(stack.stable):
+                # Traffic goes back to stable, so stable must answer it.
+                stack = self._restart_stable(lock_held=True)
             if stack.canary is None:
                 config = self._router_config(stack)
                 if config["canary"] is not None or config["stable"] != stack.stable.url:
@@ -330,6 +362,10 @@ class LocalBackend:
 
     def metrics(self, window_s: float) -> dict[str, VariantMetrics]:
         stack = self._stack()
+        if stack.canary is not None and not alive(stack.canary):
+            # The candidate's own failure, not missing figures: the analysis fails.
+            raise BackendError(f"the canary server (pid {stack.canary.pid}) is not running; see its log "
+                               f"{stack.canary.log}")
         scraper = self._scraper
         result = {STABLE: scraper.window(stack.stable, window_s)}
         result[CANARY] = scraper.window(stack.canary, window_s) if stack.canary is not None else EMPTY

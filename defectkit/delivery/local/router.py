@@ -15,7 +15,10 @@ it is answered, so a restarted router comes back with the same split. GET also r
 requests in flight per upstream URL, which the stack waits on before stopping a server.
 
 A request the canary refuses at connect time (it never reached the canary) is sent to the
-stable server instead; nothing else is retried, since inference requests reach the model.
+stable server instead; one the stable server refuses goes to the canary when the canary
+already takes a share of traffic (never to a canary at 0%, which is still being probed),
+so that a dead server costs clients only the requests it held when it died. A request is
+redirected once at most. Nothing else is retried, since inference requests reach the model.
 """
 
 from __future__ import annotations
@@ -120,6 +123,16 @@ class Router:
         variant = self._picker.pick()
         return variant, getattr(self.config, variant)
 
+    def fallback(self, variant: str) -> tuple[str, str] | None:
+        """Where a request the ``variant`` server refused goes instead: stable for the canary, the canary for
+        stable while it takes a share of traffic; None when there is no such server."""
+        config = self.config
+        if variant == CANARY and config.stable is not None:
+            return STABLE, config.stable
+        if variant == STABLE and config.canary is not None and config.weight > 0:
+            return CANARY, config.canary
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {**asdict(self.config), "inflight": dict(self.inflight), "routed": dict(self.routed),
                 "redirected": self.redirected}
@@ -143,23 +156,27 @@ def build_app(router: Router, *, timeout_s: float = 60.0):
         body = await request.body()
         headers = {k: v for k, v in request.headers.items() if k in _PASSED_REQUEST_HEADERS}
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        reconnected = False
+        reconnected = redirected = False
         while True:
             router.inflight[upstream] += 1
             try:
                 answer = await client.request(request.method, upstream + path, content=body, headers=headers)
             except httpx.ConnectError as exc:
-                stable = router.config.stable
-                if variant == CANARY and stable is not None:
-                    # Refused before it reached the canary: the stable server can take it without a double answer.
-                    log.warning("canary %s refused the connection (%s); sending the request to stable", upstream, exc)
+                # Refused before it reached the model: the other server can take it without a double answer.
+                other = router.fallback(variant) if not redirected else None
+                if other is not None:
+                    log.warning("%s %s refused the connection (%s); sending the request to %s", variant, upstream,
+                                exc, other[0])
                     router.redirected += 1
-                    variant, upstream = STABLE, stable
+                    redirected = True
+                    variant, upstream = other
                     continue
                 return _error(502, f"the {variant} model server {upstream} is unreachable: {exc}", variant)
-            except httpx.RemoteProtocolError as exc:
-                # A pooled keep-alive connection the server closed as it was reused: the request never reached
-                # the model, and inference has no side effects, so it is sent once more on a fresh connection.
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                # The connection broke under the request: a pooled keep-alive connection the server closed as it
+                # was reused, or a server that died (closed: RemoteProtocolError; reset: ReadError; gone before
+                # the body was written: WriteError). Inference has no side effects, so the request is sent once
+                # more on a fresh connection, which a dead server refuses: then the fallback above takes it.
                 if not reconnected:
                     reconnected = True
                     log.info("%s model server %s dropped a pooled connection (%s); sending again", variant,

@@ -18,7 +18,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
-from defectkit.delivery.backend import BackendError, VariantMetrics
+from defectkit.delivery.analysis import MetricsUnavailable
+from defectkit.delivery.backend import VariantMetrics
 from defectkit.delivery.local.processes import ServerInfo
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,9 @@ class Scraper:
             response = self._client.get(info.url + "/metrics")
             response.raise_for_status()
         except httpx.HTTPError as exc:
-            raise BackendError(f"cannot scrape the {info.role} server's metrics at {info.url}/metrics: {exc}") from exc
+            # Missing figures; LocalBackend.metrics tells a dead server (the candidate's fault) from this.
+            raise MetricsUnavailable(f"cannot scrape the {info.role} server's metrics at {info.url}/metrics: "
+                                     f"{exc}") from exc
         snapshot = parse_metrics(response.text, time.monotonic())
         with self._lock:
             history = self._history.setdefault((info.pid, info.create_time),
@@ -150,7 +153,7 @@ class Scraper:
             for info in targets:
                 try:
                     self.scrape(info)
-                except BackendError as exc:
+                except MetricsUnavailable as exc:
                     log.debug("%s", exc)
 
     def window(self, info: ServerInfo, window_s: float) -> VariantMetrics:
