@@ -20,8 +20,10 @@ GPU-safe: Pillow and numpy only.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -77,6 +79,10 @@ _OTHER_SIGNATURES: tuple[tuple[bytes, str], ...] = (
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _WHITE = (255, 255, 255, 255)
+# Pixels scaled to 8 bits at a time: a few MB of float64 whatever the image size.
+_SCALE_CHUNK = 1 << 20
+# Decoding more pixels than this hands the freed buffers back to the operating system afterwards (see _release).
+RELEASE_PIXELS = 8_000_000
 
 
 class ImageRejected(ValueError):
@@ -142,12 +148,17 @@ def decode(
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
         rgb = _to_rgb(image, label)
+        if max(pixels, image.width * image.height) >= RELEASE_PIXELS:
+            weakref.finalize(rgb, _release)
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected("too_large", f"{label}too large to decode safely: {exc}") from exc
     except Exception as exc:  # Pillow's plugins raise many types for bad pixel data; all mean unusable bytes
         reason = "truncated" if _looks_truncated(exc, data, info.format) else "corrupt"
+        if pixels >= RELEASE_PIXELS:  # the pixels were allocated before the data ran out or went wrong
+            image.close()
+            _release()
         raise ImageRejected(reason, f"{label}{info.format} pixel data cannot be decoded ({reason}): {exc}") from exc
     return rgb, info
 
@@ -211,21 +222,70 @@ def _to_rgb(image: Image.Image, label: str) -> Image.Image:
     raise ImageRejected("unsupported_format", f"{label}pixel mode {mode} cannot be converted to RGB")
 
 
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):  # not glibc (musl, macOS): its allocator returns large blocks by itself
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def _release() -> None:
+    """Give freed heap memory back to the operating system.
+
+    A large image passes through buffers of tens to hundreds of MB (Pillow's 16 MB blocks, numpy copies,
+    mode conversions). glibc serves blocks under its mmap threshold, which rises to 32 MB once a larger
+    block was freed, from per-thread arenas and keeps them when they are freed: a model server that decoded
+    a few 50-megapixel images in its decode threads stays hundreds of MB larger for good. Called when the
+    decoded image of a large one is dropped, by which time its intermediate buffers are gone too.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
-    """Stretch the range actually used onto 0-255: a 12-bit sensor in a 16-bit file must not come out black."""
-    values = values.astype(np.float64)
-    finite = np.isfinite(values)
-    values = np.where(finite, values, 0.0)
-    if not finite.any():
-        return np.zeros(values.shape, np.uint8)
-    low, high = float(values[finite].min()), float(values[finite].max())
-    if high > low:
-        scaled = (values - low) * (255.0 / (high - low))
-    else:
+    """Stretch the range actually used onto 0-255: a 12-bit sensor in a 16-bit file must not come out black.
+
+    Works through the pixels a chunk at a time: converting a 50-megapixel 16-bit or float image in one go
+    takes several float64 copies of it (about 1.6 GB and seconds), which lets one small, highly
+    compressible file exhaust a model server's memory.
+    """
+    flat = values.reshape(-1)
+    out = np.zeros(flat.shape, np.uint8)
+    low, high = _finite_range(flat)
+    if low is None:
+        return out.reshape(values.shape)
+    if high <= low:
         # A constant image has no range to stretch: place it on the nominal scale of its type.
         nominal = 1.0 if mode == "F" else 65535.0
-        scaled = np.full(values.shape, low * 255.0 / nominal)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        out[:] = np.clip(np.rint(low * 255.0 / nominal), 0, 255)
+        return out.reshape(values.shape)
+    factor = 255.0 / (high - low)
+    # A damaged float image can hold signalling NaNs, whose conversion to float64 raises numpy's "invalid"
+    # warning; they are set to 0 on the next line like every other non-finite value.
+    with np.errstate(invalid="ignore"):
+        for start in range(0, flat.size, _SCALE_CHUNK):
+            chunk = flat[start:start + _SCALE_CHUNK].astype(np.float64)
+            chunk[~np.isfinite(chunk)] = 0.0
+            out[start:start + _SCALE_CHUNK] = np.clip(np.rint((chunk - low) * factor), 0, 255)
+    return out.reshape(values.shape)
+
+
+def _finite_range(flat: np.ndarray) -> tuple[float | None, float]:
+    """(lowest, highest) finite value of a 1-D array, or (None, 0.0) when it holds none."""
+    if flat.size == 0:
+        return None, 0.0
+    if flat.dtype.kind in "iub":
+        return float(flat.min()), float(flat.max())
+    low, high = np.inf, -np.inf
+    for start in range(0, flat.size, _SCALE_CHUNK):
+        chunk = flat[start:start + _SCALE_CHUNK]
+        chunk = chunk[np.isfinite(chunk)]
+        if chunk.size:
+            low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+    return (None, 0.0) if low > high else (low, high)
 
 
 def _sniff(data: bytes, signatures: tuple[tuple[bytes, str], ...]) -> str | None:

@@ -64,6 +64,9 @@ EMBEDDINGS_FILE = "embeddings.npy"
 _MAGIC = ((b"\x89PNG", "png"), (b"\xff\xd8", "jpg"), (b"BM", "bmp"), (b"II*\x00", "tif"), (b"MM\x00*", "tif"))
 _BATCH_WAIT_S = 0.2
 _DROP_LOG_EVERY = 1000
+# While storage keeps failing (disk full, bucket unreachable), a shard fails every batch: one log line a
+# minute says so, not a traceback every batch.
+_FAILURE_LOG_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -238,6 +241,40 @@ def _writer_process(conn, uri: str) -> None:
         conn.send(write_shards(store, batch))
 
 
+class _WriteFailures:
+    """Logs storage failures of the sample writer: the first of a run of failures with its traceback, then
+    a count at most every ``every_s``, and a line when writes succeed again."""
+
+    def __init__(self, every_s: float = _FAILURE_LOG_EVERY_S) -> None:
+        self.every_s = every_s
+        self.lost = 0  # samples not written since the last shard that was
+        self._logged_at: float | None = None
+
+    def failed(self, count: int, where: str) -> None:
+        """Call from the ``except`` block of the failed write."""
+        self.lost += count
+        now = time.monotonic()
+        if self._logged_at is None:
+            log.exception("could not write %d samples to %s; samples are dropped (and counted) until storage "
+                          "takes writes again", count, where)
+        elif now - self._logged_at >= self.every_s:
+            log.error("sample storage still failing: %d samples dropped since the first failure; last: %s",
+                      self.lost, where)
+        else:
+            return
+        self._logged_at = now
+
+    def succeeded(self, where: str) -> None:
+        if self.lost:
+            log.warning("sample writes succeed again (%s); %d samples were dropped while they failed", where,
+                        self.lost)
+        self.lost = 0
+        self._logged_at = None
+
+
+_write_failures = _WriteFailures()
+
+
 def write_shards(store: storage.Store, batch: Sequence[tuple]) -> tuple[int, int]:
     """Write (image, score, label, model_version, time) samples, one shard per hour partition; (written, failed).
 
@@ -269,10 +306,12 @@ def write_shards(store: storage.Store, batch: Sequence[tuple]) -> tuple[int, int
         rel = f"{folder}/{int(items[0][4] * 1000)}-{uuid.uuid4().hex[:12]}{SHARD_SUFFIX}"
         try:
             store.write(rel, buffer.getvalue())
-            written += count
         except Exception:  # noqa: BLE001 - a storage failure loses this shard, never the writer
             failed += count
-            log.exception("could not write %d samples to %s/%s", count, store.root, rel)
+            _write_failures.failed(count, f"{store.root}/{rel}")
+            continue
+        written += count
+        _write_failures.succeeded(f"{store.root}/{rel}")
     return written, failed
 
 

@@ -12,8 +12,12 @@ Prometheus for them.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator, Mapping
+
 import numpy as np
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from defectkit.serving.breaker import CLOSED, HALF_OPEN, OPEN
 
@@ -26,6 +30,15 @@ REQUESTS_METRIC = "defectkit_requests"
 LATENCY_METRIC = "defectkit_request_latency_seconds"
 SCORE_METRIC = "defectkit_score"
 STATUS_LABEL = "status"
+SAMPLES_DRAWN_METRIC = "defectkit_samples_drawn"
+SAMPLES_WRITTEN_METRIC = "defectkit_samples_written"
+SAMPLES_DROPPED_METRIC = "defectkit_samples_dropped"
+SAMPLES_PENDING_METRIC = "defectkit_samples_pending"
+REASON_LABEL = "reason"
+# Why a drawn sample was not written: the queue to the writer was full (storage slower than the sample rate),
+# or the writer could not store it (storage down, disk full, refused; or the sample did not encode).
+DROPPED_QUEUE_FULL = "queue_full"
+DROPPED_WRITE_FAILED = "write_failed"
 # The status values that count as errors: a regular expression, as PromQL's =~ takes it.
 ERROR_STATUS = "5.."
 
@@ -85,3 +98,68 @@ def breaker_state(model_version: str, state: str) -> None:
 
 def model_loaded(model_version: str, role: str, architecture: str, image_size: int, weights_sha256: str) -> None:
     MODEL_INFO.labels(model_version, role, architecture, str(image_size), weights_sha256).set(1)
+
+
+class _SamplingCollector:
+    """The production sampler's counts, read from the sampler when ``/metrics`` is scraped.
+
+    The sampler keeps its own counts (it is used without a server, too); reading them at scrape
+    time keeps the request path free of a second set of counters. Every drawn sample is written,
+    dropped with a reason, or pending: drawn = written + dropped + pending.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sources: dict[str, Callable[[], Mapping[str, int]]] = {}
+
+    def watch(self, model_version: str, stats: Callable[[], Mapping[str, int]]) -> None:
+        with self._lock:
+            self._sources[model_version] = stats
+
+    def forget(self, model_version: str) -> None:
+        with self._lock:
+            self._sources.pop(model_version, None)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            sources = dict(self._sources)
+        families = self._families()
+        drawn, written, dropped, pending = families
+        for version, stats in sources.items():
+            counts = stats()
+            drawn.add_metric([version], counts["sampled"])
+            written.add_metric([version], counts["written"])
+            dropped.add_metric([version, DROPPED_QUEUE_FULL], counts["dropped"])
+            dropped.add_metric([version, DROPPED_WRITE_FAILED], counts["failed"])
+            pending.add_metric([version], counts["sampled"] - counts["written"] - counts["dropped"] - counts["failed"])
+        return iter(families)
+
+    @staticmethod
+    def _families() -> list[Metric]:
+        return [
+            CounterMetricFamily(SAMPLES_DRAWN_METRIC, "Served images drawn for production sampling",
+                                labels=["model_version"]),
+            CounterMetricFamily(SAMPLES_WRITTEN_METRIC, "Sampled images stored with their answers",
+                                labels=["model_version"]),
+            CounterMetricFamily(SAMPLES_DROPPED_METRIC, "Sampled images not stored, by reason: queue_full "
+                                "(storage slower than the sample rate) or write_failed (storage refused or down, "
+                                "disk full, or the image did not encode)", labels=["model_version", REASON_LABEL]),
+            GaugeMetricFamily(SAMPLES_PENDING_METRIC, "Sampled images queued or being written",
+                              labels=["model_version"]),
+        ]
+
+
+_SAMPLING = _SamplingCollector()
+REGISTRY.register(_SAMPLING)
+
+
+def watch_sampling(model_version: str, stats: Callable[[], Mapping[str, int]]) -> None:
+    """Export a sampler's counts (``Sampler.stats``) on ``/metrics``, labelled with the serving model version."""
+    _SAMPLING.watch(model_version, stats)
+
+
+def forget_sampling(model_version: str) -> None:
+    _SAMPLING.forget(model_version)

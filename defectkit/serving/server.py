@@ -294,6 +294,8 @@ def build_app(predictor: DefectPredictor, *, max_body_bytes: int, port: int = DE
     model_server = ModelServer(http_port=port, enable_grpc=False, enable_docs_url=False,
                                enable_latency_logging=False)
     model_server.register_model(predictor)
+    if predictor.sampler is not None:
+        metrics.watch_sampling(predictor.version, predictor.sampler.stats)
     dataplane = model_server.dataplane
     app = kserve.model_server.app
 
