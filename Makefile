@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 WORK ?= runs
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run demo-rollback demo-drift test compile check bench images images-check constraints clean
+.PHONY: run demo-rollback demo-drift test chaos compile check bench images images-check constraints clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ demo-drift: $(STAMP)
 test: $(STAMP)
 	mkdir -p $(WORK)/tmp
 	TMPDIR=$(CURDIR)/$(WORK)/tmp $(PY) -m pytest -q --timeout=900 tests
+
+# Fault scenarios against the real local stack; prints one table and fails when a scenario misses its goal.
+# CHAOS_FLAGS=--short is CI's form; --only NAME,... picks scenarios.
+CHAOS_FLAGS ?=
+chaos: $(STAMP)
+	mkdir -p $(WORK)/tmp
+	TMPDIR=$(CURDIR)/$(WORK)/tmp $(PY) -m tests.chaos $(CHAOS_FLAGS)
 
 compile: $(STAMP)
 	$(PY) compile.py

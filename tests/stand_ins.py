@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 import threading
+import time
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
+
+import requests
 
 # (method, path, query, JSON body or None, request headers) -> (status, JSON payload)
 Route = Callable[[str, str, dict, "dict | None", Mapping[str, str]], tuple[int, dict]]
@@ -58,3 +62,47 @@ class ManualClock:
 
     def sleep(self, seconds: float) -> None:
         self.now += seconds
+
+
+class KnativeRouter:
+    """Knative's part in a canary: sends ``rate`` requests a second to the revisions that the InferenceService's
+    status (in the Kubernetes API stand-in ``kube``) lists, by their percents, as Knative routes by the traffic
+    block of the Route it writes. ``answers`` holds (sent, revision, status; 0 when no answer came)."""
+
+    def __init__(self, kube, namespace: str, service: str, urls: Mapping[str, str], bodies: list[bytes],
+                 rate: float) -> None:
+        self.kube, self.namespace, self.service, self.urls, self.bodies = kube, namespace, service, urls, bodies
+        self.rate = rate
+        self.answers: list[tuple[float, str, int]] = []
+        self._stop = threading.Event()
+        self._draw = random.Random(0)
+        self._thread = threading.Thread(target=self._run, name="knative-router", daemon=True)
+
+    def _split(self) -> dict[str, int]:
+        traffic = self.kube.stored(self.namespace, self.service)["status"]["components"]["predictor"]["traffic"]
+        split: dict[str, int] = {}
+        for entry in traffic:
+            split[entry["revisionName"]] = split.get(entry["revisionName"], 0) + entry["percent"]
+        return split
+
+    def _run(self) -> None:
+        session = requests.Session()
+        while not self._stop.is_set():
+            split = self._split()
+            revision = self._draw.choices(list(split), weights=list(split.values()))[0]
+            sent = time.time()
+            try:
+                status = session.post(self.urls[revision], data=self._draw.choice(self.bodies),
+                                      headers={"content-type": "application/json"}, timeout=30).status_code
+            except requests.RequestException:
+                status = 0
+            self.answers.append((sent, revision, status))
+            self._stop.wait(max(0.0, sent + 1 / self.rate - time.time()))
+
+    def __enter__(self) -> KnativeRouter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(60)

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import random
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import requests
 import torch
 
 from defectkit.data import Manifest
@@ -34,6 +31,7 @@ from defectkit.preprocess import PreprocessSpec
 from defectkit.retry import RetryPolicy
 from tests.conftest import TINY_IMAGE_SIZE
 from tests.kube_api import KubeApiStandIn
+from tests.stand_ins import KnativeRouter
 from tests.servers import PodTarget, free_port, start_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,43 +43,6 @@ RATE = 10.0  # requests a second, both revisions together
 POLICY = CanaryPolicy(steps=(50, 100), interval_s=4.0, failure_threshold=1, min_requests=5, max_error_rate=0.01,
                       max_p99_latency_s=1.0)
 BAD_ARGS = ("--fault-error-rate", "0.5", "--breaker-failures", "100000")
-
-
-class KnativeRouter:
-    """Sends requests at ``RATE`` to the revision the InferenceService's status gives them, by its percents."""
-
-    def __init__(self, kube: KubeApiStandIn, urls: dict[str, str], bodies: list[bytes]) -> None:
-        self.kube, self.urls, self.bodies = kube, urls, bodies
-        self.answers: list[tuple[float, str, int]] = []  # (sent, revision, status)
-        self._stop = threading.Event()
-        self._draw = random.Random(0)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _split(self) -> dict[str, int]:
-        traffic = self.kube.stored(NAMESPACE, NAME)["status"]["components"]["predictor"]["traffic"]
-        split: dict[str, int] = {}
-        for entry in traffic:
-            split[entry["revisionName"]] = split.get(entry["revisionName"], 0) + entry["percent"]
-        return split
-
-    def _run(self) -> None:
-        session = requests.Session()
-        while not self._stop.is_set():
-            split = self._split()
-            revision = self._draw.choices(list(split), weights=list(split.values()))[0]
-            sent = time.time()
-            response = session.post(self.urls[revision], data=self._draw.choice(self.bodies),
-                                    headers={"content-type": "application/json"}, timeout=30)
-            self.answers.append((sent, revision, response.status_code))
-            self._stop.wait(max(0.0, sent + 1 / RATE - time.time()))
-
-    def __enter__(self) -> KnativeRouter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(60)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +93,7 @@ def test_a_bad_candidate_is_rolled_back_on_real_metrics(servers, prometheus, dat
                                 ready_timeout_s=30.0, candidate_uri=CANDIDATE_URI)
         backend.ensure_exists(ServiceConfig(name=NAME, namespace=NAMESPACE, image="ghcr.io/defectkit/serve:0.1.0",
                                             storage_uri=STABLE_URI))
-        with KnativeRouter(kube, urls, bodies) as router:
+        with KnativeRouter(kube, NAMESPACE, NAME, urls, bodies, RATE) as router:
             state = Controller(backend, POLICY, ConfigMapStore(api, NAMESPACE, NAME), candidate=CANDIDATE_URI,
                                backend_name="kserve").run()
             restored_at = time.time()
