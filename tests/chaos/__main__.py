@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import pkgutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +30,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", type=Path, help="also write the outcomes as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    # A runner stopped with SIGTERM (a CI timeout) unwinds like Ctrl-C: each scenario's cleanup stops its servers.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     chosen = scenarios()
     if args.only:
         wanted = set(args.only.split(","))
