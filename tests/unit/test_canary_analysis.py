@@ -12,6 +12,7 @@ from defectkit.delivery.backend import VariantMetrics, metrics_by_variant
 from defectkit.delivery.kserve.prometheus import (
     DEFAULT_SCRAPE_INTERVAL_S,
     PrometheusClient,
+    PrometheusUnavailable,
     Sample,
     Variant,
     error_count_query,
@@ -19,6 +20,7 @@ from defectkit.delivery.kserve.prometheus import (
     query_window_s,
     request_count_query,
     score_buckets_query,
+    scrape_health_query,
     variant_metrics,
 )
 
@@ -143,13 +145,17 @@ def test_kserve_figures_are_variant_metrics():
     revision = Variant("ml", "defect", "defect-predictor-00002")
     buckets = [Sample({"le": le}, n) for le, n in (("0.05", 0.0), ("0.15", 1.0), ("0.25", 2.0), ("+Inf", 2.0))]
     client = CannedPrometheus(
-        values={request_count_query(revision, 60): 12.5, error_count_query(revision, 60): 0.5,
+        values={scrape_health_query(revision, 60): 1.0,
+                request_count_query(revision, 60): 12.5, error_count_query(revision, 60): 0.5,
                 latency_quantile_query(revision, 60, 0.5): 0.01, latency_quantile_query(revision, 60, 0.99): math.inf},
         samples={score_buckets_query(revision, 60): buckets},
     )
     converted = variant_metrics(client, revision, 60)
     assert converted == VariantMetrics(12.5, 0.5, 0.01, None, (0.1, 0.2))  # a p99 beyond the last bucket is unknown
     assert converted.error_rate == pytest.approx(0.04)
+    client.values[scrape_health_query(revision, 60)] = 0.0  # a scrape failed within the window
+    with pytest.raises(PrometheusUnavailable, match="a failed scrape"):
+        variant_metrics(client, revision, 60)
     with pytest.raises(TypeError, match="not VariantMetrics"):
         metrics_by_variant({"stable": converted, "canary": object.__new__(type("Partial", (), {"requests": 1}))})
 
