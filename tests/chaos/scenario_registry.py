@@ -35,8 +35,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -345,20 +344,6 @@ class Watcher:
 # --------------------------------------------------------------------------- one kill case
 
 
-@contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 @dataclass
 class StepResult:
     value: object = None
@@ -408,9 +393,9 @@ def run_case(server: MlflowServer, relay: KillingRelay, point: KillPoint, step: 
     ended = "failed clearly with the server down; the re-run succeeded" if point.stays_down \
         else "succeeded through the client's retries"
     reader = RegistryReader(server.url, MODEL_NAME)
-    with Watcher(reader, watcher_check) as watcher, _environ(CLIENT_RETRY_ENV):
+    with Watcher(reader, watcher_check) as watcher, stack.environ(CLIENT_RETRY_ENV):
         relay.arm(point)
-        with _environ(STAYS_DOWN_ENV if point.stays_down else {}):
+        with stack.environ(STAYS_DOWN_ENV if point.stays_down else {}):
             thread, result = _in_thread(step)
             while not relay.fired.wait(0.1):
                 if not thread.is_alive():
@@ -526,11 +511,11 @@ def run_registry(work_dir: Path, short: bool) -> list[Outcome]:
             register_results.append(run_case(server, relay, point, lambda m=model: registry.register(config, m),
                                               check_register))
         # Promotions start from a known champion: the first registered version.
-        with _environ(CLIENT_RETRY_ENV):
+        with stack.environ(CLIENT_RETRY_ENV):
             registry.promote(config, "1")
         promote_results = []
         for i, point in enumerate(p for p in PROMOTE_POINTS if not short or p.name in SHORT_POINTS):
-            with _environ(CLIENT_RETRY_ENV):
+            with stack.environ(CLIENT_RETRY_ENV):
                 old = registry.champion(config).version
                 new = registry.register(config, models[i % len(models)]).version
             watch = _promotion_invariant(reader, old, new)

@@ -43,7 +43,7 @@ import tarfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -345,20 +345,6 @@ def stored_samples(uri: str) -> StoredSamples:
 
 
 @contextlib.contextmanager
-def environ(**values: str) -> Iterator[None]:
-    """Set environment variables of this process for the block (the GCS client reads them when created)."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 # --------------------------------------------------------------------------- one fault under load
 
 
@@ -642,7 +628,7 @@ def gcs_down(work: Path, model: Path, bodies: list[tuple[bytes, dict[str, str]]]
     try:
         server = start_sampling_server(work, model, "gcs-down", uri, env={"STORAGE_EMULATOR_HOST": emulator_url})
         run = under_load(server, bodies, phases, begin, end)
-        with environ(STORAGE_EMULATOR_HOST=emulator_url):
+        with stack.environ({"STORAGE_EMULATOR_HOST": emulator_url}):
             stored = stored_samples(uri)
     finally:
         if server is not None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 
 from defectkit.models import ModelMetadata, build_model, save_model
@@ -50,3 +53,15 @@ def start_model_server(work: Path, model: Path, label: str, *args: str) -> Serve
         url=f"http://127.0.0.1:{port}", health_path="/v2/health/ready", log_path=work / f"{label}.log",
         env={"PYTHONPATH": str(ROOT)}, timeout=120,
     )
+
+
+@contextmanager
+def environ(values: Mapping[str, str], unset: Iterable[str] = ()) -> Iterator[None]:
+    """This process's environment with ``values`` set and ``unset`` removed for the block, restored afterwards
+    (clients such as boto3 and google-cloud-storage read it when they are created)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in values.items():
+            patch.setenv(name, value)
+        for name in unset:
+            patch.delenv(name, raising=False)
+        yield
