@@ -144,7 +144,9 @@ def decide(drifted: bool, new_images: int, last_retrain_at: float | None, now: f
         cooled = True
         reasons.append("no earlier retraining: no cooldown applies")
     else:
-        since = now - last_retrain_at
+        # A retraining stamped after `now` (another pod's clock runs ahead, or it retrained while this run
+        # started) happened just now: a zero cooldown must still not hold this run back.
+        since = max(0.0, now - last_retrain_at)
         cooled = since >= policy.cooldown_s
         reasons.append(f"last retraining {_duration(since)} ago, {'at least' if cooled else 'within'} the "
                        f"cooldown of {_duration(policy.cooldown_s)}")

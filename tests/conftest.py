@@ -101,8 +101,9 @@ def s3_server(tmp_path_factory):
     port = free_port()
     logs = tmp_path_factory.mktemp("s3")
     url = f"http://127.0.0.1:{port}"
-    server = start_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                          url=url, health_path="/moto-api/", log_path=logs / "moto.log")
+    server = start_server([sys.executable, "-m", "tests.s3_server", "-H", "127.0.0.1", "-p", str(port)],
+                          url=url, health_path="/moto-api/", log_path=logs / "moto.log",
+                          env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     patch = pytest.MonkeyPatch()
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "MLFLOW_S3_ENDPOINT_URL"):
         patch.delenv(name, raising=False)

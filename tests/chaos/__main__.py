@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import pkgutil
 import signal
@@ -48,6 +49,9 @@ def main(argv: list[str]) -> int:
         print(f"{scenario.name}: {sum(o.met for o in found)}/{len(found)} met in {seconds:.0f} s",
               file=sys.stderr, flush=True)
     print(table(outcomes))
+    for o in outcomes:
+        if not o.met:  # why, in the log a CI run leaves behind
+            print(f"\n{o.scenario} / {o.fault}: {json.dumps(o.details, default=str)[:3000]}")
     if args.json:
         write_json(outcomes, args.json)
     return 0 if all(o.met for o in outcomes) else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,22 @@ class Scenario:
 
     name: str
     run: Callable[[Path, bool], list[Outcome]]
+
+
+def rate_meets(succeeded: int, attempted: int, goal: float, confidence: float = 0.99) -> bool:
+    """Whether ``succeeded`` of ``attempted`` is consistent with a success rate of at least ``goal``.
+
+    A rate is a probability, and a few dozen operations cannot resolve 99.9%: one failure in 60 reads as
+    98.3% though a process failing one time in a thousand does that 6% of the time. So the goal is missed
+    only when the failures seen would be improbable (below ``1 - confidence``) at a failure rate of
+    ``1 - goal``: an exact one-sided binomial test. With thousands of operations it is the plain rate.
+    """
+    if attempted <= 0:
+        return False
+    failures, p = attempted - succeeded, 1.0 - goal
+    # P(at least `failures` failures in `attempted` tries at failure rate p)
+    tail = 1.0 - sum(math.comb(attempted, k) * p ** k * (1 - p) ** (attempted - k) for k in range(failures))
+    return tail >= 1.0 - confidence
 
 
 def failed_outcome(scenario: str, error: BaseException) -> Outcome:

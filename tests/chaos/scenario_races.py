@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.chaos.harness import Outcome, Scenario
+from tests.chaos.stack import environ
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def run_delivery_race(work_dir: Path, short: bool) -> list[Outcome]:
                 winners = [k for k, code in enumerate(codes) if code in (EXIT_PROMOTED, EXIT_ROLLED_BACK)]
                 refused = [k for k, code in enumerate(codes) if code == EXIT_REFUSED]
                 clear = all("REFUSED:" in logs[k] and "running right now" in logs[k] for k in refused)
-                consistent = False
+                checks: dict[str, bool] = {}
                 if len(winners) == 1:
                     winner = candidates[winners[0]]
                     state_path = (round_dir / f"state-{winners[0]}.json" if own_state
@@ -136,17 +137,26 @@ def run_delivery_race(work_dir: Path, short: bool) -> list[Outcome]:
                     serving = str(winner) if promoted else stable
                     time.sleep(2.0)  # the answers to requests sent just after the end
                     after = [r for r in load.results if ended + 0.3 <= r[0] < ended + 1.0 and r[2] == 200]
-                    consistent = (state is not None and state.phase == (PROMOTED if promoted else ROLLED_BACK)
-                                  and state.candidate == str(winner) and stack.canary is None
-                                  and stack.stable.model == serving and backend.traffic() == (100 if promoted else 0)
-                                  and bool(after) and {r[4] for r in after} == {versions[serving]})
+                    checks = {
+                        "state_phase": state is not None and state.phase == (PROMOTED if promoted else ROLLED_BACK),
+                        "state_candidate": state is not None and state.candidate == str(winner),
+                        "no_canary": stack.canary is None,
+                        "stable_model": stack.stable.model == serving,
+                        "traffic": backend.traffic() == (100 if promoted else 0),
+                        "answers_after": bool(after),
+                        "answers_from_serving": {r[4] for r in after} <= {versions[serving]},
+                    }
+                consistent = bool(checks) and all(checks.values())
                 loser_canary = [r for r in load.results if r[0] >= start_at and r[3] == "canary"
                                 and refused and r[4] == versions[str(candidates[refused[0]])]]
                 results.append({"round": number, "own_state_files": own_state, "exit_codes": codes,
                                 "winners": len(winners), "refused": len(refused), "refusal_clear": clear,
-                                "consistent": consistent, "loser_answers_as_canary": len(loser_canary),
+                                "consistent": consistent, "failed_checks": [k for k, v in checks.items() if not v],
+                                "loser_answers_as_canary": len(loser_canary),
                                 "refusal": next((line for k in refused for line in logs[k].splitlines()
-                                                 if "REFUSED:" in line), None)})
+                                                 if "REFUSED:" in line), None),
+                                "unexpected_exits": {k: logs[k][-600:] for k, code in enumerate(codes)
+                                                     if code not in (EXIT_PROMOTED, EXIT_ROLLED_BACK, EXIT_REFUSED)}})
                 log.warning("delivery_race round %d: %s", number, results[-1])
         requests = [r for r in load.results]
     finally:
@@ -224,7 +234,8 @@ def _monitor_rounds(work_dir: Path, label: str, state_uri: str, rounds: int, env
                         "marker_run": None if marker is None else marker["run"],
                         "winner": retrained[0]["run"] if retrained else None,
                         "data_folder_exists": bool(retrained) and Path(retrained[0]["data"]).is_dir(),
-                        "folders": len(folders), "loser_reason": loser_reason})
+                        "folders": len(folders), "loser_reason": loser_reason,
+                        "loser_reasons": None if loser_reason else [r["reasons"] for r in records if not r["retrain"]]})
         log.warning("monitor_race %s round %d: %s", label, number, results[-1])
     return results
 
@@ -242,27 +253,19 @@ def run_monitor_race(work_dir: Path, short: bool) -> list[Outcome]:
     url = f"http://127.0.0.1:{port}"
     s3_env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
               "AWS_DEFAULT_REGION": "us-east-1"}
-    server = start_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], url=url,
+    server = start_server([sys.executable, "-m", "tests.s3_server", "-H", "127.0.0.1", "-p", str(port)], url=url,
                           health_path="/moto-api/", log_path=work_dir / "moto.log", env=_env())
-    saved = {name: os.environ.get(name) for name in (*s3_env, "AWS_PROFILE", "AWS_SESSION_TOKEN")}
     try:
-        os.environ.update(s3_env)
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-            os.environ.pop(name, None)
-        import boto3
+        with environ(s3_env, unset=("AWS_PROFILE", "AWS_SESSION_TOKEN")):
+            import boto3
 
-        boto3.client("s3").create_bucket(Bucket="chaos-monitor")
-        env = _env(s3_env)
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-            env.pop(name, None)
-        results += _monitor_rounds(work_dir, "s3", "s3://chaos-monitor/state", s3_rounds, env, base, window_dir,
-                                   new_images, monitor.read_last_retrain)
+            boto3.client("s3").create_bucket(Bucket="chaos-monitor")
+            env = _env(s3_env)
+            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+                env.pop(name, None)
+            results += _monitor_rounds(work_dir, "s3", "s3://chaos-monitor/state", s3_rounds, env, base,
+                                       window_dir, new_images, monitor.read_last_retrain)
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         server.stop()
     for label in ("local", "s3"):
         mine = [r for r in results if r["state"] == label]

@@ -39,13 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.chaos.harness import Outcome, Scenario
+from tests.chaos.harness import Outcome, Scenario, rate_meets
 from tests.chaos.proxy import FAULT_KINDS, FaultPlan, ProxyControl
+from tests.chaos.stack import environ
 from tests.servers import ServerProcess, free_port, start_server
 
 NAME = "storage"
 BUCKET = "defectkit-chaos"
-GOAL = ">= 99.9% of operations succeed, nothing lost, creates never clobber"
+GOAL = ">= 99.9% of operations succeed (exact binomial test, 99% confidence), nothing lost, creates never clobber"
 SUCCESS_GOAL = 0.999
 # Our Store calls get a short per-attempt timeout, so that a held connection costs seconds, not a minute.
 STORE_TIMEOUT_S = 1.5
@@ -187,37 +188,32 @@ def servers(work: Path) -> Iterator[tuple[Backend, Backend]]:
     """The GCS emulator, moto's S3 server and a proxy in front of each, stopped by PID at the end; this
     process's storage variables point at the proxies meanwhile."""
     started: list[ServerProcess] = []
-    saved = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
 
     def start(cmd: list[str], label: str, health: str) -> ServerProcess:
         port = free_port()
-        server = start_server([a.replace("{port}", str(port)) for a in cmd], url=f"http://127.0.0.1:{port}", health_path=health, log_path=work / f"{label}.log")
+        server = start_server([a.replace("{port}", str(port)) for a in cmd], url=f"http://127.0.0.1:{port}",
+                              health_path=health, log_path=work / f"{label}.log", env={"PYTHONPATH": root})
         started.append(server)
         return server
 
     try:
         gcs = start([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port",
                      "{port}", "--default-bucket", BUCKET, "--in-memory", "--quiet"], "gcs-emulator", "/")
-        s3 = start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "{port}"], "moto", "/moto-api/")
-        root = str(Path(__file__).resolve().parents[2])
+        s3 = start([sys.executable, "-m", "tests.s3_server", "-H", "127.0.0.1", "-p", "{port}"], "moto", "/moto-api/")
         proxies = {}
         for flavour, upstream in (("gcs", gcs.url), ("s3", s3.url)):
             proxies[flavour] = start([sys.executable, "-m", "tests.chaos.proxy", "--upstream", upstream,
                                       "--flavour", flavour, "--port", "{port}"], f"proxy-{flavour}", "/__proxy__/health")
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "MLFLOW_S3_ENDPOINT_URL"):
-            os.environ.pop(name, None)
-        os.environ.update({
-            "STORAGE_EMULATOR_HOST": proxies["gcs"].url, "AWS_ENDPOINT_URL": proxies["s3"].url,
-            "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH", "")])),
-        })
-        direct_s3 = DirectS3(s3.url)
-        direct_s3._client.create_bucket(Bucket=BUCKET)
-        yield (Backend("gs", ProxyControl(proxies["gcs"].url), DirectGcs(gcs.url), GCS_DATA_PATHS),
-               Backend("s3", ProxyControl(proxies["s3"].url), direct_s3, S3_DATA_PATHS))
+        variables = {"STORAGE_EMULATOR_HOST": proxies["gcs"].url, "AWS_ENDPOINT_URL": proxies["s3"].url,
+                     "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                     "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH", "")]))}
+        with environ(variables, unset=("AWS_PROFILE", "AWS_SESSION_TOKEN", "MLFLOW_S3_ENDPOINT_URL")):
+            direct_s3 = DirectS3(s3.url)
+            direct_s3._client.create_bucket(Bucket=BUCKET)
+            yield (Backend("gs", ProxyControl(proxies["gcs"].url), DirectGcs(gcs.url), GCS_DATA_PATHS),
+                   Backend("s3", ProxyControl(proxies["s3"].url), direct_s3, S3_DATA_PATHS))
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
         for server in reversed(started):
             server.stop()
 
@@ -241,9 +237,13 @@ def dataset_reads(backend: Backend, dataset: dict[str, bytes], sizes: Sizes, tal
     store = storage.Store(backend.uri("dataset"), timeout_s=STORE_TIMEOUT_S)
     listed, seconds, error = _timed(store.list)
     tally.count("dataset read", error is None and listed == sorted(dataset), seconds)
+    if error is not None:
+        tally.notes.append(f"list: {type(error).__name__}: {error}"[:300])
     for rel in [draw.choice(sorted(dataset)) for _ in range(sizes.reads)]:
         data, seconds, error = _timed(lambda rel=rel: store.read(rel))
         tally.count("dataset read", error is None and data == dataset[rel], seconds)
+        if error is not None or data != dataset[rel]:
+            tally.notes.append(f"read {rel}: {'wrong bytes' if error is None else f'{type(error).__name__}: {error}'}"[:300])
     if not validate:
         return
     out = work / f"validated-{backend.scheme}-{time.monotonic_ns()}"
@@ -274,6 +274,8 @@ def artifact_writes(backend: Backend, row: str, sizes: Sizes, tally: Tally, draw
         tally.count("artifact write", error is None, seconds)
         if error is None:
             expected[f"{store.root}/{rel}"] = data
+        else:
+            tally.notes.append(f"write {rel}: {type(error).__name__}: {error}"[:300])
     created = []
     for i in range(sizes.creates):
         rel = f"created/{i}.json"
@@ -482,8 +484,8 @@ def run_row(backend: Backend, sampler: Any, kind: str, sizes: Sizes, short: bool
     verify_registry(backend, refs, model_dir, tally, work)
     preconditions = check_preconditions(backend, created, log, tally)
 
-    rate = tally.succeeded / tally.attempted if tally.attempted else 0.0
-    met = (sum(injected.values()) > 0 and rate >= SUCCESS_GOAL and tally.lost == 0 and tally.clobbered == 0
+    met = (sum(injected.values()) > 0 and rate_meets(tally.succeeded, tally.attempted, SUCCESS_GOAL)
+           and tally.lost == 0 and tally.clobbered == 0
            and recover_s is not None)
     details = {"injected": injected, "operations": tally.per_operation, "preconditions": preconditions,
                "clobbered": tally.clobbered, "median_op_s": round(statistics.median(tally.durations), 3)

@@ -59,6 +59,27 @@ def test_write_without_overwrite_never_clobbers(root):
     assert store.read("state.json") == b"third"
 
 
+def test_of_many_creates_of_one_key_at_once_exactly_one_lands(root):
+    # S3 lets the first conditional write to finish win and refuses the rest; the test server
+    # (tests/s3_server.py) makes moto's check-then-store atomic to match.
+    for attempt in range(5):
+        stores = [storage.Store(f"{root}/{attempt}", FAST) for _ in range(8)]  # boto3 clients: made in one thread
+        start = threading.Barrier(8)
+
+        def create(i: int, stores: list = stores, start: threading.Barrier = start) -> bool:
+            start.wait()
+            try:
+                stores[i].write("claim.json", f"writer {i}".encode(), overwrite=False)
+                return True
+            except FileExistsError:
+                return False
+
+        with ThreadPoolExecutor(8) as pool:
+            landed = [i for i, won in enumerate(pool.map(create, range(8))) if won]
+        assert len(landed) == 1, landed
+        assert stores[0].read("claim.json") == f"writer {landed[0]}".encode()
+
+
 def test_missing_files_and_buckets_are_clear_errors(root, caplog):
     store = storage.Store(root, FAST)
     assert store.list() == [], "an empty prefix is an empty directory, as on gs://"

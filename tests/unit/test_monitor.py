@@ -47,6 +47,12 @@ def test_each_rule_can_hold_retraining_back(drifted, new_images, last, valid, re
     assert decision.retrain is retrain and len(decision.reasons) == 4
 
 
+def test_a_retraining_stamped_after_now_is_just_now_and_a_zero_cooldown_does_not_hold_back():
+    decision = decide(True, 500, NOW + 0.4, NOW, MonitorPolicy(min_new_images=1, cooldown_s=0.0))
+    assert decision.retrain and decision.reasons[3] == "last retraining 0 s ago, at least the cooldown of 0 s"
+    assert not decide(True, 500, NOW + 0.4, NOW, POLICY).retrain
+
+
 def test_reasons_say_why():
     reasons = decide(True, 12, NOW - 600, NOW, POLICY, window_valid=False).reasons
     assert reasons[0].startswith("the production window failed validation")
