@@ -28,7 +28,6 @@ scenario.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import http.client
 import io
@@ -344,7 +343,6 @@ def stored_samples(uri: str) -> StoredSamples:
     return StoredSamples(shards, samples, unreadable, stray)
 
 
-@contextlib.contextmanager
 # --------------------------------------------------------------------------- one fault under load
 
 
