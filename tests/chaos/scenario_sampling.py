@@ -598,12 +598,19 @@ def start_gcs_emulator(work: Path, port: int, label: str) -> ServerProcess:
 def interrupt(server: ServerProcess) -> None:
     """Stop the emulator by PID with SIGINT: it finishes the request in hand and stops listening.
 
-    Not SIGKILL: the emulator rewrites its whole object index in place on every upload, and a kill in the
-    middle of that leaves an index it cannot start from again, which real GCS never does.
+    Not SIGKILL first: the emulator rewrites its whole object index in place on every upload, and a kill in
+    the middle of that leaves an index it cannot start from again, which real GCS never does. Only an
+    emulator still up 10 s later is killed (a broken index then fails the restart, and the row).
     """
     if server.process.poll() is None:
         server.process.send_signal(signal.SIGINT)
-        server.process.wait(10)
+        try:
+            server.process.wait(10)
+        except subprocess.TimeoutExpired:
+            # Its single-threaded HTTPServer stops only between connections (gcp_storage_emulator/server.py:
+            # APIThread.join -> shutdown), and a client can hold one open past any upload in hand.
+            server.process.kill()
+            server.process.wait(10)
 
 
 def gcs_down(work: Path, model: Path, bodies: list[tuple[bytes, dict[str, str]]], phases: Phases) -> Outcome:
