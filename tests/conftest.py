@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port, start_prometheus, start_server
+from tests.servers import free_port, start_prometheus, start_s3_server, start_server
 
 # Tiny on purpose: the stages' behaviour, not model quality, is under test here.
 TINY_COUNT = 60
@@ -98,12 +98,8 @@ def s3_server(tmp_path_factory):
     """
     import boto3
 
-    port = free_port()
-    logs = tmp_path_factory.mktemp("s3")
-    url = f"http://127.0.0.1:{port}"
-    server = start_server([sys.executable, "-m", "tests.s3_server", "-H", "127.0.0.1", "-p", str(port)],
-                          url=url, health_path="/moto-api/", log_path=logs / "moto.log",
-                          env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    server = start_s3_server(tmp_path_factory.mktemp("s3") / "moto.log")
+    url = server.url
     patch = pytest.MonkeyPatch()
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "MLFLOW_S3_ENDPOINT_URL"):
         patch.delenv(name, raising=False)

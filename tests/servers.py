@@ -7,6 +7,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -64,6 +65,14 @@ def start_server(cmd: list[str], *, url: str, health_path: str, log_path: Path, 
             time.sleep(0.2)
     server.stop()
     raise TimeoutError(f"{cmd[0]} not healthy at {url}{health_path} after {timeout}s: {log_path.read_text()[-2000:]}")
+
+
+def start_s3_server(log_path: Path) -> ServerProcess:
+    """The S3 test server (moto, with S3's atomic conditional writes: tests/s3_server.py) on 127.0.0.1."""
+    port = free_port()
+    return start_server([sys.executable, "-m", "tests.s3_server", "-H", "127.0.0.1", "-p", str(port)],
+                        url=f"http://127.0.0.1:{port}", health_path="/moto-api/", log_path=log_path,
+                        env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
 
 
 @dataclass(frozen=True)

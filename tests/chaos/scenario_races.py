@@ -242,28 +242,22 @@ def _monitor_rounds(work_dir: Path, label: str, state_uri: str, rounds: int, env
 
 def run_monitor_race(work_dir: Path, short: bool) -> list[Outcome]:
     from defectkit import monitor
-    from tests.servers import free_port, start_server
+    from tests.servers import start_s3_server
 
     base, window_dir, new_images = _window_dataset(work_dir)
     outcomes = []
     local_rounds, s3_rounds = (4, 3) if short else (10, 6)
     results = _monitor_rounds(work_dir, "local", str(work_dir / "state"), local_rounds, _env(), base, window_dir,
                               new_images, monitor.read_last_retrain)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    s3_env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+    server = start_s3_server(work_dir / "moto.log")
+    s3_env = {"AWS_ENDPOINT_URL": server.url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
               "AWS_DEFAULT_REGION": "us-east-1"}
-    server = start_server([sys.executable, "-m", "tests.s3_server", "-H", "127.0.0.1", "-p", str(port)], url=url,
-                          health_path="/moto-api/", log_path=work_dir / "moto.log", env=_env())
     try:
         with environ(s3_env, unset=("AWS_PROFILE", "AWS_SESSION_TOKEN")):
             import boto3
 
             boto3.client("s3").create_bucket(Bucket="chaos-monitor")
-            env = _env(s3_env)
-            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-                env.pop(name, None)
-            results += _monitor_rounds(work_dir, "s3", "s3://chaos-monitor/state", s3_rounds, env, base,
+            results += _monitor_rounds(work_dir, "s3", "s3://chaos-monitor/state", s3_rounds, _env(), base,
                                        window_dir, new_images, monitor.read_last_retrain)
     finally:
         server.stop()

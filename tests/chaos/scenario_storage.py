@@ -42,7 +42,7 @@ from typing import Any
 from tests.chaos.harness import Outcome, Scenario, rate_meets
 from tests.chaos.proxy import FAULT_KINDS, FaultPlan, ProxyControl
 from tests.chaos.stack import environ
-from tests.servers import ServerProcess, free_port, start_server
+from tests.servers import ServerProcess, free_port, start_s3_server, start_server
 
 NAME = "storage"
 BUCKET = "defectkit-chaos"
@@ -200,7 +200,8 @@ def servers(work: Path) -> Iterator[tuple[Backend, Backend]]:
     try:
         gcs = start([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port",
                      "{port}", "--default-bucket", BUCKET, "--in-memory", "--quiet"], "gcs-emulator", "/")
-        s3 = start([sys.executable, "-m", "tests.s3_server", "-H", "127.0.0.1", "-p", "{port}"], "moto", "/moto-api/")
+        s3 = start_s3_server(work / "moto.log")
+        started.append(s3)
         proxies = {}
         for flavour, upstream in (("gcs", gcs.url), ("s3", s3.url)):
             proxies[flavour] = start([sys.executable, "-m", "tests.chaos.proxy", "--upstream", upstream,
