@@ -1,4 +1,5 @@
-"""A fault-injecting HTTP proxy in front of a storage emulator: ``python -m tests.chaos.proxy --upstream URL``.
+"""A fault-injecting HTTP proxy in front of a storage emulator (or any HTTP server, such as a model server's
+``/metrics`` that Prometheus scrapes): ``python -m tests.chaos.proxy --upstream URL``.
 
 Clients point at the proxy (``STORAGE_EMULATOR_HOST``, ``AWS_ENDPOINT_URL``); it
 forwards each request to the emulator, or, as its plan draws with a seed,
@@ -46,6 +47,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlparse
 
 FAULT_KINDS = ("503", "429", "hold", "reset", "slow")
+FLAVOURS = ("gcs", "s3", "plain")
 PHASES = {"hold": ("before", "after"), "reset": ("before", "after", "mid-body")}
 CONTROL_PREFIX = "/__proxy__/"
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
@@ -103,12 +105,12 @@ class _State:
 
 
 class FaultProxy:
-    """The proxy on 127.0.0.1:``port`` (0: any free port) forwarding to ``upstream``; ``flavour`` ("gcs" or "s3")
-    picks the shape of its error bodies."""
+    """The proxy on 127.0.0.1:``port`` (0: any free port) forwarding to ``upstream``; ``flavour`` ("gcs", "s3" or
+    "plain") picks the shape of its error bodies."""
 
     def __init__(self, upstream: str, flavour: str, port: int = 0) -> None:
-        if flavour not in ("gcs", "s3"):
-            raise ValueError(f"flavour {flavour!r} must be 'gcs' or 's3'")
+        if flavour not in FLAVOURS:
+            raise ValueError(f"flavour {flavour!r} must be one of {FLAVOURS}")
         parsed = urlparse(upstream)
         if parsed.scheme != "http" or not parsed.hostname or not parsed.port:
             raise ValueError(f"upstream {upstream!r} must be http://host:port")
@@ -223,6 +225,8 @@ class FaultProxy:
             return "application/json", json.dumps({"error": {"code": status, "message": message,
                                                              "errors": [{"reason": code, "message": message}]}}
                                                   ).encode()
+        if self.flavour == "plain":
+            return "text/plain; charset=utf-8", message.encode()
         return "application/xml", (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
                                    f"<Message>{message}</Message><RequestId>fault-proxy</RequestId></Error>").encode()
 
@@ -267,7 +271,8 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             if kind in ("503", "429"):
                 status = int(kind)
                 code = {"gcs": {503: "backendError", 429: "rateLimitExceeded"},
-                        "s3": {503: "ServiceUnavailable", 429: "SlowDown"}}[proxy.flavour][status]
+                        "s3": {503: "ServiceUnavailable", 429: "SlowDown"},
+                        "plain": {503: "Service Unavailable", 429: "Too Many Requests"}}[proxy.flavour][status]
                 entry["status"] = status
                 extra = [("Retry-After", str(proxy._state.plan.retry_after_s))] if status == 429 else []
                 self._answer(status, *proxy.error_body(status, code), extra)
@@ -435,7 +440,7 @@ class ProxyControl:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.chaos.proxy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--upstream", required=True, help="http://127.0.0.1:PORT of the emulator")
-    parser.add_argument("--flavour", choices=("gcs", "s3"), required=True)
+    parser.add_argument("--flavour", choices=FLAVOURS, required=True)
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
     FaultProxy(args.upstream, args.flavour, args.port).serve_forever()

@@ -10,8 +10,11 @@ whatever stops it here is the missing data.
 Once the first analysis passed, one fault:
 
 - ``prometheus down``: Prometheus is stopped (by PID) and stays down;
-- ``scrape broken``: Prometheus is reconfigured (SIGHUP) to scrape the canary at a port where
-  nothing listens, and stays so;
+- ``scrape broken``: the canary's ``/metrics``, which Prometheus scrapes through a fault-injecting
+  proxy (tests/chaos/proxy.py), answers 503 from then on, so each scrape fails (``up`` 0). Not a
+  reconfiguration: Prometheus applies a reloaded target list only on its discovery manager's next
+  5 s tick (``updatert: 5 * time.Second`` in discovery/manager.go), by which time the canary may
+  have passed its step on complete figures;
 - ``prometheus restarted`` (recovery): Prometheus is stopped for two analysis intervals, then
   started again on the same port with the same data.
 
@@ -26,7 +29,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import shutil
-import signal
 import threading
 import time
 from dataclasses import replace, dataclass, field
@@ -45,6 +47,7 @@ from defectkit.delivery.kserve.state import ConfigMapStore
 from defectkit.delivery.state import ANALYSING, PROMOTED, ROLLED_BACK, RolloutState
 from defectkit.retry import RetryPolicy
 from tests.chaos.harness import Outcome, Scenario
+from tests.chaos.proxy import FaultPlan, FaultProxy
 from tests.chaos.stack import INFER_PATH, images, models, start_model_server
 from tests.kube_api import KubeApiStandIn
 from tests.stand_ins import KnativeRouter
@@ -96,20 +99,29 @@ class Prometheus:
             self.process.stop()
             self.process = None
 
-    def retarget(self, name: str, address: str) -> None:
-        """Scrape ``name`` at ``address`` from now on (SIGHUP: Prometheus reloads its configuration)."""
-        self.targets[name] = PodTarget(address, self.targets[name].namespace, self.targets[name].pod,
-                                       self.targets[name].labels)
-        self.write_config()
-        self.process.process.send_signal(signal.SIGHUP)
-
 
 def first_event(state: RolloutState, name: str) -> float | None:
     return next((e["t"] for e in state.timeline if e["event"] == name), None)
 
 
-def deliver_with_fault(fault: str, prometheus: Prometheus, urls: dict[str, str], bodies: list[bytes],
-                       pol: CanaryPolicy) -> Outcome:
+def break_scrape(gate: FaultProxy, prometheus: Prometheus, revision: str) -> float:
+    """Make every scrape through ``gate`` fail; returns when Prometheus holds a failed scrape of ``revision``.
+
+    From that moment an analysis's query sees the failure (the controller stamps an analysis before it
+    queries), so the fault is timed from there, not from the first 503: between the two the newest figures
+    are complete and a pass is right."""
+    gate.set_plan(FaultPlan(kinds=("503",), probability=1.0, path_pattern=r"^/metrics"))
+    client = PrometheusClient(prometheus.url, scrape_interval_s=SCRAPE_INTERVAL_S)
+    deadline = time.monotonic() + 30 * SCRAPE_INTERVAL_S
+    while client.value(f'min(up{{serving_knative_dev_revision="{revision}"}})') != 0.0:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Prometheus recorded no failed scrape of {revision} behind the fault proxy")
+        time.sleep(0.02)
+    return time.time()
+
+
+def deliver_with_fault(fault: str, prometheus: Prometheus, gate: FaultProxy, urls: dict[str, str],
+                       bodies: list[bytes], pol: CanaryPolicy) -> Outcome:
     window_s = query_window_s(SCRAPE_INTERVAL_S, pol.interval_s)
     fault_start = fault_end = None
     with KubeApiStandIn(status_delay_s=0.05) as kube:
@@ -147,7 +159,7 @@ def deliver_with_fault(fault: str, prometheus: Prometheus, urls: dict[str, str],
             if fault == "prometheus down":
                 prometheus.stop()
             elif fault == "scrape broken":
-                prometheus.retarget("candidate", f"127.0.0.1:{free_port()}")
+                fault_start = break_scrape(gate, prometheus, REVISIONS["candidate"])
             else:
                 prometheus.stop()
                 time.sleep(2 * pol.interval_s)
@@ -204,6 +216,7 @@ def run(work_dir: Path, short: bool) -> list[Outcome]:
     pol = policy(short)
     servers: dict[str, ServerProcess] = {}
     prometheus: Prometheus | None = None
+    gate: FaultProxy | None = None
     outcomes: list[Outcome] = []
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:  # each start takes seconds: both at once
@@ -215,7 +228,9 @@ def run(work_dir: Path, short: bool) -> list[Outcome]:
         for future in futures.values():
             if future.exception() is not None:
                 raise future.exception()
-        targets = {name: PodTarget(address=server.url.removeprefix("http://"), namespace=NAMESPACE,
+        gate = FaultProxy(servers["candidate"].url, "plain").start()  # Prometheus scrapes the canary through it
+        scraped = {"stable": servers["stable"].url, "candidate": gate.url}
+        targets = {name: PodTarget(address=scraped[name].removeprefix("http://"), namespace=NAMESPACE,
                                    pod=f"{REVISIONS[name]}-deployment-0",
                                    labels={"serving.kserve.io/inferenceservice": SERVICE, "component": "predictor",
                                            "serving.knative.dev/revision": REVISIONS[name]})
@@ -228,10 +243,11 @@ def run(work_dir: Path, short: bool) -> list[Outcome]:
             # An outage of two intervals plus a restart spans up to five windows: a limit of three would roll
             # back before the metrics are back, which is right, but not what this case measures.
             limit = replace(pol, max_inconclusive=6) if fault == "prometheus restarted" else pol
-            outcomes.append(deliver_with_fault(fault, prometheus, urls, bodies, limit))
-            if fault == "scrape broken":
-                prometheus.retarget("candidate", servers["candidate"].url.removeprefix("http://"))
+            outcomes.append(deliver_with_fault(fault, prometheus, gate, urls, bodies, limit))
+            gate.set_plan(FaultPlan())
     finally:
+        if gate is not None:
+            gate.stop()
         if prometheus is not None:
             prometheus.stop()
         for server in servers.values():

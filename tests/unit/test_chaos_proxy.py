@@ -37,12 +37,12 @@ class _Echo(BaseHTTPRequestHandler):
         self.end_headers()
 
 
-@pytest.fixture
-def proxy() -> Iterator[FaultProxy]:
+@pytest.fixture(params=["s3"])
+def proxy(request) -> Iterator[FaultProxy]:
     _Echo.stored = {}
     upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    started = FaultProxy(f"http://127.0.0.1:{upstream.server_address[1]}", "s3").start()
+    started = FaultProxy(f"http://127.0.0.1:{upstream.server_address[1]}", request.param).start()
     try:
         yield started
     finally:
@@ -73,6 +73,20 @@ def test_429_names_its_wait_and_nothing_reaches_the_upstream(proxy):
     status, headers, body = _request(proxy, "PUT", "/b/k", b"data")
     assert (status, headers["Retry-After"]) == (429, "3") and b"SlowDown" in body
     assert _Echo.stored == {} and proxy.counts()["injected"] == {"429": 1}
+
+
+@pytest.mark.parametrize("proxy", ["plain"], indirect=True)
+def test_a_plain_http_upstream_gets_plain_errors_on_the_paths_the_plan_names(proxy):
+    proxy.set_plan(FaultPlan(kinds=("503",), probability=1.0, path_pattern=r"^/metrics"))
+    status, headers, body = _request(proxy, "GET", "/metrics")
+    assert status == 503 and headers["Content-Type"].startswith("text/plain") and b"injected" in body
+    assert _request(proxy, "GET", "/v2/health/ready")[0] == 200
+    assert proxy.counts() == {"requests": 2, "forwarded": 1, "injected": {"503": 1}}
+
+
+def test_an_unknown_flavour_is_named():
+    with pytest.raises(ValueError, match="'azure'"):
+        FaultProxy("http://127.0.0.1:1", "azure")
 
 
 def test_reset_after_forwarding_lands_the_write_and_loses_the_answer(proxy):
