@@ -28,6 +28,7 @@ from defectkit import models, preprocess, reference
 from defectkit.data import GOOD, Manifest
 from defectkit.golden import write_golden
 from defectkit.reference import Reference, embedding_names
+from defectkit.significance import PairedComparison, delong_test
 
 log = logging.getLogger(__name__)
 
@@ -460,8 +461,14 @@ def evaluate(model_dir: Path, preprocessed_dir: Path, out_dir: Path, *, policy: 
     champion_metrics = None
     if champion_dir is not None:
         champion = models.load_model(Path(champion_dir), torch_device)
-        champion_metrics, _ = _judge(champion, Path(champion_dir), val, test, shard_spec, dataset_dir, applied)
+        champion_metrics, champion_scores = _judge(champion, Path(champion_dir), val, test, shard_spec, dataset_dir,
+                                                   applied)
         metrics["deltas"] = {k: metrics[k] - champion_metrics[k] for k in _DELTA_KEYS}
+        # Both scored the same frozen images: the difference of their AUROCs with its uncertainty.
+        try:
+            metrics["auroc_comparison"] = delong_test(test.labels, champion_scores, test_scores).to_json()
+        except ValueError as exc:  # fewer than two images of a class leave the variance undefined
+            log.warning("no paired AUROC test: %s", exc)
     blessing = bless(metrics, gates, champion_metrics)
     confusion = [[metrics["tn"], metrics["fp"]], [metrics["fn"], metrics["tp"]]]
     log.info("candidate %s: test AUROC %.4f F1 %.4f at threshold %.4f -> %s", model_dir, metrics["image_auroc"],
@@ -605,6 +612,10 @@ def render_report(metrics: dict, champion_metrics: dict | None, blessing: Blessi
         lines += [f"| {k} | {_fmt(metrics[k])} | {_fmt(champion_metrics[k])} | {metrics['deltas'][k]:+.4f} |"
                   for k in _DELTA_KEYS]
         lines += [f"| threshold | {_fmt(metrics['threshold'])} | {_fmt(champion_metrics['threshold'])} | |"]
+        if "auroc_comparison" in metrics:
+            lines += ["", "## Is the candidate really better?", "",
+                      "DeLong's paired test of the two AUROCs on the same test images:", "",
+                      f"- {PairedComparison(**metrics['auroc_comparison']).explain()}"]
     lines += ["", "## Per defect type (test)", "",
               "Recall at the threshold; AUROC of the type's images against the good ones.", ""]
     lines += _per_defect_type_rows(metrics, champion_metrics)

@@ -372,7 +372,11 @@ def test_champion_at_another_image_size_is_scored_from_raw_files(candidate_dir, 
     record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert record["champion"]["image_auroc"] == result.champion_metrics["image_auroc"]
     assert record["deltas"] == deltas
+    comparison = record["auroc_comparison"]
+    assert comparison["method"] == "DeLong" and comparison["difference"] == pytest.approx(-deltas["image_auroc"])
+    assert comparison["ci_low"] <= comparison["difference"] <= comparison["ci_high"]
     report = (tmp_path / "eval" / "report.md").read_text()
+    assert "## Is the candidate really better?" in report and "DeLong" in report
     assert "| metric | candidate | champion | delta |" in report
     assert "| defect type | recall | champion recall | AUROC | champion AUROC |" in report
     hole = (f"| hole | {result.metrics['recall_by_defect_type']['hole']:.4f} | "
@@ -387,6 +391,8 @@ def test_candidate_identical_to_its_champion_is_approved(candidate_dir, preproce
                       gates=Gates(min_auroc=0.0))
     assert result.blessing.approved
     assert result.metrics["deltas"]["image_auroc"] == 0.0 and result.metrics["deltas"]["f1"] == 0.0
+    comparison = result.metrics["auroc_comparison"]
+    assert (comparison["difference"], comparison["p_value"]) == (0.0, 1.0)
 
 
 def test_judge_writes_what_delivery_needs_and_finds_the_champion_only_where_there_is_one(
