@@ -13,7 +13,7 @@ def train_model(
     model: Output[Model],
     metrics: Output[Metrics],
     architecture: str = "resnet18",
-    steps: int = 650,
+    steps: int = 1300,
     batch_size: int = 32,
     learning_rate: float = 0.002,
     weight_decay: float = 0.05,
@@ -28,6 +28,7 @@ def train_model(
     balanced_sampling: bool = True,
     crop_fraction: float = 0.8,
     augment: bool = True,
+    ema_decay: float = 0.99,
 ) -> NamedTuple("TrainOutputs", [("val_auroc", float), ("best_step", int)]):
     """Train a torchvision classifier to score defects; GPU with bf16 when present, CPU otherwise.
 
@@ -50,6 +51,7 @@ def train_model(
         balanced_sampling: Half of each batch good parts, the other half spread evenly over the defect types.
         crop_fraction: Side of the random training crop as a fraction of the image (same scale); 1.0 trains on whole images.
         augment: Flips, 90-degree rotations and slight colour jitter.
+        ema_decay: Validate and keep an exponential moving average of the weights with this decay; 0 keeps the raw weights.
     """
     import logging
     from pathlib import Path
@@ -74,6 +76,7 @@ def train_model(
         balanced_sampling=balanced_sampling,
         crop_fraction=crop_fraction,
         augment=augment,
+        ema_decay=ema_decay,
     )
     result = train.train(Path(preprocessed.path), Path(model.path), config)
     for record in result.history:

@@ -53,7 +53,7 @@ class TrainConfig:
     """
 
     architecture: str = "resnet18"
-    steps: int = 650  # optimizer steps; early stopping may end sooner
+    steps: int = 1300  # optimizer steps; early stopping may end sooner
     batch_size: int = 32
     learning_rate: float = 2e-3  # the peak of the one-cycle schedule
     weight_decay: float = 0.05
@@ -71,6 +71,7 @@ class TrainConfig:
     crop_fraction: float = 0.8  # side of the random training crop, as a fraction of the image; 1.0 = no crop
     balanced_sampling: bool = True  # half of each batch good, the defect half spread evenly over defect types
     synthetic_anomalies: float = 0.5  # share of the defect half drawn on good images; 1.0 without real defects
+    ema_decay: float = 0.99  # validate and keep an exponential moving average of the weights; 0 keeps the raw ones
     min_batch_size: int = 4  # out-of-memory halving stops here
 
     def __post_init__(self) -> None:
@@ -96,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"warmup_fraction={self.warmup_fraction!r} must be in [0, 1)")
         if not (isinstance(self.crop_fraction, (int, float)) and 0.5 <= self.crop_fraction <= 1):
             raise ValueError(f"crop_fraction={self.crop_fraction!r} must be in [0.5, 1]; 1 trains on whole images")
+        if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
+            raise ValueError(f"ema_decay={self.ema_decay!r} must be in [0, 1); 0 keeps the raw weights")
         if not (isinstance(self.synthetic_anomalies, (int, float)) and 0 <= self.synthetic_anomalies <= 1):
             raise ValueError(f"synthetic_anomalies={self.synthetic_anomalies!r} must be in [0, 1]")
         if not isinstance(self.seed, int) or self.seed < 0:
@@ -402,10 +405,32 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def ema_of(module: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of ``module``'s weights and batch-norm statistics (None for ``decay`` 0).
+
+    Its decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, as timm's ModelEmaV2 does,
+    so the starting weights fade within the first few dozen steps instead of a few hundred.
+    """
+    if decay == 0:
+        return None
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+        d = min(decay, (1.0 + float(updates)) / (10.0 + float(updates)))
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1.0 - d)
+        else:  # batch norm's step counters: the latest count
+            torch._foreach_copy_(averaged, current)
+
+    return torch.optim.swa_utils.AveragedModel(module, multi_avg_fn=update, use_buffers=True)
+
+
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: TensorData, sampler: Sampler,
                 spec: preprocess.PreprocessSpec, config: TrainConfig, first: int, count: int, batch_size: int,
-                device: torch.device, generator: torch.Generator) -> dict:
-    """Steps ``first`` to ``first + count - 1`` (0-based) at ``batch_size``; loss and speed over them."""
+                device: torch.device, generator: torch.Generator,
+                ema: torch.optim.swa_utils.AveragedModel | None = None, module: torch.nn.Module | None = None
+                ) -> dict:
+    """Steps ``first`` to ``first + count - 1`` (0-based) at ``batch_size``, updating ``ema`` from ``module``
+    after each; loss and speed over them."""
     model.train()
     optimizer.zero_grad(set_to_none=True)  # frees gradients left by a step that ran out of memory
     total_loss = torch.zeros((), device=device)
@@ -416,6 +441,8 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: 
         plan = sampler.plan(batch_size)
         images, labels = fetch_batch(data, plan.index, device)
         total_loss += train_step(model, optimizer, images, labels, spec, generator, config, plan.synthetic, device)
+        if ema is not None:
+            ema.update_parameters(module)
     synchronize(device)
     seconds = time.perf_counter() - started
     seen = count * batch_size
@@ -535,6 +562,8 @@ def train(preprocessed_dir: Path, out_dir: Path, config: TrainConfig) -> TrainRe
             data["val"] = synthetic_validation(data["val"], spec, config, device)
         module, model, origin = make_model(config, device)
         optimizer = make_optimizer(module, config)
+        ema = ema_of(module, config.ema_decay)
+        judged = module if ema is None else ema.module  # the weights validated, kept and saved
         batch_size = config.batch_size
         history: list[dict] = []
         stopping = EarlyStopping(config.patience)
@@ -545,9 +574,9 @@ def train(preprocessed_dir: Path, out_dir: Path, config: TrainConfig) -> TrainRe
 
             def run_round(size: int, first: int = step, count: int = count) -> dict:
                 stats = train_steps(model, optimizer, data["train"], sampler, spec, config, first, count, size,
-                                    device, augment_generator)
-                # The plain module for validation: a compiled one would recompile for eval mode and odd batches.
-                return {**stats, **validate(module, data["val"], spec, size, device)}
+                                    device, augment_generator, ema, module)
+                # A plain module for validation: a compiled one would recompile for eval mode and odd batches.
+                return {**stats, **validate(judged, data["val"], spec, size, device)}
 
             stats, batch_size = run_with_oom_backoff(run_round, batch_size, config.min_batch_size)
             step += count
@@ -557,7 +586,7 @@ def train(preprocessed_dir: Path, out_dir: Path, config: TrainConfig) -> TrainRe
                      step, config.steps, record["loss"], record["val_auroc"], record["val_loss"],
                      record["images_per_s"], batch_size, record["lr"])
             if stopping.improved(step, record["val_auroc"], record["val_loss"]):
-                best_state = _snapshot(module)
+                best_state = _snapshot(judged)
             if stopping.should_stop():
                 log.info("early stopping at step %d: the mean validation AUROC of the last %d validations has not "
                          "improved for %d validations (best single %.4f at step %d)", step, stopping.window,

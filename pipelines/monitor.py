@@ -107,7 +107,7 @@ def monitor_pipeline(
     max_quarantine_fraction: float = 0.1,
     image_size: int = 160,
     architecture: str = "resnet18",
-    steps: int = 650,
+    steps: int = 1300,
     batch_size: int = 32,
     learning_rate: float = 0.002,
     pretrained_weights: str = "imagenet",

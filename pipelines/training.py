@@ -39,7 +39,7 @@ def training_pipeline(
     source_uri: str,
     image_size: int = 160,
     architecture: str = "resnet18",
-    steps: int = 650,
+    steps: int = 1300,
     batch_size: int = 32,
     learning_rate: float = 0.002,
     synthetic_anomalies: float = 0.5,

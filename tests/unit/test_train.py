@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ from defectkit.train import (
     Sampler,
     TensorData,
     TrainConfig,
+    ema_of,
     fetch_batch,
     jitter,
     learning_rate,
@@ -127,6 +129,36 @@ def test_the_best_validation_is_what_gets_saved(trained, preprocessed_dir):
     assert _bce(val.labels, scores) == pytest.approx(best["val_loss"], rel=1e-4)
 
 
+def test_without_an_average_the_raw_weights_are_validated_and_saved(trained, preprocessed_dir, tmp_path):
+    raw = train(preprocessed_dir, tmp_path / "raw", dataclasses.replace(TINY, ema_decay=0.0))
+    assert models.read_metadata(raw.model_dir).weights_sha256 != models.read_metadata(trained.model_dir).weights_sha256
+    # The loss of each round is the same: the average only changes what is validated and kept.
+    assert [h["loss"] for h in raw.history] == [h["loss"] for h in trained.history]
+    val = load_split(preprocessed_dir, "val")
+    assert roc_auc(val.labels, models.load_model(raw.model_dir).scores(val.images)) == pytest.approx(
+        raw.best_val_auroc)
+
+
+def test_the_weight_average_ramps_its_decay_up_and_copies_step_counters():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    assert ema_of(module, 0.0) is None
+    ema = ema_of(module, 0.99)
+    start = module[0].weight.detach().clone()
+    ema.update_parameters(module)  # the first update copies
+    with torch.no_grad():
+        module[0].weight.add_(1.0)
+        module[1].num_batches_tracked.fill_(7)
+    ema.update_parameters(module)  # after one update the decay is (1 + 1) / (10 + 1), not 0.99
+    decay = 2 / 11
+    expected = start * decay + (start + 1.0) * (1 - decay)
+    assert torch.allclose(ema.module[0].weight, expected, atol=1e-6)
+    assert int(ema.module[1].num_batches_tracked) == 7
+    for _ in range(2000):
+        ema.update_parameters(module)
+    assert torch.allclose(ema.module[0].weight, module[0].weight, atol=1e-5)  # converges on steady weights
+
+
 def test_early_stopping_stops_when_validation_cannot_improve(preprocessed_dir, tmp_path):
     # Identical validation images get identical scores: AUROC is 0.5 at every validation.
     flat = tmp_path / "flat"
@@ -217,7 +249,9 @@ def test_measure_throughput_runs_the_same_step_on_both_feeds(preprocessed_dir):
     result = measure_throughput(preprocessed_dir, config, steps=2, warmup=1)
     assert result["real_images_per_s"] > 0 and result["synthetic_images_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["real_images_per_s"] / result["synthetic_images_per_s"])
-    assert result["batch_size"] == 8 and result["device"] == "cpu" and result["precision"] == "fp32"
+    # bf16 where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), fp32 elsewhere
+    precision = models.training_precision(torch.device("cpu"))
+    assert result["batch_size"] == 8 and result["device"] == "cpu" and result["precision"] == precision
     assert result["image_size"] == 32
     with pytest.raises(ValueError, match="batch_size=512"):
         measure_throughput(preprocessed_dir, TrainConfig(batch_size=512, device="cpu", pretrained_weights=""),
@@ -312,6 +346,8 @@ def test_patience_zero_never_stops():
     ({"device": "gpu"}, "'gpu'"),
     ({"min_batch_size": 64}, "min_batch_size=64"),
     ({"seed": -3}, "seed=-3"),
+    ({"ema_decay": 1.0}, "ema_decay=1.0"),
+    ({"ema_decay": -0.5}, "ema_decay=-0.5"),
 ])
 def test_train_config_validation_names_the_bad_value(changes, match):
     with pytest.raises(ValueError, match=match):
