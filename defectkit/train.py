@@ -427,10 +427,9 @@ def ema_of(module: torch.nn.Module, decay: float) -> torch.optim.swa_utils.Avera
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: TensorData, sampler: Sampler,
                 spec: preprocess.PreprocessSpec, config: TrainConfig, first: int, count: int, batch_size: int,
                 device: torch.device, generator: torch.Generator,
-                ema: torch.optim.swa_utils.AveragedModel | None = None, module: torch.nn.Module | None = None
-                ) -> dict:
-    """Steps ``first`` to ``first + count - 1`` (0-based) at ``batch_size``, updating ``ema`` from ``module``
-    after each; loss and speed over them."""
+                ema: torch.optim.swa_utils.AveragedModel | None = None) -> dict:
+    """Steps ``first`` to ``first + count - 1`` (0-based) at ``batch_size``, updating ``ema`` after each; loss
+    and speed over them."""
     model.train()
     optimizer.zero_grad(set_to_none=True)  # frees gradients left by a step that ran out of memory
     total_loss = torch.zeros((), device=device)
@@ -442,7 +441,7 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: 
         images, labels = fetch_batch(data, plan.index, device)
         total_loss += train_step(model, optimizer, images, labels, spec, generator, config, plan.synthetic, device)
         if ema is not None:
-            ema.update_parameters(module)
+            ema.update_parameters(model)  # a compiled model shares its module's tensors
     synchronize(device)
     seconds = time.perf_counter() - started
     seen = count * batch_size
@@ -574,7 +573,7 @@ def train(preprocessed_dir: Path, out_dir: Path, config: TrainConfig) -> TrainRe
 
             def run_round(size: int, first: int = step, count: int = count) -> dict:
                 stats = train_steps(model, optimizer, data["train"], sampler, spec, config, first, count, size,
-                                    device, augment_generator, ema, module)
+                                    device, augment_generator, ema)
                 # A plain module for validation: a compiled one would recompile for eval mode and odd batches.
                 return {**stats, **validate(judged, data["val"], spec, size, device)}
 
