@@ -180,11 +180,17 @@ class Controller:
                 state.phase = PROMOTING if state.target_weight == 100 else ROLLING_BACK
                 state.error = None  # kept in the timeline's "delivery failed" event
                 return state, True
-            if state.terminal:
-                log.info("delivery of %s already finished: %s (%s); a finished delivery is not repeated (a retried "
-                         "step must not ship twice): to deliver it again, move %s away", self.candidate, state.phase,
-                         state.reason, self.store.where)
-            return state, not state.terminal
+            if state.phase == PROMOTED and self.stable is not None and self.stable != self.candidate:
+                # The promotion recorded here was undone since (another model serves as stable now, delivered
+                # with another state file): the record no longer describes the service, so deliver afresh.
+                log.info("%s records %s as promoted, but %s serves as stable now: delivering %s again",
+                         self.store.where, self.candidate, self.stable, self.candidate)
+            else:
+                if state.terminal:
+                    log.info("delivery of %s already finished: %s (%s); a finished delivery is not repeated (a "
+                             "retried step must not ship twice): to deliver it again, move %s away", self.candidate,
+                             state.phase, state.reason, self.store.where)
+                return state, not state.terminal
         if state is not None and (not state.terminal or state.target_weight is not None):
             raise RolloutInProgress(
                 f"{self.store.where} holds an unfinished delivery of {state.candidate} (phase {state.phase}, "

@@ -123,8 +123,9 @@ def clock():
 
 def controller(backend, tmp_path, clock, *, candidate="candidate-model", golden=GOLDEN, policy=POLICY, hooks=None):
     hooks = hooks if hooks is not None else []
+    # As rollout.deliver does, the controller is told the model that serves as stable right now.
     return Controller(backend, policy, tmp_path / "state.json", candidate=candidate, candidate_version="7",
-                      stable="stable-model", golden=golden, record_dir=tmp_path / "record",
+                      stable=backend.stable, golden=golden, record_dir=tmp_path / "record",
                       on_promote=lambda s: hooks.append(("promote", s.weight)),
                       on_rollback=lambda s: hooks.append(("rollback", s.weight)), clock=clock, sleep=clock.sleep)
 
@@ -194,6 +195,17 @@ def test_a_healthy_candidate_steps_through_and_is_promoted(tmp_path, clock):
     # Run again: a finished delivery is not repeated.
     assert controller(backend, tmp_path, clock).run().phase == PROMOTED
     assert backend.calls.count("promote") == 1
+
+
+def test_a_promotion_undone_since_is_delivered_again(tmp_path, clock):
+    backend = StandInBackend()
+    assert controller(backend, tmp_path, clock).run().phase == PROMOTED
+    # Another model was promoted since, recorded in another state file: this one is stale.
+    backend.stable = "other-model"
+    state = controller(backend, tmp_path, clock).run()
+    assert state.phase == PROMOTED and backend.stable == "candidate-model"
+    assert backend.calls.count("promote") == 2
+    assert state.stable == "other-model" and [a["weight"] for a in state.analyses] == [10, 25, 50]
 
 
 def test_failed_analyses_reaching_the_threshold_roll_back(tmp_path, clock):
