@@ -55,7 +55,7 @@ def deploy_canary(
     one runs is refused.
 
     Args:
-        model: Judged model registered as model_version (its lineage in this run). Both backends serve the registry's copy: the local one as models:/, the kserve one from the registry's artifact store (gs:// or s3://, which KServe's storage initializer reads) unless storage_uri is given.
+        model: Judged model registered as model_version (its lineage in this run). Both backends serve the registry's copy: the local one as models:/, the kserve one from the registry's artifact store (gs:// or s3://, which KServe's storage initializer reads) unless storage_uri is given. Its test figures and paired tests against the champion go into the decision record.
         tracking_uri: MLflow tracking URI of the registry: a tracking server (http://...) or sqlite:///<dir>/mlflow.db.
         model_version: Registry version of the model (register_model's version output).
         golden: Golden set (golden.json and images: test images with their offline scores); the candidate must reproduce the scores before it gets traffic. Without it the probe is skipped.
@@ -98,6 +98,7 @@ def deploy_canary(
     config = rollout.DeliveryConfig.for_registered_version(
         registered_model, model_version, storage_uri=storage_uri, backend=backend,
         policy=policy, work_dir=work_dir, golden_dir=golden.path if golden is not None else None,
+        judged_model_dir=model.path,
         tracking_uri=tracking_uri, namespace=namespace, service_name=service_name,
         prometheus_url=prometheus_url or None, prometheus_scrape_interval_s=prometheus_scrape_interval_s,
         api_url=kube_api_url or None, serve_image=serve_image,

@@ -28,7 +28,7 @@ from defectkit import models, preprocess, reference
 from defectkit.data import GOOD, Manifest
 from defectkit.golden import write_golden
 from defectkit.reference import Reference, embedding_names
-from defectkit.significance import PairedComparison, delong_test
+from defectkit.significance import PairedComparison, delong_test, paired_bootstrap_f1
 
 log = logging.getLogger(__name__)
 
@@ -296,21 +296,36 @@ def choose_threshold(labels, scores, policy: ThresholdPolicy) -> float:
 # --------------------------------------------------------------------------- gates
 
 
+# metrics keys of the paired tests, by the metric they compare.
+COMPARISONS = {"image_auroc": "auroc_comparison", "f1": "f1_comparison"}
+
+
 @dataclass(frozen=True)
 class Gates:
-    """Absolute gates always apply; the drop gates compare against the champion on the same test set."""
+    """Absolute gates always apply; the drop gates compare against the champion on the same test set.
+
+    The drop gates are non-inferiority tests: the candidate passes when, at ``confidence``,
+    it is at most the allowed drop worse than the champion (the upper bound of the paired
+    interval of champion - candidate: DeLong's for AUROC, a paired bootstrap for F1). On a
+    test set of a few hundred images one image moves F1 by about 0.01, so a comparison of
+    point estimates would decide on noise; the default margins are what such a test set can
+    resolve. Without a paired test (too few images of a class) the point estimates decide.
+    """
 
     min_auroc: float = 0.9
     min_recall: float = 0.0
     max_fpr: float = 1.0
-    max_auroc_drop: float = 0.0
-    max_f1_drop: float = 0.02
+    max_auroc_drop: float = 0.03
+    max_f1_drop: float = 0.05
+    confidence: float = 0.95  # of the paired intervals the drop gates read
 
     def __post_init__(self) -> None:
         for name in ("min_auroc", "min_recall", "max_fpr", "max_auroc_drop", "max_f1_drop"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
                 raise ValueError(f"gate {name}={value!r} must be a number in [0, 1]")
+        if not (isinstance(self.confidence, (int, float)) and 0.5 <= self.confidence < 1.0):
+            raise ValueError(f"gate confidence={self.confidence!r} must be a number in [0.5, 1)")
 
 
 @dataclass(frozen=True)
@@ -352,9 +367,18 @@ def bless(metrics: dict, gates: Gates, champion_metrics: dict | None = None) -> 
                 comparison = "matches"
             else:
                 comparison = f"is {abs(drop):.3f} {'below' if drop > 0 else 'above'}"
-            check(drop <= allowed + _EPS,
-                  f"{label} {mine:.3f} {comparison} champion {theirs:.3f} (allowed drop {allowed:.3f})")
+            paired = metrics.get(COMPARISONS[key])
+            if paired is None:
+                check(drop <= allowed + _EPS, f"{label} {mine:.3f} {comparison} champion {theirs:.3f} (allowed "
+                                              f"drop {allowed:.3f}; point estimates, no paired test)")
+                continue
+            test = PairedComparison(**paired)
+            ok = test.within(allowed)
+            check(ok, f"{label} {mine:.3f} {comparison} champion {theirs:.3f}: drop {test.confidence:.0%} CI "
+                      f"[{test.ci_low:+.3f}, {test.ci_high:+.3f}] ({test.method}, p = {test.p_value:.2g}), "
+                      f"{'within' if ok else 'beyond'} the allowed drop {allowed:.3f}")
     return Blessing(approved, tuple(reasons))
+
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -425,6 +449,19 @@ def _judge(model: models.DefectModel, model_dir: Path, val: preprocess.Split, te
 _DELTA_KEYS = ("image_auroc", "precision", "recall", "f1", "accuracy", "fpr")
 
 
+def _paired_tests(labels: np.ndarray, champion_scores: np.ndarray, champion_threshold: float,
+                  scores: np.ndarray, threshold: float, confidence: float) -> dict:
+    """Both models scored the same frozen images: the differences of their AUROCs and F1s with their uncertainty."""
+    tests = {}
+    try:
+        tests[COMPARISONS["image_auroc"]] = delong_test(labels, champion_scores, scores, confidence).to_json()
+    except ValueError as exc:  # fewer than two images of a class leave the variance undefined
+        log.warning("no paired AUROC test: %s", exc)
+    tests[COMPARISONS["f1"]] = paired_bootstrap_f1(labels, champion_scores >= champion_threshold, scores >= threshold,
+                                                   confidence=confidence).to_json()
+    return tests
+
+
 def _downsampled_roc(labels: np.ndarray, scores: np.ndarray) -> dict:
     fpr, tpr, thresholds = roc_curve(labels, scores)
     if fpr.size > MAX_ROC_POINTS:
@@ -464,11 +501,8 @@ def evaluate(model_dir: Path, preprocessed_dir: Path, out_dir: Path, *, policy: 
         champion_metrics, champion_scores = _judge(champion, Path(champion_dir), val, test, shard_spec, dataset_dir,
                                                    applied)
         metrics["deltas"] = {k: metrics[k] - champion_metrics[k] for k in _DELTA_KEYS}
-        # Both scored the same frozen images: the difference of their AUROCs with its uncertainty.
-        try:
-            metrics["auroc_comparison"] = delong_test(test.labels, champion_scores, test_scores).to_json()
-        except ValueError as exc:  # fewer than two images of a class leave the variance undefined
-            log.warning("no paired AUROC test: %s", exc)
+        metrics.update(_paired_tests(test.labels, champion_scores, champion_metrics["threshold"], test_scores,
+                                     metrics["threshold"], gates.confidence))
     blessing = bless(metrics, gates, champion_metrics)
     confusion = [[metrics["tn"], metrics["fp"]], [metrics["fn"], metrics["tp"]]]
     log.info("candidate %s: test AUROC %.4f F1 %.4f at threshold %.4f -> %s", model_dir, metrics["image_auroc"],
@@ -516,7 +550,7 @@ def judge(model_dir: Path, preprocessed_dir: Path, dataset_dir: Path, champion_d
 
 
 _TEST_METRIC_KEYS = ("image_auroc", "precision", "recall", "f1", "accuracy", "fpr", "tp", "fp", "tn", "fn",
-                     "recall_by_defect_type", "auroc_by_defect_type", "n_test")
+                     "recall_by_defect_type", "auroc_by_defect_type", "n_test", *COMPARISONS.values())
 
 
 def _write_judged_model(model_dir: Path, metadata: models.ModelMetadata, metrics: dict, policy: ThresholdPolicy,
@@ -525,7 +559,7 @@ def _write_judged_model(model_dir: Path, metadata: models.ModelMetadata, metrics
     # Copied byte for byte, so weights_sha256 (and the lineage it proves) stays valid.
     shutil.copyfile(model_dir / models.WEIGHTS_FILE, target / models.WEIGHTS_FILE)
     judged = replace(metadata, threshold=metrics["threshold"], threshold_policy=policy.to_json(),
-                     metrics={**metadata.metrics, "test": {k: metrics[k] for k in _TEST_METRIC_KEYS}})
+                     metrics={**metadata.metrics, "test": {k: metrics[k] for k in _TEST_METRIC_KEYS if k in metrics}})
     (target / models.METADATA_FILE).write_text(json.dumps(judged.to_json(), indent=1))
     return target
 
@@ -612,10 +646,12 @@ def render_report(metrics: dict, champion_metrics: dict | None, blessing: Blessi
         lines += [f"| {k} | {_fmt(metrics[k])} | {_fmt(champion_metrics[k])} | {metrics['deltas'][k]:+.4f} |"
                   for k in _DELTA_KEYS]
         lines += [f"| threshold | {_fmt(metrics['threshold'])} | {_fmt(champion_metrics['threshold'])} | |"]
-        if "auroc_comparison" in metrics:
+        tests = [PairedComparison(**metrics[key]) for key in COMPARISONS.values() if key in metrics]
+        if tests:
             lines += ["", "## Is the candidate really better?", "",
-                      "DeLong's paired test of the two AUROCs on the same test images:", "",
-                      f"- {PairedComparison(**metrics['auroc_comparison']).explain()}"]
+                      "Paired tests on the same test images (champion minus candidate: positive when the candidate "
+                      "is worse); the drop gates pass when the interval's upper bound is within the allowed drop:", ""]
+            lines += [f"- {test.explain()}" for test in tests]
     lines += ["", "## Per defect type (test)", "",
               "Recall at the threshold; AUROC of the type's images against the good ones.", ""]
     lines += _per_defect_type_rows(metrics, champion_metrics)

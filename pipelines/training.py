@@ -52,8 +52,8 @@ def training_pipeline(
     threshold_policy: str = "max_f1",
     target_fpr: float = 0.05,
     min_auroc: float = 0.9,
-    max_auroc_drop: float = 0.0,
-    max_f1_drop: float = 0.02,
+    max_auroc_drop: float = 0.03,
+    max_f1_drop: float = 0.05,
     champion_uri: str = "",
     tracking_uri: str = "",
     registered_model: str = "defectkit",
@@ -97,8 +97,8 @@ def training_pipeline(
         threshold_policy: max_f1 or target_fpr.
         target_fpr: False positive rate for the target_fpr policy.
         min_auroc: Lowest test image AUROC that can be approved.
-        max_auroc_drop: How far the candidate's test AUROC may fall below the champion's on the same test set.
-        max_f1_drop: How far the candidate's test F1 may fall below the champion's on the same test set.
+        max_auroc_drop: How far the candidate's test AUROC may fall below the champion's on the same test set, at the upper bound of the 95% interval of DeLong's paired test.
+        max_f1_drop: How far the candidate's test F1 may fall below the champion's on the same test set, at the upper bound of the 95% interval of a paired bootstrap.
         champion_uri: Model to judge the candidate against on the same test set (models:/..., path or gs://); empty uses the registry's champion alias.
         tracking_uri: MLflow tracking URI of the model registry; an approved model is registered there. Empty skips registration.
         registered_model: Registered model name in MLflow.

@@ -51,6 +51,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from defectkit.delivery import analysis, record
 from defectkit.delivery.analysis import CanaryPolicy
@@ -107,14 +108,16 @@ class Controller:
     ``on_promote`` / ``on_rollback`` run once the traffic has moved (the registry's aliases
     and tags); they must be idempotent, as a resumed delivery may run them again.
     ``record_dir`` receives the decision record whenever the delivery stops; ``restore_command``
-    is what messages name to roll back an unfinished delivery.
+    is what messages name to roll back an unfinished delivery; ``evidence`` (the candidate's
+    offline evaluation) is kept in the state for the record.
     """
 
     def __init__(self, backend: Backend, policy: CanaryPolicy, store: StoreOrPath, *, candidate: str,
                  candidate_version: str | None = None, stable: str | None = None, backend_name: str = "local",
                  golden: Golden | None = None, on_promote: Hook | None = None, on_rollback: Hook | None = None,
                  record_dir: Path | None = None, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep, restore_command: str = RESTORE_COMMAND) -> None:
+                 sleep: Callable[[float], None] = time.sleep, restore_command: str = RESTORE_COMMAND,
+                 evidence: dict[str, Any] | None = None) -> None:
         self.backend = backend
         self.policy = policy
         self.store = as_store(store)
@@ -129,6 +132,7 @@ class Controller:
         self._clock = clock
         self._sleep = sleep
         self.restore_command = restore_command
+        self.evidence = evidence
 
     # ------------------------------------------------------------------ entry point
 
@@ -197,7 +201,7 @@ class Controller:
                 f"{state.weight}% traffic); resume it by delivering that model again, or roll it back with "
                 f"{self.restore_command}, before delivering {self.candidate}")
         state = RolloutState(candidate=self.candidate, candidate_version=self.candidate_version, stable=self.stable,
-                             backend=self.backend_name, policy=self.policy.to_json())
+                             backend=self.backend_name, policy=self.policy.to_json(), evidence=self.evidence)
         state.event("delivery started", steps=",".join(map(str, self.policy.analysed_steps)) + ",promote")
         try:
             self.store.save(state)

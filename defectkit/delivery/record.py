@@ -7,15 +7,39 @@ atomic writes) like every decision record.
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from defectkit import decision_record
 from defectkit.decision_record import JSON_NAME as JSON_NAME, MARKDOWN_NAME as MARKDOWN_NAME, iso
 from defectkit.delivery.state import FAILED, PROMOTED, ROLLED_BACK, RolloutState
+from defectkit.significance import PairedComparison
+
+log = logging.getLogger(__name__)
 
 FORMAT = "defectkit.decision-record/v1"
 IN_PROGRESS = "in_progress"
+# What the record keeps of the judged model's test figures (evaluation writes them into its model.json).
+EVIDENCE_KEYS = ("image_auroc", "f1", "recall", "fpr", "n_test", "auroc_comparison", "f1_comparison")
+
+
+def evidence_of(model_dir: Path | str | None) -> dict[str, Any] | None:
+    """The offline evaluation a judged model directory carries (its test figures and the paired tests against the
+    champion it was judged with); None, logged, where the directory holds no judged model."""
+    if not model_dir:
+        return None
+    path = Path(model_dir) / "model.json"
+    try:
+        test = json.loads(path.read_text()).get("metrics", {}).get("test")
+    except (OSError, ValueError) as exc:
+        log.info("no offline evidence for the decision record: %s unreadable (%s)", path, exc)
+        return None
+    if not test:
+        log.info("no offline evidence for the decision record: %s records no test figures (not judged)", path)
+        return None
+    return {key: test[key] for key in EVIDENCE_KEYS if key in test}
 
 
 def build_record(state: RolloutState) -> dict[str, Any]:
@@ -36,6 +60,7 @@ def build_record(state: RolloutState) -> dict[str, Any]:
         "phase": state.phase,
         "final_weight": state.weight,
         "failed_checks": state.failed_checks,
+        "evidence": state.evidence,
         "probe": state.probe,
         "analyses": state.analyses,
         "timeline": state.timeline,
@@ -65,6 +90,7 @@ def render_markdown(record: dict[str, Any]) -> str:
              "", "## Why", "", record.get("reason") or "(no verdict yet)"]
     if record.get("error"):
         lines += ["", f"Error: `{record['error']}`"]
+    lines += ["", "## Offline evidence", ""] + _evidence_lines(record.get("evidence"))
     probe = record.get("probe")
     lines += ["", "## Golden probe", ""]
     if not probe:
@@ -100,6 +126,21 @@ def render_markdown(record: dict[str, Any]) -> str:
         extra = f" ({', '.join(f'{k}={_figure(v)}' for k, v in details.items())})" if details else ""
         lines.append(f"| {entry['at']} | {entry['phase']} | {entry['weight']} | {entry['event']}{extra} |")
     return "\n".join(lines) + "\n"
+
+
+def _evidence_lines(evidence: dict[str, Any] | None) -> list[str]:
+    if not evidence:
+        return ["None recorded (the candidate was not given as a judged model directory)."]
+    lines = [f"Test set of {evidence.get('n_test', '?')} images: image AUROC {_figure(evidence.get('image_auroc'))}, "
+             f"F1 {_figure(evidence.get('f1'))}, recall {_figure(evidence.get('recall'))}, "
+             f"FPR {_figure(evidence.get('fpr'))}."]
+    tests = [PairedComparison(**evidence[key]) for key in ("auroc_comparison", "f1_comparison") if key in evidence]
+    if tests:
+        lines += ["", "Against the champion on the same images (champion minus candidate):", ""]
+        lines += [f"- {test.explain()}" for test in tests]
+    else:
+        lines += ["", "No champion was compared (first model)."]
+    return lines
 
 
 def write_record(state: RolloutState, out_dir: Path) -> tuple[dict[str, Any], str]:

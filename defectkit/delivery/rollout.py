@@ -74,7 +74,9 @@ class DeliveryConfig:
     kserve backend keeps its state on the cluster, beside the InferenceService
     (:mod:`defectkit.delivery.kserve.state`), where a retried step or the exit handler finds
     it. ``registered_model`` is the MLflow registered model name; ``served_name`` is the name
-    in the servers' ``/v2/models/<name>/infer`` route.
+    in the servers' ``/v2/models/<name>/infer`` route. ``judged_model_dir`` is the evaluation's
+    judged model, whose test figures and paired tests against the champion the decision record
+    shows (default: ``model`` where it is a model directory).
 
     kserve: where the InferenceService does not exist yet, the candidate is its first
     model: it is created from ``serve_image`` in ``deployment_mode`` ("Knative" or
@@ -89,6 +91,7 @@ class DeliveryConfig:
     state_path: str | None = None
     record_dir: str | None = None
     golden_dir: str | None = None
+    judged_model_dir: str | None = None
     tracking_uri: str | None = None
     registered_model: str = "defectkit"
     stable: str | None = None
@@ -239,6 +242,7 @@ def deliver(config: DeliveryConfig) -> RolloutState:
 
 def _deliver(config: DeliveryConfig, candidate: str, version: str | None, golden: Golden | None,
              on_promote: Hook | None, on_rollback: Hook | None) -> RolloutState:
+    evidence = record.evidence_of(config.judged_model_dir or (candidate if Path(candidate).is_dir() else None))
     backend = make_backend(config, candidate)
     try:
         store = make_store(config, backend)
@@ -247,16 +251,18 @@ def _deliver(config: DeliveryConfig, candidate: str, version: str | None, golden
             if backend.stack() is None and stable is None:
                 state = _first_deployment(store, "local", candidate, version, config.policy, on_promote,
                                           lambda: backend.ensure_stack(candidate, first_deployment=True),
-                                          "no stable version serves yet")
+                                          "no stable version serves yet", evidence)
             else:
                 stable = backend.ensure_stack(stable).stable.model
                 state = None
         else:
-            stable, state = None, _kserve_first_deployment(backend, store, config, candidate, version, on_promote)
+            stable, state = None, _kserve_first_deployment(backend, store, config, candidate, version, on_promote,
+                                                           evidence)
         if state is None:
             state = Controller(backend, config.policy, store, candidate=candidate, candidate_version=version,
                                stable=stable, backend_name=config.backend, golden=golden, on_promote=on_promote,
-                               on_rollback=on_rollback, restore_command=restore_command(config)).run()
+                               on_rollback=on_rollback, restore_command=restore_command(config),
+                               evidence=evidence).run()
     finally:
         _close(backend)
     return state
@@ -357,7 +363,8 @@ def _stable_for_stack(config: DeliveryConfig) -> str | None:
 
 
 def _kserve_first_deployment(backend, store: RolloutStore, config: DeliveryConfig, candidate: str,
-                             version: str | None, on_promote: Hook | None) -> RolloutState | None:
+                             version: str | None, on_promote: Hook | None,
+                             evidence: dict[str, Any] | None) -> RolloutState | None:
     """The first model of an InferenceService that does not exist yet; None when it exists (a canary follows).
 
     A service that exists, serves the candidate and has no delivery recorded was created by
@@ -374,7 +381,7 @@ def _kserve_first_deployment(backend, store: RolloutStore, config: DeliveryConfi
     service = _service_config(config, candidate)
     return _first_deployment(store, "kserve", candidate, version, config.policy, on_promote,
                              lambda: backend.ensure_exists(service),
-                             f"InferenceService {config.namespace}/{config.service_name} did not exist")
+                             f"InferenceService {config.namespace}/{config.service_name} did not exist", evidence)
 
 
 def _service_config(config: DeliveryConfig, candidate: str):
@@ -389,14 +396,14 @@ def _service_config(config: DeliveryConfig, candidate: str):
 
 def _first_deployment(store: RolloutStore, backend_name: str, candidate: str, version: str | None,
                       policy: CanaryPolicy, on_promote: Hook | None, start: Callable[[], object],
-                      why: str) -> RolloutState:
+                      why: str, evidence: dict[str, Any] | None) -> RolloutState:
     """Nothing serves yet: ``start`` makes the candidate the stable version, with nothing to compare it with.
 
     A state file records the intent before ``start``; a store on the cluster lives beside the
     service ``start`` creates, so it is written once that service exists.
     """
     state = RolloutState(candidate=candidate, candidate_version=version, backend=backend_name,
-                         policy=policy.to_json())
+                         policy=policy.to_json(), evidence=evidence)
     state.event(f"first deployment: {why}")
     state.target_weight = 100
     if isinstance(store, StateStore):

@@ -63,7 +63,8 @@ class RolloutState:
     confirmed. ``analyses`` holds every analysis with its figures, ``timeline`` every
     transition, ``probe`` the golden-image probe's result and ``reference_stable`` the last
     stable window with enough requests to compare against (the stable version gets little
-    traffic at high canary weights). Times are Unix seconds (wall clock, so they survive a
+    traffic at high canary weights). ``evidence`` is the offline evaluation the candidate
+    was judged by (:func:`defectkit.delivery.record.evidence_of`), shown in the decision record. Times are Unix seconds (wall clock, so they survive a
     restart).
     """
 
@@ -82,6 +83,7 @@ class RolloutState:
     next_analysis_at: float | None = None
     reference_stable: dict[str, Any] | None = None
     probe: dict[str, Any] | None = None
+    evidence: dict[str, Any] | None = None
     analyses: list[dict[str, Any]] = field(default_factory=list)
     timeline: list[dict[str, Any]] = field(default_factory=list)
     reason: str | None = None

@@ -197,6 +197,28 @@ def test_a_healthy_candidate_steps_through_and_is_promoted(tmp_path, clock):
     assert backend.calls.count("promote") == 1
 
 
+def test_the_offline_evidence_is_kept_in_the_state_and_shown_in_the_record(tmp_path, clock):
+    comparison = {"metric": "image AUROC", "champion": 0.95, "challenger": 0.96, "difference": -0.01,
+                  "standard_error": 0.01, "ci_low": -0.0296, "ci_high": 0.0096, "confidence": 0.95, "p_value": 0.32,
+                  "n_defect": 100, "n_good": 110, "method": "DeLong"}
+    evidence = {"image_auroc": 0.96, "f1": 0.9, "recall": 0.88, "fpr": 0.05, "n_test": 210,
+                "auroc_comparison": comparison}
+    backend = StandInBackend()
+    Controller(backend, POLICY, tmp_path / "state.json", candidate="candidate-model", stable=backend.stable,
+               golden=GOLDEN, record_dir=tmp_path / "record", clock=clock, sleep=clock.sleep,
+               evidence=evidence).run()
+    assert persisted(tmp_path).evidence == evidence
+    assert record.read_record(tmp_path / "record")["evidence"] == evidence
+    markdown = (tmp_path / "record" / record.MARKDOWN_NAME).read_text()
+    assert "## Offline evidence" in markdown and "Test set of 210 images: image AUROC 0.96" in markdown
+    assert ("image AUROC champion 0.9500 - challenger 0.9600 = -0.0100, 95% CI [-0.0296, +0.0096], p = 0.32 "
+            "(DeLong, 100 defect and 110 good images)") in markdown
+    # Without a judged model the record says so.
+    backend = StandInBackend()
+    controller(backend, tmp_path / "bare", clock).run()
+    assert "None recorded" in (tmp_path / "bare" / "record" / record.MARKDOWN_NAME).read_text()
+
+
 def test_a_promotion_undone_since_is_delivered_again(tmp_path, clock):
     backend = StandInBackend()
     assert controller(backend, tmp_path, clock).run().phase == PROMOTED

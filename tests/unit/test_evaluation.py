@@ -14,6 +14,7 @@ import torch
 from sklearn import metrics as skm
 
 from defectkit import models
+from defectkit.delivery import record as delivery_record
 from defectkit.drift import Reference
 from defectkit.evaluation import (
     MAX_ROC_POINTS,
@@ -36,6 +37,7 @@ from defectkit.evaluation import (
 )
 from defectkit.golden import read_golden
 from defectkit.preprocess import PreprocessSpec, load_split, preprocess_dataset, read_info, read_spec
+from defectkit.significance import PairedComparison
 from defectkit.validation.dataset import ValidationConfig, validate_dataset
 from tests.conftest import TINY_IMAGE_SIZE
 from tests.unit.layouts import thin_train_defects
@@ -226,9 +228,13 @@ def test_gates_validation():
         Gates(min_auroc=1.2)
     with pytest.raises(ValueError, match="max_f1_drop=-0.1"):
         Gates(max_f1_drop=-0.1)
+    with pytest.raises(ValueError, match="confidence=1.0"):
+        Gates(confidence=1.0)
 
 
 _GOOD_RUN = {"image_auroc": 0.981, "recall": 0.95, "fpr": 0.03, "f1": 0.96}
+# The point-estimate drop gates, as they apply where no paired test could be made.
+_POINT = Gates(max_auroc_drop=0.0, max_f1_drop=0.02)
 
 
 def test_first_model_uses_absolute_gates_only():
@@ -242,26 +248,46 @@ def test_first_model_uses_absolute_gates_only():
     assert not bless(_GOOD_RUN, Gates(max_fpr=0.01)).approved
 
 
-def test_worse_candidate_than_champion_is_rejected_with_reason():
+def test_without_a_paired_test_the_point_estimates_decide():
     candidate = {**_GOOD_RUN, "f1": 0.91}
-    blessing = bless(candidate, Gates(), champion_metrics=_GOOD_RUN)
+    blessing = bless(candidate, _POINT, champion_metrics=_GOOD_RUN)
     assert not blessing.approved
-    assert "F1 0.910 is 0.050 below champion 0.960 (allowed drop 0.020)" in blessing.reasons
-    assert "image AUROC 0.981 matches champion 0.981 (allowed drop 0.000)" in blessing.reasons
+    assert "F1 0.910 is 0.050 below champion 0.960 (allowed drop 0.020; point estimates, no paired test)" \
+        in blessing.reasons
+    assert "image AUROC 0.981 matches champion 0.981 (allowed drop 0.000; point estimates, no paired test)" \
+        in blessing.reasons
     assert not any("first model" in reason for reason in blessing.reasons)
-    auroc_drop = bless({**_GOOD_RUN, "image_auroc": 0.975}, Gates(), champion_metrics=_GOOD_RUN)
-    assert not auroc_drop.approved
-    assert "image AUROC 0.975 is 0.006 below champion 0.981 (allowed drop 0.000)" in auroc_drop.reasons
-
-
-def test_better_or_equal_candidate_is_approved():
-    better = bless({**_GOOD_RUN, "image_auroc": 0.99, "f1": 0.97}, Gates(), champion_metrics=_GOOD_RUN)
+    assert not bless({**_GOOD_RUN, "image_auroc": 0.975}, _POINT, champion_metrics=_GOOD_RUN).approved
+    better = bless({**_GOOD_RUN, "image_auroc": 0.99, "f1": 0.97}, _POINT, champion_metrics=_GOOD_RUN)
     assert better.approved
-    assert "F1 0.970 is 0.010 above champion 0.960 (allowed drop 0.020)" in better.reasons
-    assert bless(_GOOD_RUN, Gates(), champion_metrics=_GOOD_RUN).approved  # identical models never fail on rounding
-    within_allowance = bless({**_GOOD_RUN, "f1": 0.95}, Gates(), champion_metrics=_GOOD_RUN)
-    assert within_allowance.approved
-    assert "F1 0.950 is 0.010 below champion 0.960 (allowed drop 0.020)" in within_allowance.reasons
+    assert any(r.startswith("F1 0.970 is 0.010 above champion 0.960") for r in better.reasons)
+    assert bless(_GOOD_RUN, _POINT, champion_metrics=_GOOD_RUN).approved  # identical models never fail on rounding
+    assert bless({**_GOOD_RUN, "f1": 0.95}, _POINT, champion_metrics=_GOOD_RUN).approved
+
+
+def _comparison(metric: str, champion: float, challenger: float, ci_low: float, ci_high: float) -> dict:
+    return PairedComparison(metric, champion, challenger, champion - challenger, (ci_high - ci_low) / 3.92,
+                            ci_low, ci_high, 0.95, 0.4, 60, 80, "DeLong" if metric == "image AUROC" else
+                            "paired bootstrap, 2000 resamples").to_json()
+
+
+def test_the_drop_gates_read_the_upper_bound_of_the_paired_interval():
+    # A point drop beyond the allowance that the test set cannot tell from noise is no reason to reject...
+    noisy = {**_GOOD_RUN, "image_auroc": 0.975, "f1": 0.93,
+             "auroc_comparison": _comparison("image AUROC", 0.981, 0.975, -0.012, 0.024),
+             "f1_comparison": _comparison("F1", 0.96, 0.93, -0.01, 0.048)}
+    blessing = bless(noisy, Gates(), champion_metrics=_GOOD_RUN)
+    assert blessing.approved, blessing.reasons
+    assert ("image AUROC 0.975 is 0.006 below champion 0.981: drop 95% CI [-0.012, +0.024] (DeLong, p = 0.4), "
+            "within the allowed drop 0.030") in blessing.reasons
+    # ...but an interval reaching past the allowance is, even where the point estimate is better.
+    uncertain = {**noisy, "image_auroc": 0.985,
+                 "auroc_comparison": _comparison("image AUROC", 0.981, 0.985, -0.05, 0.031)}
+    rejected = bless(uncertain, Gates(), champion_metrics=_GOOD_RUN)
+    assert not rejected.approved
+    assert any(r.startswith("image AUROC 0.985 is 0.004 above champion 0.981: drop 95% CI [-0.050, +0.031]")
+               and r.endswith("beyond the allowed drop 0.030") for r in rejected.reasons)
+    assert bless(uncertain, Gates(max_auroc_drop=0.031), champion_metrics=_GOOD_RUN).approved
 
 
 # ---------------------------------------------------------------- end to end on real files
@@ -375,8 +401,16 @@ def test_champion_at_another_image_size_is_scored_from_raw_files(candidate_dir, 
     comparison = record["auroc_comparison"]
     assert comparison["method"] == "DeLong" and comparison["difference"] == pytest.approx(-deltas["image_auroc"])
     assert comparison["ci_low"] <= comparison["difference"] <= comparison["ci_high"]
+    f1_test = record["f1_comparison"]
+    assert f1_test["difference"] == pytest.approx(-deltas["f1"]) and "bootstrap" in f1_test["method"]
+    # The evidence travels with the judged model, for the delivery's decision record.
+    judged = models.read_metadata(tmp_path / "eval" / "model").metrics["test"]
+    assert judged["auroc_comparison"] == comparison and judged["f1_comparison"] == f1_test
+    evidence = delivery_record.evidence_of(tmp_path / "eval" / "model")
+    assert evidence["auroc_comparison"] == comparison and evidence["n_test"] == result.metrics["n_test"]
+    assert delivery_record.evidence_of(candidate_dir) is None  # trained, not judged: no test figures
     report = (tmp_path / "eval" / "report.md").read_text()
-    assert "## Is the candidate really better?" in report and "DeLong" in report
+    assert "## Is the candidate really better?" in report and "DeLong" in report and "paired bootstrap" in report
     assert "| metric | candidate | champion | delta |" in report
     assert "| defect type | recall | champion recall | AUROC | champion AUROC |" in report
     hole = (f"| hole | {result.metrics['recall_by_defect_type']['hole']:.4f} | "
@@ -391,8 +425,9 @@ def test_candidate_identical_to_its_champion_is_approved(candidate_dir, preproce
                       gates=Gates(min_auroc=0.0))
     assert result.blessing.approved
     assert result.metrics["deltas"]["image_auroc"] == 0.0 and result.metrics["deltas"]["f1"] == 0.0
-    comparison = result.metrics["auroc_comparison"]
-    assert (comparison["difference"], comparison["p_value"]) == (0.0, 1.0)
+    for key in ("auroc_comparison", "f1_comparison"):
+        comparison = result.metrics[key]
+        assert (comparison["difference"], comparison["ci_high"], comparison["p_value"]) == (0.0, 0.0, 1.0)
 
 
 def test_judge_writes_what_delivery_needs_and_finds_the_champion_only_where_there_is_one(

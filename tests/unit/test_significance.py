@@ -1,14 +1,15 @@
-"""DeLong's paired AUROC test against references: scikit-learn's AUROC, the paper's definitions computed pair by
-pair, and a paired bootstrap of scikit-learn's AUROC."""
+"""The paired tests against references: DeLong's AUROC test against scikit-learn's AUROC, the paper's definitions
+computed pair by pair and a paired bootstrap of scikit-learn's AUROC; the F1 bootstrap against scikit-learn's F1 on
+the same resamples."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from scipy.stats import norm
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import f1_score, roc_auc_score
 
-from defectkit.significance import delong_test
+from defectkit.significance import delong_test, paired_bootstrap_f1
 
 
 def _pair(seed: int, n_good: int = 120, n_defect: int = 90, ties: bool = False):
@@ -91,3 +92,47 @@ def test_a_clearly_worse_challenger_is_significant_and_a_wider_confidence_widens
 def test_unusable_input_is_named(labels, a, b, message):
     with pytest.raises(ValueError, match=message):
         delong_test(np.array(labels), np.array(a), np.array(b))
+
+
+# --------------------------------------------------------------------------- F1: paired bootstrap
+
+
+def test_the_f1_bootstrap_is_scikit_learns_f1_on_the_same_resamples():
+    labels, a, b = _pair(8)
+    flags_a, flags_b = a >= 0.6, b >= 0.5  # each at its own threshold
+    result = paired_bootstrap_f1(labels, flags_a, flags_b, resamples=300, seed=3)
+    draws = np.random.default_rng(3).integers(0, labels.size, size=(300, labels.size))
+    differences = np.array([f1_score(labels[i], flags_a[i], zero_division=0.0)
+                            - f1_score(labels[i], flags_b[i], zero_division=0.0) for i in draws])
+    assert result.champion == pytest.approx(f1_score(labels, flags_a), abs=1e-12)
+    assert result.challenger == pytest.approx(f1_score(labels, flags_b), abs=1e-12)
+    assert (result.ci_low, result.ci_high) == pytest.approx(tuple(np.quantile(differences, [0.025, 0.975])), abs=1e-12)
+    assert result.standard_error == pytest.approx(np.std(differences, ddof=1), abs=1e-12)
+    assert result.p_value == pytest.approx(2 * min(np.mean(differences <= 0), np.mean(differences >= 0)))
+
+
+def test_the_f1_bootstrap_of_a_model_against_itself_and_of_a_clearly_worse_one():
+    labels, a, _ = _pair(9)
+    same = paired_bootstrap_f1(labels, a >= 0.6, a >= 0.6)
+    assert (same.difference, same.ci_low, same.ci_high, same.p_value) == (0.0, 0.0, 0.0, 1.0)
+    assert same.within(0.0)
+    worse = paired_bootstrap_f1(labels, a >= 0.6, np.random.default_rng(1).random(labels.size) < 0.5)
+    assert worse.ci_low > 0 and worse.p_value < 0.01 and not worse.within(0.05)
+    assert "paired bootstrap, 2000 resamples" in worse.explain()
+
+
+def test_within_is_the_upper_bound_of_the_drop_against_the_allowed_drop():
+    labels, a, b = _pair(10)
+    result = delong_test(labels, a, b)
+    assert result.within(result.ci_high) and not result.within(result.ci_high - 0.001)
+
+
+@pytest.mark.parametrize("labels, a, b, kwargs, message", [
+    ([0, 1, 1], [0, 1, 1], [0, 1], {}, "the challenger 2"),
+    ([1, 1, 1], [0, 1, 1], [0, 1, 1], {}, "3 defect and 0 good"),
+    ([0, 1, 1], [0, 1, 1], [0, 1, 1], {"resamples": 10}, "resamples=10"),
+    ([0, 1, 1], [0, 1, 1], [0, 1, 1], {"confidence": 1.0}, "confidence=1.0"),
+])
+def test_unusable_bootstrap_input_is_named(labels, a, b, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        paired_bootstrap_f1(np.array(labels), np.array(a), np.array(b), **kwargs)
