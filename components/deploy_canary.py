@@ -41,6 +41,11 @@ def deploy_canary(
     serve_image: str = "ghcr.io/defectkit/serve:0.1.0",
     deployment_mode: str = "",
     probe_url: str = "",
+    sample_uri: str = "",
+    shadow_window_s: float = 86400.0,
+    shadow_min_images: int = 30,
+    shadow_min_agreement: float = 0.9,
+    shadow_max_score_shift: float = 0.3,
 ) -> bool:
     """Ship the registered model through a canary: probe, step traffic, analyse, then promote or roll back.
 
@@ -82,12 +87,18 @@ def deploy_canary(
         serve_image: Image of the predictor container, used when the InferenceService is created (kserve backend).
         deployment_mode: KServe deployment mode of a new InferenceService: Knative or Standard; empty means the cluster default (kserve backend). An existing service keeps its own.
         probe_url: The candidate's own URL for the golden probe (kserve backend); empty means its tag URL (Knative) or its canary Service (Standard).
+        sample_uri: Where the model servers sample production requests (a directory, gs:// or s3://); when given, a recent window of them is replayed to the candidate before any canary traffic and compared with the champion's answers (shadow replay). Empty: no replay.
+        shadow_window_s: How far back the replayed samples reach, in seconds.
+        shadow_min_images: Fewer sampled images than this skip the shadow replay (no evidence either way).
+        shadow_min_agreement: Lowest share of replayed images the candidate labels as the champion did, each at its own threshold.
+        shadow_max_score_shift: Highest Kolmogorov-Smirnov statistic between the champion's and the candidate's scores on the replayed images.
     """
     import json
     import logging
     from pathlib import Path
 
     from defectkit.delivery import record, rollout
+    from defectkit.delivery.shadow import ShadowPolicy
 
     logging.basicConfig(level=logging.INFO, force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -98,7 +109,9 @@ def deploy_canary(
     config = rollout.DeliveryConfig.for_registered_version(
         registered_model, model_version, storage_uri=storage_uri, backend=backend,
         policy=policy, work_dir=work_dir, golden_dir=golden.path if golden is not None else None,
-        judged_model_dir=model.path,
+        judged_model_dir=model.path, sample_uri=sample_uri,
+        shadow=ShadowPolicy(window_s=shadow_window_s, min_images=shadow_min_images,
+                            min_agreement=shadow_min_agreement, max_score_shift=shadow_max_score_shift),
         tracking_uri=tracking_uri, namespace=namespace, service_name=service_name,
         prometheus_url=prometheus_url or None, prometheus_scrape_interval_s=prometheus_scrape_interval_s,
         api_url=kube_api_url or None, serve_image=serve_image,
@@ -113,6 +126,9 @@ def deploy_canary(
     metrics.log_metric("analyses", float(len(state.analyses)))
     metrics.log_metric("failed_checks", float(state.failed_checks))
     metrics.log_metric("final_traffic_percent", float(state.weight))
+    if state.shadow and "agreement" in state.shadow:
+        metrics.log_metric("shadow_agreement", float(state.shadow["agreement"]))
+        metrics.log_metric("shadow_score_shift", float(state.shadow["score_shift"]))
     if built["duration_s"] is not None:
         metrics.log_metric("duration_s", float(built["duration_s"]))
     if state.phase not in ("promoted", "rolled_back"):

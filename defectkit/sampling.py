@@ -385,9 +385,12 @@ def _window(root: str, since: float, until: float) -> Iterator[tuple[Sample, byt
 
 def read_window(root: str | Path, since: float, until: float) -> list[Sample]:
     """Samples taken at ``since <= time < until`` (UNIX seconds), oldest first."""
-    samples = [sample for sample, _ in _window(str(root).rstrip("/"), since, until)]
-    samples.sort(key=lambda s: (s.time, s.image))
-    return samples
+    return [sample for sample, _ in read_window_images(root, since, until)]
+
+
+def read_window_images(root: str | Path, since: float, until: float) -> list[tuple[Sample, bytes]]:
+    """:func:`read_window` with each sample's image file."""
+    return sorted(_window(str(root).rstrip("/"), since, until), key=lambda pair: (pair[0].time, pair[0].image))
 
 
 @dataclass(frozen=True)

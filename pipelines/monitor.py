@@ -85,6 +85,8 @@ def retrain_if_due(
             kube_api_url=kube_api_url,
             kserve_deployment_mode=kserve_deployment_mode,
             kserve_serve_image=kserve_serve_image,
+            # No shadow replay: after drift the champion's answers on production images are what is in question.
+            sample_uri="",
         )
 
 

@@ -46,6 +46,7 @@ def ship_model(
     kube_api_url: str = "",
     kserve_deployment_mode: str = "",
     kserve_serve_image: str = SERVE_IMAGE,
+    sample_uri: str = "",
 ):
     """Judged model to champion, through a canary.
 
@@ -75,6 +76,7 @@ def ship_model(
         kube_api_url: Kubernetes API URL (kserve backend); empty uses in-cluster credentials.
         kserve_deployment_mode: KServe deployment mode (Knative or Standard) of an InferenceService the first delivery creates; empty means the cluster default (kserve backend).
         kserve_serve_image: Predictor image of an InferenceService the first delivery creates (kserve backend).
+        sample_uri: Where the model servers sample production requests; when given, a recent window of them is replayed to the candidate before any canary traffic (shadow replay) and must agree with the champion's answers. Empty: no replay.
     """
     # Whatever fails from here on, stable traffic is restored: a delivery cut off
     # half-way is rolled back, a finished one is left alone.
@@ -124,6 +126,7 @@ def ship_model(
             kube_api_url=kube_api_url,
             serve_image=kserve_serve_image,
             deployment_mode=kserve_deployment_mode,
+            sample_uri=sample_uri,
         ).set_caching_options(False)
 
 
@@ -155,6 +158,7 @@ def release_if_approved(
     kube_api_url: str = "",
     kserve_deployment_mode: str = "",
     kserve_serve_image: str = SERVE_IMAGE,
+    sample_uri: str = "",
 ):
     """The blessing gates the shipping: an unapproved model, or a run without a registry, ships nothing.
 
@@ -185,6 +189,7 @@ def release_if_approved(
         kube_api_url: Kubernetes API URL (kserve backend); empty uses in-cluster credentials.
         kserve_deployment_mode: KServe deployment mode (Knative or Standard) of an InferenceService the first delivery creates; empty means the cluster default (kserve backend).
         kserve_serve_image: Predictor image of an InferenceService the first delivery creates (kserve backend).
+        sample_uri: Where the model servers sample production requests; when given, a recent window of them is replayed to the candidate before any canary traffic (shadow replay) and must agree with the champion's answers. Empty: no replay.
     """
     with dsl.If(approved == True, name="approved"):  # noqa: E712 - a KFP condition, not Python
         with dsl.If(tracking_uri != "", name="registry-configured"):
@@ -214,4 +219,5 @@ def release_if_approved(
                 kube_api_url=kube_api_url,
                 kserve_deployment_mode=kserve_deployment_mode,
                 kserve_serve_image=kserve_serve_image,
+                sample_uri=sample_uri,
             )

@@ -77,6 +77,7 @@ def training_pipeline(
     kube_api_url: str = "",
     kserve_deployment_mode: str = "",
     kserve_serve_image: str = SERVE_IMAGE,
+    sample_uri: str = "",
 ) -> TrainingOutputs:
     """Images to a judged defect model.
 
@@ -122,6 +123,7 @@ def training_pipeline(
         kube_api_url: Kubernetes API URL (kserve backend); empty uses in-cluster credentials.
         kserve_deployment_mode: KServe deployment mode (Knative or Standard) of an InferenceService the first delivery creates; empty means the cluster default (kserve backend).
         kserve_serve_image: Predictor image of an InferenceService the first delivery creates (kserve backend).
+        sample_uri: Where the model servers sample production requests; when given, a recent window of them is replayed to the candidate before any canary traffic (shadow replay) and must agree with the champion's answers. Empty: no replay.
     """
     # The backend caches on input values and artifact identities, never on what a URI holds: the
     # source is fingerprinted on every run, and validation (with all that follows) caches on that.
@@ -208,6 +210,7 @@ def training_pipeline(
         kube_api_url=kube_api_url,
         kserve_deployment_mode=kserve_deployment_mode,
         kserve_serve_image=kserve_serve_image,
+        sample_uri=sample_uri,
     )
 
     return TrainingOutputs(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from defectkit.delivery.analysis import CanaryPolicy
+from defectkit.delivery.shadow import ShadowPolicy
 from defectkit.delivery.kserve.manifest import ServiceConfig
 
 BACKENDS = ("local", "kserve")
@@ -75,6 +76,24 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                              "candidate resumes an interrupted delivery.")
     _add_backend(start)
     start.add_argument("--golden", help="golden set directory (golden.json + images) probed before any traffic")
+    start.add_argument("--judged-model", help="the evaluation's judged model directory, whose test figures, paired "
+                       "tests and threshold the record and the shadow replay use (default: --model when a directory)")
+    shadow = start.add_argument_group("shadow replay (before any traffic: sampled production requests replayed to "
+                                      "the candidate and compared with the answers the champion gave)")
+    shadow.add_argument("--sample-uri", default="", help="where the model servers sample requests (a directory, "
+                        "gs:// or s3://); none: no shadow replay")
+    defaults = ShadowPolicy()
+    shadow.add_argument("--shadow-window-s", type=float, default=defaults.window_s,
+                        help="how far back the replayed samples reach (default %(default)s)")
+    shadow.add_argument("--shadow-max-images", type=int, default=defaults.max_images,
+                        help="the most (newest) samples replayed (default %(default)s)")
+    shadow.add_argument("--shadow-min-images", type=int, default=defaults.min_images,
+                        help="fewer samples than this skip the replay (default %(default)s)")
+    shadow.add_argument("--shadow-min-agreement", type=float, default=defaults.min_agreement,
+                        help="lowest share of images both label alike (default %(default)s)")
+    shadow.add_argument("--shadow-max-score-shift", type=float, default=defaults.max_score_shift,
+                        help="highest KS statistic between the champion's and the candidate's scores "
+                        "(default %(default)s)")
     start.add_argument("--version", help="registry version of the candidate (implied by models:/<name>/<version>)")
     start.add_argument("--served-name", default="defectkit",
                        help="model name in the /v2/models/<name> routes (default %(default)s)")
@@ -224,7 +243,11 @@ def start_config(args: argparse.Namespace):
         settings.update(model=args.model or "", stable=args.stable, router_port=args.router_port,
                         server_args=tuple(args.serve_arg), candidate_args=tuple(args.candidate_serve_arg),
                         scrape_interval_s=args.scrape_interval_s)
+    shadow = ShadowPolicy(window_s=args.shadow_window_s, max_images=args.shadow_max_images,
+                          min_images=args.shadow_min_images, min_agreement=args.shadow_min_agreement,
+                          max_score_shift=args.shadow_max_score_shift)
     return DeliveryConfig(version=args.version, policy=policy_from_args(args), golden_dir=args.golden,
+                          judged_model_dir=args.judged_model, sample_uri=args.sample_uri, shadow=shadow,
                           served_name=args.served_name, **settings)
 
 

@@ -53,7 +53,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from defectkit.delivery import analysis, record
+from defectkit.delivery import analysis, record, shadow
 from defectkit.delivery.analysis import CanaryPolicy
 from defectkit.delivery.backend import (
     CANARY,
@@ -82,6 +82,7 @@ from defectkit.delivery.state import (
     as_store,
     iso,
 )
+from defectkit.delivery.shadow import ShadowReplay
 from defectkit.golden import Golden
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ class Controller:
     and tags); they must be idempotent, as a resumed delivery may run them again.
     ``record_dir`` receives the decision record whenever the delivery stops; ``restore_command``
     is what messages name to roll back an unfinished delivery; ``evidence`` (the candidate's
-    offline evaluation) is kept in the state for the record.
+    offline evaluation) is kept in the state for the record; ``shadow``, sampled production
+    images replayed to the candidate after the golden probe, before any traffic.
     """
 
     def __init__(self, backend: Backend, policy: CanaryPolicy, store: StoreOrPath, *, candidate: str,
@@ -117,7 +119,7 @@ class Controller:
                  golden: Golden | None = None, on_promote: Hook | None = None, on_rollback: Hook | None = None,
                  record_dir: Path | None = None, clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep, restore_command: str = RESTORE_COMMAND,
-                 evidence: dict[str, Any] | None = None) -> None:
+                 evidence: dict[str, Any] | None = None, shadow: ShadowReplay | None = None) -> None:
         self.backend = backend
         self.policy = policy
         self.store = as_store(store)
@@ -133,6 +135,7 @@ class Controller:
         self._sleep = sleep
         self.restore_command = restore_command
         self.evidence = evidence
+        self.shadow = shadow
 
     # ------------------------------------------------------------------ entry point
 
@@ -255,8 +258,37 @@ class Controller:
             state.event("golden probe skipped: no golden images given")
         elif not self._golden_ok(state, ""):
             return
+        if self.shadow is not None and not self._shadow_ok(state, self.shadow):
+            return
         state.phase, state.step_index = STEPPING, 0
         self.store.save(state)
+
+    def _shadow_ok(self, state: RolloutState, replay: ShadowReplay) -> bool:
+        """Replay the sampled production images to the candidate; on a failed verdict start the rollback and
+        return False."""
+        samples = replay.samples
+        if replay.threshold is None:
+            verdict = shadow.skipped(samples, replay.policy, "the candidate's threshold is unknown (give the judged "
+                                                             "model directory)")
+        elif shadow.too_few(samples, replay.policy):
+            verdict = shadow.skipped(samples, replay.policy, shadow.too_few(samples, replay.policy))
+        else:
+            try:
+                answer = self.backend.probe(list(samples.images))
+            except BackendError as exc:
+                self._begin_rollback(state, f"the candidate could not be replayed the sampled production images: "
+                                            f"{exc}", error=str(exc))
+                return False
+            verdict = shadow.judge(samples, answer.scores, replay.threshold, replay.policy)
+            if replay.out_dir is not None:
+                shadow.keep_disagreements(samples, verdict, replay.out_dir)
+        state.shadow = verdict
+        if not verdict["passed"]:
+            self._begin_rollback(state, f"shadow replay failed: {verdict['reason']}")
+            return False
+        state.event(f"shadow replay {verdict['verdict']}", images=verdict["images"],
+                    agreement=verdict.get("agreement"))
+        return True
 
     def _golden_ok(self, state: RolloutState, context: str) -> bool:
         """Probe the golden images; on a mismatch start the rollback and return False."""

@@ -32,14 +32,16 @@ def evidence_of(model_dir: Path | str | None) -> dict[str, Any] | None:
         return None
     path = Path(model_dir) / "model.json"
     try:
-        test = json.loads(path.read_text()).get("metrics", {}).get("test")
+        record = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         log.info("no offline evidence for the decision record: %s unreadable (%s)", path, exc)
         return None
+    test = record.get("metrics", {}).get("test")
     if not test:
         log.info("no offline evidence for the decision record: %s records no test figures (not judged)", path)
         return None
-    return {key: test[key] for key in EVIDENCE_KEYS if key in test}
+    return {**{key: test[key] for key in EVIDENCE_KEYS if key in test},
+            "threshold": record.get("threshold"), "weights_sha256": record.get("weights_sha256")}
 
 
 def build_record(state: RolloutState) -> dict[str, Any]:
@@ -61,6 +63,7 @@ def build_record(state: RolloutState) -> dict[str, Any]:
         "final_weight": state.weight,
         "failed_checks": state.failed_checks,
         "evidence": state.evidence,
+        "shadow": state.shadow,
         "probe": state.probe,
         "analyses": state.analyses,
         "timeline": state.timeline,
@@ -91,6 +94,7 @@ def render_markdown(record: dict[str, Any]) -> str:
     if record.get("error"):
         lines += ["", f"Error: `{record['error']}`"]
     lines += ["", "## Offline evidence", ""] + _evidence_lines(record.get("evidence"))
+    lines += ["", "## Shadow replay", ""] + _shadow_lines(record.get("shadow"))
     probe = record.get("probe")
     lines += ["", "## Golden probe", ""]
     if not probe:
@@ -140,6 +144,27 @@ def _evidence_lines(evidence: dict[str, Any] | None) -> list[str]:
         lines += [f"- {test.explain()}" for test in tests]
     else:
         lines += ["", "No champion was compared (first model)."]
+    return lines
+
+
+def _shadow_lines(verdict: dict[str, Any] | None) -> list[str]:
+    if not verdict:
+        return ["Not made (no sample store given, or not reached)."]
+    lines = [f"**{verdict['verdict'].upper()}**: {verdict['reason']}."]
+    if "counts" in verdict:
+        counts = verdict["counts"]
+        lines += ["", "| champion \\ candidate | good | defect |", "|---|---|---|",
+                  f"| good | {counts['champion_good_candidate_good']} | {counts['champion_good_candidate_defect']} |",
+                  f"| defect | {counts['champion_defect_candidate_good']} | "
+                  f"{counts['champion_defect_candidate_defect']} |",
+                  "", f"Mean absolute score difference {_figure(verdict['mean_abs_score_difference'])}; KS p-value "
+                      f"{_figure(verdict['score_shift_p_value'])}; champion versions "
+                      f"{', '.join(verdict['champion_versions'])}."]
+    if verdict.get("kept"):
+        lines += ["", "| image | champion | candidate |", "|---|---|---|"]
+        lines += [f"| [{Path(item['image']).name}]({item.get('file', item['image'])}) | "
+                  f"{item['champion_label']} {item['champion_score']:.3f} | "
+                  f"{item['candidate_label']} {item['candidate_score']:.3f} |" for item in verdict["kept"]]
     return lines
 
 

@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +23,7 @@ from typing import Any, Callable
 from defectkit.delivery import analysis, record
 from defectkit.delivery.analysis import CanaryPolicy
 from defectkit.delivery.controller import RESTORE_COMMAND, Controller, Hook, restore_stable
+from defectkit.delivery.shadow import ShadowPolicy, ShadowReplay, read_shadow_set
 from defectkit.delivery.state import PROMOTED, ROLLED_BACK, RolloutState, RolloutStore, StateStore, delivery_lock
 from defectkit.golden import Golden, read_golden
 
@@ -76,7 +78,9 @@ class DeliveryConfig:
     it. ``registered_model`` is the MLflow registered model name; ``served_name`` is the name
     in the servers' ``/v2/models/<name>/infer`` route. ``judged_model_dir`` is the evaluation's
     judged model, whose test figures and paired tests against the champion the decision record
-    shows (default: ``model`` where it is a model directory).
+    shows (default: ``model`` where it is a model directory). With ``sample_uri`` (where the
+    model servers sample requests), a recent window of those requests is replayed to the
+    candidate before any traffic, under the ``shadow`` gate (:mod:`defectkit.delivery.shadow`).
 
     kserve: where the InferenceService does not exist yet, the candidate is its first
     model: it is created from ``serve_image`` in ``deployment_mode`` ("Knative" or
@@ -92,6 +96,8 @@ class DeliveryConfig:
     record_dir: str | None = None
     golden_dir: str | None = None
     judged_model_dir: str | None = None
+    sample_uri: str = ""
+    shadow: ShadowPolicy = ShadowPolicy()
     tracking_uri: str | None = None
     registered_model: str = "defectkit"
     stable: str | None = None
@@ -262,7 +268,7 @@ def _deliver(config: DeliveryConfig, candidate: str, version: str | None, golden
             state = Controller(backend, config.policy, store, candidate=candidate, candidate_version=version,
                                stable=stable, backend_name=config.backend, golden=golden, on_promote=on_promote,
                                on_rollback=on_rollback, restore_command=restore_command(config),
-                               evidence=evidence).run()
+                               evidence=evidence, shadow=_shadow_replay(config, version, evidence)).run()
     finally:
         _close(backend)
     return state
@@ -392,6 +398,22 @@ def _service_config(config: DeliveryConfig, candidate: str):
                          "needs the serve image: give serve_image (deploy_canary's serve_image, --serve-image)")
     return ServiceConfig(name=config.service_name, namespace=config.namespace, image=config.serve_image,
                          storage_uri=candidate, served_name=config.served_name)
+
+
+def _shadow_replay(config: DeliveryConfig, version: str | None,
+                   evidence: dict[str, Any] | None) -> ShadowReplay | None:
+    """The recent sampled requests to replay to the candidate (none without a sample store)."""
+    if not config.sample_uri:
+        return None
+    from defectkit.serving.contract import VERSION_PREFIX_LENGTH
+
+    evidence = evidence or {}
+    # What the candidate itself answered (in an earlier canary of it) is not the champion's answer.
+    own = {version, (evidence.get("weights_sha256") or "")[:VERSION_PREFIX_LENGTH]} - {None, ""}
+    samples = read_shadow_set(config.sample_uri, time.time(), config.shadow, exclude_versions=own)
+    log.info("shadow replay: %d sampled requests from the last %g s of %s", len(samples.images),
+             config.shadow.window_s, config.sample_uri)
+    return ShadowReplay(samples, config.shadow, evidence.get("threshold"), config.record_path)
 
 
 def _first_deployment(store: RolloutStore, backend_name: str, candidate: str, version: str | None,

@@ -64,7 +64,8 @@ class RolloutState:
     transition, ``probe`` the golden-image probe's result and ``reference_stable`` the last
     stable window with enough requests to compare against (the stable version gets little
     traffic at high canary weights). ``evidence`` is the offline evaluation the candidate
-    was judged by (:func:`defectkit.delivery.record.evidence_of`), shown in the decision record. Times are Unix seconds (wall clock, so they survive a
+    was judged by (:func:`defectkit.delivery.record.evidence_of`), shown in the decision record;
+    ``shadow`` the verdict of the shadow replay (:func:`defectkit.delivery.shadow.judge`). Times are Unix seconds (wall clock, so they survive a
     restart).
     """
 
@@ -84,6 +85,7 @@ class RolloutState:
     reference_stable: dict[str, Any] | None = None
     probe: dict[str, Any] | None = None
     evidence: dict[str, Any] | None = None
+    shadow: dict[str, Any] | None = None
     analyses: list[dict[str, Any]] = field(default_factory=list)
     timeline: list[dict[str, Any]] = field(default_factory=list)
     reason: str | None = None

@@ -12,3 +12,5 @@ SCORE_OUTPUT = "score"  # defect probability, FP32
 LABEL_OUTPUT = "label"  # good or defect at the model's threshold, BYTES
 # A parameter of every answer: the precision the forward pass ran in (fp32, or bf16 on a GPU).
 PRECISION_PARAMETER = "precision"
+# A model served without a registry version is served under this many hex digits of its weights' sha256.
+VERSION_PREFIX_LENGTH = 12

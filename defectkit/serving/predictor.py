@@ -43,7 +43,14 @@ from defectkit.sampling import LABELS, Sampler, SamplingConfig
 from defectkit.serving import metrics
 from defectkit.serving.batching import BatchConfig, MicroBatcher
 from defectkit.serving.breaker import BreakerConfig, CircuitBreaker
-from defectkit.serving.contract import IMAGE_INPUT, LABEL_OUTPUT, PIXELS_INPUT, PRECISION_PARAMETER, SCORE_OUTPUT
+from defectkit.serving.contract import (
+    IMAGE_INPUT,
+    LABEL_OUTPUT,
+    PIXELS_INPUT,
+    PRECISION_PARAMETER,
+    SCORE_OUTPUT,
+    VERSION_PREFIX_LENGTH,
+)
 from defectkit.serving.faults import FaultConfig, FaultInjector, InjectedFault
 from defectkit.serving.kserve_runtime import import_kserve
 
@@ -56,7 +63,6 @@ log = logging.getLogger(__name__)
 
 GOOD_LABEL, DEFECT_LABEL = LABELS
 PLATFORM = "pytorch_torchvision"
-VERSION_PREFIX_LENGTH = 12
 
 
 class ModelUnavailable(RuntimeError):
