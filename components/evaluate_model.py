@@ -30,6 +30,9 @@ def evaluate_model(
 ) -> NamedTuple("EvaluateOutputs", [("approved", bool), ("reasons", str), ("image_auroc", float)]):
     """Score the model on the frozen test split, choose its decision threshold and decide whether it is approved.
 
+    The judged model carries its ONNX export (model.onnx, with the threshold and preprocessing in its metadata),
+    whose scores on the golden set match PyTorch's within 1e-4.
+
     Args:
         model: Trained model from train_model.
         preprocessed: Shards from preprocess_images (validation and test splits).
@@ -79,6 +82,8 @@ def evaluate_model(
         if key in result.metrics:
             for field in ("difference", "ci_low", "ci_high", "p_value"):
                 metrics.log_metric(f"{key}_{field}", result.metrics[key][field])
+    if result.export is not None:  # the ONNX export beside the weights, scored against PyTorch on the golden set
+        metrics.log_metric("onnx_parity_max_abs_diff", result.export["parity"]["max_abs_diff"])
     roc = result.roc_curve
     classification.log_roc_curve(roc["fpr"], roc["tpr"], roc["thresholds"])
     classification.log_confusion_matrix(["good", "defect"], result.confusion_matrix)

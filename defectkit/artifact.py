@@ -14,6 +14,9 @@ from pathlib import Path
 MODEL_FORMAT = "defectkit.model/v1"
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "model.json"
+# The ONNX export of a judged model (defectkit.export) and its record: the file's sha256, the parity measured.
+ONNX_FILE = "model.onnx"
+ONNX_RECORD = "model.onnx.json"
 
 
 class ModelIntegrityError(ValueError):
@@ -71,3 +74,10 @@ def verify(model_dir: Path, *, where: str = "") -> str:
     actual = sha256_file(weights)
     check_weights(actual, read_model_json(model_dir, where=where), where=where)
     return actual
+
+
+def model_files(model_dir: Path) -> tuple[str, ...]:
+    """The files of the artifact in ``model_dir``: weights and model.json, and the ONNX export where there is one."""
+    model_dir = Path(model_dir)
+    exported = (ONNX_FILE, ONNX_RECORD) if (model_dir / ONNX_FILE).is_file() else ()
+    return (WEIGHTS_FILE, METADATA_FILE, *exported)

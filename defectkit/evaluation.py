@@ -14,6 +14,7 @@ reading the training set again.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ import numpy as np
 
 from defectkit import models, preprocess, reference
 from defectkit.data import GOOD, Manifest
-from defectkit.golden import write_golden
+from defectkit.golden import read_golden, write_golden
 from defectkit.reference import Reference, embedding_names
 from defectkit.significance import PairedComparison, delong_test, paired_bootstrap_f1
 
@@ -393,6 +394,7 @@ class Evaluation:
     roc_curve: dict = field(compare=False)  # {"fpr": [...], "tpr": [...], "thresholds": [...]}, <= 200 points
     test_scores: np.ndarray = field(compare=False, repr=False)
     model_dir: Path  # the judged model: out_dir/model
+    export: dict | None = field(default=None, compare=False)  # its ONNX export's record (judge writes one)
 
 
 def _images_for(model: models.DefectModel, split: preprocess.Split, shard_spec: preprocess.PreprocessSpec,
@@ -546,7 +548,22 @@ def judge(model_dir: Path, preprocessed_dir: Path, dataset_dir: Path, champion_d
         shutil.copyfile(out / METRICS_FILE, metrics_path)
         shutil.copyfile(out / REPORT_FILE, report_path)
     build_golden(Path(dataset_dir), Path(judged_model_dir), Path(golden_dir), device=device)
-    return replace(result, model_dir=Path(judged_model_dir))
+    export = export_judged(Path(judged_model_dir), Path(golden_dir))
+    return replace(result, model_dir=Path(judged_model_dir), export=export)
+
+
+def export_judged(judged_model_dir: Path, golden_dir: Path) -> dict | None:
+    """The ONNX export of the judged model, its parity checked on the golden set; None (logged) where ONNX
+    is not installed (a bare GPU node: the training image has it)."""
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
+        log.warning("no ONNX export of %s: onnx and onnxruntime are not installed here", judged_model_dir)
+        return None
+    from defectkit.export import export_onnx
+
+    spec = models.read_metadata(judged_model_dir).preprocess
+    golden = read_golden(golden_dir)
+    return export_onnx(judged_model_dir, np.stack([preprocess.to_model_input(data, spec, name=name)
+                                                   for name, data in zip(golden.names, golden.images)]))
 
 
 _TEST_METRIC_KEYS = ("image_auroc", "precision", "recall", "f1", "accuracy", "fpr", "tp", "fp", "tn", "fn",

@@ -221,7 +221,7 @@ def register(config: RegistryConfig, model_dir: Path, *, params: Mapping[str, An
         progress = f"run {run_id} was created and is left unfinished; no version was registered"
         try:
             client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in run_params.items()])
-            for name in (artifact.WEIGHTS_FILE, artifact.METADATA_FILE):
+            for name in artifact.model_files(model_dir):  # the ONNX export, where there is one, beside the weights
                 client.log_artifact(run_id, str(model_dir / name), MODEL_ARTIFACT_PATH)
             # The drift reference travels with the model, so monitoring a registered version needs nothing else.
             if (model_dir / REFERENCE_DIR).is_dir():
@@ -559,9 +559,9 @@ def _fail_run(client, run_id: str) -> None:
 
 
 def _check_uploaded(client, run_id: str, model_dir: Path) -> None:
-    """The server holds both model files at their full size, before any version can point at them."""
+    """The server holds every model file at its full size, before any version can point at them."""
     stored = {Path(f.path).name: f.file_size for f in client.list_artifacts(run_id, MODEL_ARTIFACT_PATH)}
-    for name in (artifact.WEIGHTS_FILE, artifact.METADATA_FILE):
+    for name in artifact.model_files(model_dir):
         size = (model_dir / name).stat().st_size
         if stored.get(name) != size:
             raise ModelIntegrityError(f"run {run_id}: {MODEL_ARTIFACT_PATH}/{name} is stored with "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from defectkit.exported import RUNTIMES
 from defectkit.serving.server import DEFAULT_PORT, MIB, PRECISIONS, ServingOptions, serve
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default=defaults.precision, choices=PRECISIONS,
                         help="what the forward pass computes in: auto is bf16 on CUDA, fp32 elsewhere; every answer "
                         "says which (default %(default)s)")
+    parser.add_argument("--runtime", default=defaults.runtime, choices=RUNTIMES,
+                        help="what scores: torch, onnxruntime (the model's ONNX export, checked against PyTorch at "
+                        "load), or auto: onnxruntime where the model carries an export and the device is the CPU "
+                        "(default %(default)s)")
     parser.add_argument("--threads", type=int, default=defaults.threads,
-                        help="torch threads (default 0: the cores divided by --batch-workers)")
+                        help="threads of each forward, torch's or ONNX Runtime's (default 0: the cores divided by --batch-workers)")
 
     batching = parser.add_argument_group("micro-batching")
     batching.add_argument("--max-batch", type=int, default=defaults.max_batch, help="images per forward (default %(default)s)")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import importlib.util
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -37,8 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from defectkit import image, models, preprocess
+from defectkit.artifact import ONNX_FILE, ModelIntegrityError
+from defectkit.exported import RUNTIMES, ExportedModel
 from defectkit.sampling import LABELS, Sampler, SamplingConfig
 from defectkit.serving import metrics
 from defectkit.serving.batching import BatchConfig, MicroBatcher
@@ -62,7 +66,8 @@ from kserve.errors import InvalidInput  # noqa: E402
 log = logging.getLogger(__name__)
 
 GOOD_LABEL, DEFECT_LABEL = LABELS
-PLATFORM = "pytorch_torchvision"
+# The OIP metadata's platform, by what scores: Triton's names for the frameworks.
+PLATFORMS = {"torch": "pytorch_torchvision", "onnxruntime": "onnxruntime_onnx"}
 
 
 class ModelUnavailable(RuntimeError):
@@ -95,8 +100,11 @@ class ServingConfig:
     decode_threads: int = 2
     device: str = "auto"
     precision: str = models.AUTO  # auto: bf16 on CUDA, fp32 elsewhere
+    runtime: str = "auto"  # auto: ONNX Runtime where the model carries an export and the device is the CPU
 
     def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
         if not (isinstance(self.timeout_s, (int, float)) and math.isfinite(self.timeout_s) and self.timeout_s > 0):
             raise ValueError(f"timeout_s={self.timeout_s!r} must be a positive number of seconds")
         for name in ("max_images", "max_pixels", "decode_threads"):
@@ -119,19 +127,30 @@ class _Inputs:
 
 
 class _Scorer:
-    """One loaded model with its own micro-batcher."""
+    """One loaded model with its own micro-batcher; ``exported`` (its ONNX export) scores instead of torch."""
 
-    def __init__(self, model: models.DefectModel, version: str, role: str, batch: BatchConfig) -> None:
+    def __init__(self, model: models.DefectModel, version: str, role: str, batch: BatchConfig,
+                 exported: ExportedModel | None = None) -> None:
         self.model = model
+        self.exported = exported
         self.version = version
         self.role = role
         self.spec = model.metadata.preprocess
         self.threshold = float(model.metadata.threshold)
+        self.runtime = "onnxruntime" if exported is not None else "torch"
+        # What computed the scores, for every answer: ONNX Runtime's CPU provider computes in fp32.
+        self.precision = models.FP32 if exported is not None else model.precision
         self._batch_size = batch.max_batch
         self.batcher = MicroBatcher(self._forward, batch, name=role,
                                     on_batch=lambda size: metrics.batch(version, size))
 
     def _forward(self, images: np.ndarray) -> np.ndarray:
+        if self.exported is not None:
+            # The export's graph holds the same normalisation; its parity with PyTorch was checked at load.
+            return self.exported.scores(images) if images.dtype == np.uint8 else self._torch(images)
+        return self._torch(images)
+
+    def _torch(self, images: np.ndarray) -> np.ndarray:
         # The very function DefectModel.scores (and so evaluation) uses; FP32 pixels go through it unrounded.
         return models.score_images(self.model.module, images, self.spec, self.model.device, self._batch_size,
                                    self.model.precision)
@@ -196,14 +215,38 @@ class DefectPredictor(Model):
         if model.metadata.threshold is None:
             raise ValueError(f"{model_dir} has no decision threshold in model.json; serve the judged model "
                              f"that evaluation writes (its out_dir/model), not the raw training output")
-        scorer = _Scorer(model, version, role, self.config.batch)
+        scorer = _Scorer(model, version, role, self.config.batch, self._exported(model_dir, model))
         scorer.warm_up()
         spec = model.metadata.preprocess
         metrics.model_loaded(version, role, model.metadata.architecture, spec.image_size,
                              model.metadata.weights_sha256)
-        log.info("loaded %s model %s (version %s, %s, %d px, threshold %.4f, %s, %s)", role, model_dir, version,
-                 model.metadata.architecture, spec.image_size, scorer.threshold, model.device, model.precision)
+        log.info("loaded %s model %s (version %s, %s, %d px, threshold %.4f, %s, %s, %s)", role, model_dir, version,
+                 model.metadata.architecture, spec.image_size, scorer.threshold, model.device, scorer.precision,
+                 scorer.runtime)
         return scorer
+
+    def _exported(self, model_dir: Path, model: models.DefectModel) -> ExportedModel | None:
+        """The model's ONNX export, where the runtime asks for it (or, on auto, where it exists and the device is
+        the CPU); it must be of the same weights and threshold and score as PyTorch does."""
+        runtime, has_export = self.config.runtime, (model_dir / ONNX_FILE).is_file()
+        if runtime == "torch" or (runtime == "auto" and (not has_export or model.device.type != "cpu")):
+            return None
+        if not has_export:
+            raise FileNotFoundError(f"{model_dir} carries no ONNX export ({ONNX_FILE}), which runtime=onnxruntime "
+                                    f"needs: serve the judged model that evaluation writes, or runtime torch")
+        if importlib.util.find_spec("onnxruntime") is None:
+            if runtime == "auto":
+                log.warning("%s carries an ONNX export, but onnxruntime is not installed: scoring with torch",
+                            model_dir)
+                return None
+            raise ValueError("runtime onnxruntime needs the onnxruntime package (defectkit[serve])")
+        exported = ExportedModel(model_dir, threads=torch.get_num_threads())
+        for what, ours, theirs in (("weights", model.metadata.weights_sha256, exported.metadata.weights_sha256),
+                                   ("threshold", model.metadata.threshold, exported.metadata.threshold)):
+            if ours != theirs:
+                raise ModelIntegrityError(f"{model_dir / ONNX_FILE} was exported from other {what} ({theirs}) than "
+                                          f"model.json's ({ours}); export the judged model again")
+        return exported
 
     def stop(self) -> None:
         for scorer in (self._primary, self._fallback):
@@ -234,7 +277,8 @@ class DefectPredictor(Model):
 
     def metadata(self) -> dict:
         """The OIP model metadata object."""
-        return {"name": self.name, "versions": [self.version], "platform": PLATFORM,
+        runtime = self._primary.runtime if self._primary is not None else "torch"
+        return {"name": self.name, "versions": [self.version], "platform": PLATFORMS[runtime],
                 "inputs": self.get_input_types(), "outputs": self.get_output_types()}
 
     @property
@@ -265,7 +309,7 @@ class DefectPredictor(Model):
                    InferOutput(LABEL_OUTPUT, [len(scores)], "BYTES", data=labels)]
         # The precision that computed the scores: a golden probe compares them with offline fp32 scores.
         return InferResponse(payload.id or "", self.name, outputs, model_version=scorer.version,
-                             parameters={PRECISION_PARAMETER: scorer.model.precision},
+                             parameters={PRECISION_PARAMETER: scorer.precision},
                              use_binary_outputs=payload.use_binary_outputs,
                              requested_outputs=payload.request_outputs)
 

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from defectkit.exported import RUNTIMES
+
 if TYPE_CHECKING:
     from defectkit.serving.predictor import DefectPredictor, ServingConfig
 
@@ -67,6 +69,7 @@ class ServingOptions:
 
     device: str = "auto"
     precision: str = "auto"
+    runtime: str = "auto"  # auto: ONNX Runtime where the model carries an export and the device is the CPU
     threads: int = 0  # 0: the cores divided by the batch workers
     max_batch: int = 8
     max_wait_ms: float = 5.0
@@ -93,6 +96,8 @@ class ServingOptions:
             raise ValueError(f"device {self.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N'")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
         for name in ("threads", "batch_workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -149,7 +154,7 @@ class ServingOptions:
             batch=dataclasses.replace(batch, workers=self.batch_workers or default_batch_workers(self.device)),
             breaker=breaker, faults=faults, sampling=sampling, timeout_s=self.timeout_s,
             max_images=self.max_images, max_pixels=self.max_pixels or image.DEFAULT_MAX_PIXELS,
-            device=self.device, precision=self.precision,
+            device=self.device, precision=self.precision, runtime=self.runtime,
         )
 
 

@@ -1,7 +1,8 @@
 """Benchmark: the model server under 8 concurrent clients against the raw model, one image at a time.
 
 The model is resnet18 at image_size 128 (random weights: speed does not
-depend on them); the images are 128x128 textured JPEGs. Each client sends
+depend on them) with its ONNX export, as evaluation writes it, so the server
+scores with ONNX Runtime; the images are 128x128 textured JPEGs. Each client sends
 single-image Open Inference Protocol requests (the JPEG as binary BYTES,
 as tritonclient would) over its own keep-alive connection, as fast as
 answers come back. The baseline is the same model in this process
@@ -60,6 +61,17 @@ def make_model(out_dir: Path, *, image_size: int = IMAGE_SIZE, seed: int = 0) ->
     metadata = ModelMetadata(architecture=ARCH, classes=("good", "scratch"),
                              preprocess=PreprocessSpec(image_size=image_size), threshold=0.5)
     return save_model(build_model(ARCH), metadata, out_dir)
+
+
+def make_judged_model(out_dir: Path, *, image_size: int = IMAGE_SIZE, seed: int = 0) -> Path:
+    """What evaluation hands to serving: the model with its ONNX export (parity checked), which the server's
+    default runtime scores with on a CPU."""
+    from defectkit.export import export_onnx
+
+    model_dir = make_model(out_dir, image_size=image_size, seed=seed)
+    pixels = np.random.default_rng(seed).integers(0, 256, (8, image_size, image_size, 3), dtype=np.uint8)
+    export_onnx(model_dir, pixels)
+    return model_dir
 
 
 def make_jpegs(count: int, size: int = IMAGE_SIZE, seed: int = 0) -> list[bytes]:
@@ -182,7 +194,7 @@ def run() -> dict:
     rates: dict[int, float] = {}
     rounds: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        model_dir = make_model(Path(tmp) / "model")
+        model_dir = make_judged_model(Path(tmp) / "model")
         jpegs = make_jpegs(IMAGES)
         bodies = [oip_request(j) for j in jpegs]
         server = start_model_server(model_dir, Path(tmp) / "server.log", *SERVER_ARGS)

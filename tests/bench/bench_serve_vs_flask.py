@@ -35,7 +35,7 @@ from tests.bench.bench_serve import (
     best,
     drive,
     make_jpegs,
-    make_model,
+    make_judged_model,
     oip_request,
     port_of,
     start_model_server,
@@ -90,7 +90,7 @@ def run() -> dict:
     flask_rounds: list[dict] = []
     our_rounds: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-flask-") as tmp:
-        model_dir = make_model(Path(tmp) / "model")
+        model_dir = make_judged_model(Path(tmp) / "model")  # ours serves the ONNX export, as it would
         jpegs = make_jpegs(IMAGES)
         flask_bodies = [flask_request(j, model_dir) for j in jpegs]
         our_bodies = [oip_request(j) for j in jpegs]

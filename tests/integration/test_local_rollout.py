@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +28,7 @@ from defectkit.cli import build_parser
 from defectkit.delivery import record
 from defectkit.delivery.analysis import CanaryPolicy
 from defectkit.delivery.controller import Controller
+from defectkit.delivery.shadow import ShadowPolicy, ShadowReplay, read_shadow_set
 from defectkit.delivery.traffic import LoadGenerator
 from defectkit.evaluation import build_golden
 from defectkit.golden import read_golden
@@ -226,6 +228,49 @@ def test_the_golden_probe_stops_a_shifted_candidate_before_any_traffic(work, mod
     assert max(e["weight"] for e in state.timeline) == 0
     assert state.probe["max_abs_diff"] > 0.1
     assert read_stack(work).canary is None
+
+
+def _sampled_production(models, images, root: Path) -> str:
+    """The stable model's answers to production images, sampled as its server samples them."""
+    from defectkit import sampling, storage
+    from defectkit.models import load_model
+    from defectkit.preprocess import to_model_input
+    from defectkit.serving.predictor import model_version
+
+    stable = load_model(models[0])
+    scores = stable.scores(np.stack([to_model_input(data, stable.metadata.preprocess) for data in images]))
+    now = time.time()
+    sampling.write_shards(storage.Store(str(root)), [
+        (data, float(score), "defect" if score >= 0.5 else "good", model_version(stable.metadata), now - 60 + i)
+        for i, (data, score) in enumerate(zip(images, scores))])
+    return str(root)
+
+
+@pytest.mark.parametrize("shift, verdict", [(0.0, "passed"), (0.6, "failed")])
+def test_the_shadow_replay_sends_sampled_production_to_the_candidate_before_any_traffic(
+        work, models, images, tmp_path, shift, verdict):
+    samples = _sampled_production(models, images, tmp_path / "samples")
+    shadow = ShadowReplay(read_shadow_set(samples, time.time(), ShadowPolicy(min_images=10)),
+                          ShadowPolicy(min_images=10), 0.5, tmp_path / "record")
+    backend = stack_backend(work, candidate_args=("--fault-score-shift", str(shift)) if shift else ())
+    try:
+        state = Controller(backend, CanaryPolicy(steps=(50, 100), interval_s=1.0, min_requests=1),
+                           tmp_path / "state.json", candidate=str(models[3]), shadow=shadow,
+                           record_dir=tmp_path / "record").run()
+    finally:
+        backend.close()
+    assert state.shadow["verdict"] == verdict and state.shadow["images"] == len(images)
+    if verdict == "failed":
+        # Scores moved by 0.6: no traffic ever reached the candidate.
+        assert state.phase == ROLLED_BACK and "shadow replay failed" in state.reason
+        assert max(e["weight"] for e in state.timeline) == 0 and state.analyses == []
+        assert state.shadow["score_shift"] > 0.3 and state.shadow["mean_abs_score_difference"] > 0.2
+        assert (tmp_path / "record" / "shadow" / "disagreements.json").is_file()
+    else:
+        # The candidate scores as the champion did (its logit differs by 3e-4), on the real servers.
+        assert state.shadow["agreement"] == 1.0 and state.shadow["mean_abs_score_difference"] < 1e-3
+        assert any(e["event"] == "shadow replay passed" for e in state.timeline)
+    assert "## Shadow replay" in (tmp_path / "record" / record.MARKDOWN_NAME).read_text()
 
 
 # --------------------------------------------------------------------------- promotion

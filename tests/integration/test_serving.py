@@ -35,6 +35,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from defectkit import registry, storage
 from defectkit.delivery.analysis import BF16_PROBE_TOLERANCE
 from defectkit.evaluation import evaluate
+from defectkit.export import export_onnx
+from defectkit.exported import PARITY_TOLERANCE
 from defectkit.models import ModelMetadata, build_model, save_model
 from defectkit.preprocess import PreprocessSpec, load_split
 from tests.conftest import S3_BUCKET, TINY_IMAGE_SIZE
@@ -87,7 +89,18 @@ def judged(preprocessed_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def servers(judged, tmp_path_factory):
+def exported(judged, preprocessed_dir, tmp_path_factory) -> Path:
+    """A copy of the judged model with its ONNX export, its parity checked on eight test images."""
+    target = tmp_path_factory.mktemp("serving-exported") / "model"
+    target.mkdir()
+    for name in ("model.json", "model.safetensors"):
+        (target / name).write_bytes((judged.model_dir / name).read_bytes())
+    export_onnx(target, load_split(preprocessed_dir, "test").images[:8])
+    return target
+
+
+@pytest.fixture(scope="module")
+def servers(judged, exported, tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     fallback = _save(root / "fallback", seed=1)
     fallback_version = json.loads((fallback / "model.json").read_text())["weights_sha256"][:12]
@@ -112,6 +125,8 @@ def servers(judged, tmp_path_factory):
                  "--breaker-failures", "2", "--breaker-cooldown-s", "60"),
         # What a GPU serves in, here on the CPU.
         "bf16": ("--model", str(judged.model_dir), "--precision", "bf16"),
+        # The ONNX export, which runtime auto picks on a CPU.
+        "onnx": ("--model", str(exported)),
     }
     with concurrent.futures.ThreadPoolExecutor(len(plans)) as pool:
         futures = {label: pool.submit(start, label, *args) for label, args in plans.items()}
@@ -125,6 +140,7 @@ def servers(judged, tmp_path_factory):
             "failing": Served(started["failing"], registered.version, fallback_version),
             "slow": Served(started["slow"], version, ""),
             "bf16": Served(started["bf16"], version, ""),
+            "onnx": Served(started["onnx"], version, ""),
         }
     finally:
         for server in started.values():
@@ -257,6 +273,29 @@ def test_every_answer_names_its_precision_and_bf16_stays_within_the_probe_tolera
     assert answers["main"][0] == "fp32" and answers["bf16"][0] == "bf16"
     drift = np.abs(answers["bf16"][1] - judged.test_scores)
     assert 0 < drift.max() <= BF16_PROBE_TOLERANCE, drift.max()  # it does round, and no further than allowed
+
+
+def test_the_onnx_export_is_served_with_the_scores_of_evaluation(servers, judged, preprocessed_dir, dataset_dir):
+    served = servers["onnx"]
+    metadata = requests.get(f"{served.url}/v2/models/{NAME}", timeout=10).json()
+    assert metadata["platform"] == "onnxruntime_onnx"
+    assert requests.get(f"{servers['main'].url}/v2/models/{NAME}", timeout=10).json()["platform"] \
+        == "pytorch_torchvision"
+    files = _test_split(preprocessed_dir, dataset_dir)
+    result = served.client().infer(NAME, [_bytes_input(files)])
+    assert result.get_response()["parameters"]["precision"] == "fp32"
+    np.testing.assert_allclose(result.as_numpy("score"), judged.test_scores, atol=PARITY_TOLERANCE, rtol=0)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # micro-batched through ONNX Runtime too
+        singles = list(pool.map(lambda f: _infer_files(served, [f])[0][0], files))
+    np.testing.assert_allclose(singles, judged.test_scores, atol=PARITY_TOLERANCE, rtol=0)
+
+
+def test_runtime_onnxruntime_without_an_export_stops_the_server_with_the_reason(judged):
+    result = subprocess.run([sys.executable, "-m", "defectkit", "serve", "--model", str(judged.model_dir),
+                             "--runtime", "onnxruntime", "--port", str(free_port())], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2
+    assert "carries no ONNX export (model.onnx)" in result.stderr
 
 
 # --------------------------------------------------------------------------- bad input
