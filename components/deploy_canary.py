@@ -41,6 +41,10 @@ def deploy_canary(
     serve_image: str = "ghcr.io/defectkit/serve:0.1.0",
     deployment_mode: str = "",
     probe_url: str = "",
+    min_replicas: int = 1,
+    max_replicas: int = 3,
+    scale_metric: str = "",
+    scale_target: int = 0,
     sample_uri: str = "",
     shadow_window_s: float = 86400.0,
     shadow_min_images: int = 30,
@@ -87,6 +91,10 @@ def deploy_canary(
         serve_image: Image of the predictor container, used when the InferenceService is created (kserve backend).
         deployment_mode: KServe deployment mode of a new InferenceService: Knative or Standard; empty means the cluster default (kserve backend). An existing service keeps its own.
         probe_url: The candidate's own URL for the golden probe (kserve backend); empty means its tag URL (Knative) or its canary Service (Standard).
+        min_replicas: Fewest replicas of an InferenceService this delivery creates (kserve backend); 0 scales to zero (Knative mode only).
+        max_replicas: Most replicas of an InferenceService this delivery creates (kserve backend).
+        scale_metric: What a created InferenceService scales on: concurrency or rps (Knative), cpu or memory (either mode); empty for the platform's default.
+        scale_target: Per-replica target of scale_metric (requests in flight, requests/s, or percent of the CPU or memory request); 0 for the platform's default.
         sample_uri: Where the model servers sample production requests (a directory, gs:// or s3://); when given, a recent window of them is replayed to the candidate before any canary traffic and compared with the champion's answers (shadow replay). Empty: no replay.
         shadow_window_s: How far back the replayed samples reach, in seconds.
         shadow_min_images: Fewer sampled images than this skip the shadow replay (no evidence either way).
@@ -109,7 +117,8 @@ def deploy_canary(
     config = rollout.DeliveryConfig.for_registered_version(
         registered_model, model_version, storage_uri=storage_uri, backend=backend,
         policy=policy, work_dir=work_dir, golden_dir=golden.path if golden is not None else None,
-        judged_model_dir=model.path, sample_uri=sample_uri,
+        judged_model_dir=model.path, sample_uri=sample_uri, min_replicas=min_replicas, max_replicas=max_replicas,
+        scale_metric=scale_metric, scale_target=scale_target or None,
         shadow=ShadowPolicy(window_s=shadow_window_s, min_images=shadow_min_images,
                             min_agreement=shadow_min_agreement, max_score_shift=shadow_max_score_shift),
         tracking_uri=tracking_uri, namespace=namespace, service_name=service_name,

@@ -46,6 +46,10 @@ def ship_model(
     kube_api_url: str = "",
     kserve_deployment_mode: str = "",
     kserve_serve_image: str = SERVE_IMAGE,
+    kserve_min_replicas: int = 1,
+    kserve_max_replicas: int = 3,
+    kserve_scale_metric: str = "",
+    kserve_scale_target: int = 0,
     sample_uri: str = "",
 ):
     """Judged model to champion, through a canary.
@@ -76,6 +80,10 @@ def ship_model(
         kube_api_url: Kubernetes API URL (kserve backend); empty uses in-cluster credentials.
         kserve_deployment_mode: KServe deployment mode (Knative or Standard) of an InferenceService the first delivery creates; empty means the cluster default (kserve backend).
         kserve_serve_image: Predictor image of an InferenceService the first delivery creates (kserve backend).
+        kserve_min_replicas: Fewest replicas of an InferenceService the first delivery creates; 0 scales to zero (Knative mode only).
+        kserve_max_replicas: Most replicas of an InferenceService the first delivery creates.
+        kserve_scale_metric: What that InferenceService scales on: concurrency or rps (Knative), cpu or memory; empty for the platform's default.
+        kserve_scale_target: Per-replica target of kserve_scale_metric (requests in flight, requests/s, or percent of the CPU or memory request); 0 for the platform's default.
         sample_uri: Where the model servers sample production requests; when given, a recent window of them is replayed to the candidate before any canary traffic (shadow replay) and must agree with the champion's answers. Empty: no replay.
     """
     # Whatever fails from here on, stable traffic is restored: a delivery cut off
@@ -126,6 +134,10 @@ def ship_model(
             kube_api_url=kube_api_url,
             serve_image=kserve_serve_image,
             deployment_mode=kserve_deployment_mode,
+            min_replicas=kserve_min_replicas,
+            max_replicas=kserve_max_replicas,
+            scale_metric=kserve_scale_metric,
+            scale_target=kserve_scale_target,
             sample_uri=sample_uri,
         ).set_caching_options(False)
 
@@ -158,6 +170,10 @@ def release_if_approved(
     kube_api_url: str = "",
     kserve_deployment_mode: str = "",
     kserve_serve_image: str = SERVE_IMAGE,
+    kserve_min_replicas: int = 1,
+    kserve_max_replicas: int = 3,
+    kserve_scale_metric: str = "",
+    kserve_scale_target: int = 0,
     sample_uri: str = "",
 ):
     """The blessing gates the shipping: an unapproved model, or a run without a registry, ships nothing.
@@ -189,6 +205,10 @@ def release_if_approved(
         kube_api_url: Kubernetes API URL (kserve backend); empty uses in-cluster credentials.
         kserve_deployment_mode: KServe deployment mode (Knative or Standard) of an InferenceService the first delivery creates; empty means the cluster default (kserve backend).
         kserve_serve_image: Predictor image of an InferenceService the first delivery creates (kserve backend).
+        kserve_min_replicas: Fewest replicas of an InferenceService the first delivery creates; 0 scales to zero (Knative mode only).
+        kserve_max_replicas: Most replicas of an InferenceService the first delivery creates.
+        kserve_scale_metric: What that InferenceService scales on: concurrency or rps (Knative), cpu or memory; empty for the platform's default.
+        kserve_scale_target: Per-replica target of kserve_scale_metric (requests in flight, requests/s, or percent of the CPU or memory request); 0 for the platform's default.
         sample_uri: Where the model servers sample production requests; when given, a recent window of them is replayed to the candidate before any canary traffic (shadow replay) and must agree with the champion's answers. Empty: no replay.
     """
     with dsl.If(approved == True, name="approved"):  # noqa: E712 - a KFP condition, not Python
@@ -219,5 +239,9 @@ def release_if_approved(
                 kube_api_url=kube_api_url,
                 kserve_deployment_mode=kserve_deployment_mode,
                 kserve_serve_image=kserve_serve_image,
+                kserve_min_replicas=kserve_min_replicas,
+                kserve_max_replicas=kserve_max_replicas,
+                kserve_scale_metric=kserve_scale_metric,
+                kserve_scale_target=kserve_scale_target,
                 sample_uri=sample_uri,
             )

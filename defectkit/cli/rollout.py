@@ -14,7 +14,7 @@ from typing import Any
 
 from defectkit.delivery.analysis import CanaryPolicy
 from defectkit.delivery.shadow import ShadowPolicy
-from defectkit.delivery.kserve.manifest import ServiceConfig
+from defectkit.delivery.kserve.manifest import SCALE_METRICS, ServiceConfig
 
 BACKENDS = ("local", "kserve")
 EXIT_PROMOTED, EXIT_ERROR, EXIT_ROLLED_BACK, EXIT_REFUSED = 0, 2, 3, 4
@@ -126,6 +126,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         "not exist yet (the candidate then becomes its first model)")
     kserve.add_argument("--deployment-mode", default="", choices=("", "Knative", "Standard"),
                         help="KServe deployment mode of a new InferenceService (default: the cluster's)")
+    kserve.add_argument("--min-replicas", type=int, default=1,
+                        help="a new InferenceService's fewest replicas; 0 scales to zero (Knative only) (default 1)")
+    kserve.add_argument("--max-replicas", type=int, default=3, help="a new InferenceService's most replicas "
+                        "(default 3)")
+    kserve.add_argument("--scale-metric", default="", choices=("", *SCALE_METRICS),
+                        help="what a new InferenceService scales on: concurrency or rps (Knative), cpu or memory "
+                        "(default: the platform's)")
+    kserve.add_argument("--scale-target", type=int, help="per-replica target of the scale metric: requests in "
+                        "flight, requests/s, or percent of the CPU or memory request")
     start.set_defaults(func=cmd_start)
 
     status = verbs.add_parser("status", help="print the recorded state of the last delivery (phase, traffic, why)")
@@ -238,7 +247,9 @@ def start_config(args: argparse.Namespace):
     if args.backend == "kserve":
         settings.update(model=args.storage_uri or "", probe_url=args.probe_url, serve_image=args.serve_image,
                         deployment_mode=args.deployment_mode,
-                        prometheus_scrape_interval_s=args.prometheus_scrape_interval_s)
+                        prometheus_scrape_interval_s=args.prometheus_scrape_interval_s,
+                        min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                        scale_metric=args.scale_metric, scale_target=args.scale_target)
     else:
         settings.update(model=args.model or "", stable=args.stable, router_port=args.router_port,
                         server_args=tuple(args.serve_arg), candidate_args=tuple(args.candidate_serve_arg),

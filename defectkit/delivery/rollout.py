@@ -84,7 +84,9 @@ class DeliveryConfig:
 
     kserve: where the InferenceService does not exist yet, the candidate is its first
     model: it is created from ``serve_image`` in ``deployment_mode`` ("Knative" or
-    "Standard"; empty: the cluster's default) and becomes the stable model.
+    "Standard"; empty: the cluster's default), with the autoscaling settings
+    (``min_replicas``, ``max_replicas``, ``scale_metric``, ``scale_target``), and
+    becomes the stable model.
     """
 
     model: str = ""
@@ -115,6 +117,11 @@ class DeliveryConfig:
     probe_url: str | None = None
     serve_image: str = ""
     deployment_mode: str = ""
+    # Autoscaling of an InferenceService the delivery creates (see ServiceConfig).
+    min_replicas: int = 1
+    max_replicas: int = 3
+    scale_metric: str = ""
+    scale_target: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -397,7 +404,10 @@ def _service_config(config: DeliveryConfig, candidate: str):
         raise ValueError(f"InferenceService {config.namespace}/{config.service_name} does not exist, and creating it "
                          "needs the serve image: give serve_image (deploy_canary's serve_image, --serve-image)")
     return ServiceConfig(name=config.service_name, namespace=config.namespace, image=config.serve_image,
-                         storage_uri=candidate, served_name=config.served_name)
+                         storage_uri=candidate, served_name=config.served_name,
+                         deployment_mode=config.deployment_mode, min_replicas=config.min_replicas,
+                         max_replicas=config.max_replicas, scale_metric=config.scale_metric,
+                         scale_target=config.scale_target)
 
 
 def _shadow_replay(config: DeliveryConfig, version: str | None,

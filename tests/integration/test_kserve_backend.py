@@ -215,6 +215,19 @@ def test_a_stale_resource_version_is_a_conflict(kube, deployed):
     assert caught.value.status == 409 and "the object has been modified" in str(caught.value)
 
 
+def test_autoscaling_the_clusters_default_mode_cannot_do_is_refused_before_anything_is_created():
+    with KubeApiStandIn(token=TOKEN, default_mode="RawDeployment") as kube:
+        backend = make_backend(kube)
+        rps = ServiceConfig(**{**CONFIG.__dict__, "scale_metric": "rps", "scale_target": 20})
+        with pytest.raises(ValueError, match="needs Knative's autoscaler"):
+            backend.ensure_exists(rps)
+        assert kube.calls("POST") == []
+        cpu = ServiceConfig(**{**CONFIG.__dict__, "scale_metric": "cpu", "scale_target": 80, "max_replicas": 6})
+        assert backend.ensure_exists(cpu) is True
+        predictor = kube.stored(NAMESPACE, NAME)["spec"]["predictor"]
+        assert (predictor["scaleMetric"], predictor["scaleTarget"], predictor["maxReplicas"]) == ("cpu", 80, 6)
+
+
 def test_missing_service_says_how_to_create_it(kube):
     with pytest.raises(KubeApiError, match="HTTP 404 NotFound.*creates a missing InferenceService itself"):
         make_backend(kube).deploy_candidate(CANDIDATE_URI)

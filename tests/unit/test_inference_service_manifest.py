@@ -36,7 +36,7 @@ CANDIDATE_URI = "gs://defectkit-models/defect/2"
 PREVIOUS_URI = "s3://defectkit-models/defect/0"
 # Every serving option away from its default; a new option must be added here to be tested.
 NON_DEFAULT_SERVING = {
-    "device": "cuda:0", "precision": "bf16", "threads": 3, "max_batch": 16, "max_wait_ms": 2.5, "batch_workers": 2,
+    "device": "cuda:0", "precision": "bf16", "runtime": "onnxruntime", "threads": 3, "max_batch": 16, "max_wait_ms": 2.5, "batch_workers": 2,
     "timeout_s": 0.75, "max_body_mb": 32.0, "max_images": 8, "max_pixels": 4_000_000, "access_log": True,
     "sample_rate": 0.05, "sample_uri": "gs://defectkit-samples/prod", "sample_seed": 7, "breaker_failures": 9,
     "breaker_window_s": 60.0, "breaker_cooldown_s": 2.5, "fault_error_rate": 0.25, "fault_latency_ms": 40.0,
@@ -213,6 +213,23 @@ def test_schema_violations_are_reported(edit, message):
     assert any(message in e for e in errors), errors
 
 
+@pytest.mark.parametrize("mode, metric, target, min_replicas", [
+    ("Knative", "concurrency", 4, 0),  # scale to zero on requests in flight
+    ("Knative", "rps", 50, 1),
+    ("Knative", "cpu", 70, 1),
+    ("Standard", "cpu", 80, 1),
+    ("Standard", "memory", 75, 2),
+    ("", "", None, 1),  # the platform's own autoscaling
+])
+def test_autoscaling_settings_are_valid_for_the_crd_in_each_mode(mode, metric, target, min_replicas):
+    manifest = build_inference_service(config(deployment_mode=mode, scale_metric=metric, scale_target=target,
+                                              min_replicas=min_replicas, max_replicas=5))
+    assert_valid(manifest)
+    spec = predictor(manifest)
+    assert spec.get("scaleMetric") == (metric or None) and spec.get("scaleTarget") == target
+    assert (spec["minReplicas"], spec["maxReplicas"]) == (min_replicas, 5)
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"name": "Defect"}, "InferenceService name"),
     ({"name": "1defect"}, "starting with a letter"),
@@ -236,6 +253,10 @@ def test_schema_violations_are_reported(edit, message):
     ({"min_replicas": 3, "max_replicas": 2}, "min <= max"),
     ({"max_replicas": 0, "min_replicas": 0}, "max >= 1"),
     ({"port": 8012}, "Knative reserves"),
+    ({"scale_metric": "latency"}, "scale metric 'latency' is not one of concurrency, rps, cpu, memory"),
+    ({"scale_target": 0}, "scale target 0"),
+    ({"deployment_mode": "Standard", "scale_metric": "rps"}, "needs Knative's autoscaler"),
+    ({"deployment_mode": "RawDeployment", "min_replicas": 0}, "scale to zero"),
     ({"service_account": "Serve_Account"}, "service account"),
     ({"env": (("STORAGE_URI", "gs://x/y"),)}, "storage_uri"),
     ({"env": (("A", "1"), ("A", "2"))}, "repeat"),

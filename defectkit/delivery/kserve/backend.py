@@ -326,6 +326,7 @@ class KServeBackend:
         # Standard); with none asked for, KServe's defaulter applies the cluster's.
         if self.deployment_mode and not config.deployment_mode:
             config = replace(config, deployment_mode=self.deployment_mode)
+        replace(config, deployment_mode=mode)  # refuses autoscaling the mode the service will get cannot do
         body = manifest.build_inference_service(config)
         try:
             created = self.api.request("POST", self._collection, body=body, params={"fieldValidation": "Strict"})

@@ -109,6 +109,10 @@ def validate_storage_uri(value: str, what: str = "storage URI") -> str:
     return value
 
 
+# The InferenceService CRD's scaleMetric values.
+SCALE_METRICS = ("concurrency", "rps", "cpu", "memory")
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """What to serve and how big: everything ``build_inference_service`` turns into a manifest.
@@ -138,6 +142,8 @@ class ServiceConfig:
     gpu: int = 0
     min_replicas: int = 1
     max_replicas: int = 3
+    scale_metric: str = ""  # concurrency, rps, cpu or memory; "" for the platform's (Knative: concurrency; HPA: cpu)
+    scale_target: int | None = None  # per replica: requests in flight, requests/s, or % of the CPU/memory request
     port: int = 8080
     prometheus_scraping: bool = True
     tag_routing: bool = True
@@ -179,6 +185,7 @@ class ServiceConfig:
                 f"replicas min={self.min_replicas} max={self.max_replicas}: need 0 <= min <= max and max >= 1 "
                 "(min 0 lets KServe scale to zero)"
             )
+        self._check_scaling()
         if not 1 <= self.port <= 65535 or self.port in _KNATIVE_RESERVED_PORTS:
             raise ValueError(
                 f"port {self.port} must be 1-65535 and not one Knative reserves {sorted(_KNATIVE_RESERVED_PORTS)}"
@@ -209,6 +216,26 @@ class ServiceConfig:
         ):
             raise ValueError(f"storage secret {self.storage_secret!r} is not a valid Kubernetes name")
         self._check_serving()
+
+    def _check_scaling(self) -> None:
+        """What each deployment mode's autoscaler takes: Knative's KPA scales on concurrency or rps (cpu and memory
+        through its HPA class) and down to zero; Standard mode's HorizontalPodAutoscaler scales on cpu or memory
+        only, never to zero (KServe docs, "Autoscaling with Kubernetes HPA")."""
+        if self.scale_metric and self.scale_metric not in SCALE_METRICS:
+            raise ValueError(f"scale metric {self.scale_metric!r} is not one of {', '.join(SCALE_METRICS)} (the "
+                             "InferenceService CRD's scaleMetric)")
+        if self.scale_target is not None and (isinstance(self.scale_target, bool) or not isinstance(
+                self.scale_target, int) or self.scale_target < 1):
+            raise ValueError(f"scale target {self.scale_target!r} must be a whole number >= 1 (requests in flight, "
+                             "requests/s, or percent of the CPU or memory request, per replica)")
+        mode = modes.normalise(self.deployment_mode) if self.deployment_mode else ""
+        if mode == modes.STANDARD:
+            if self.scale_metric in ("concurrency", "rps"):
+                raise ValueError(f"scale metric {self.scale_metric!r} needs Knative's autoscaler; {modes.STANDARD} "
+                                 "mode scales with a HorizontalPodAutoscaler on cpu or memory")
+            if self.min_replicas == 0:
+                raise ValueError(f"min replicas 0 (scale to zero) needs {modes.KNATIVE} mode; {modes.STANDARD} mode "
+                                 "keeps at least one replica")
 
     def _check_serving(self) -> None:
         serving = self.serving
@@ -306,6 +333,8 @@ def build_inference_service(config: ServiceConfig) -> dict[str, Any]:
                 containers=[container],
                 min_replicas=config.min_replicas,
                 max_replicas=config.max_replicas,
+                scale_metric=config.scale_metric or None,
+                scale_target=config.scale_target,
                 canary_traffic_percent=config.canary_traffic_percent,
                 service_account_name=config.service_account,
                 annotations=_pod_annotations(config) or None,
