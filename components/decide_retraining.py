@@ -24,6 +24,7 @@ def decide_retraining(
     cooldown_s: float = 86400.0,
     defect_class: str = "",
     validation_problems: str = "",
+    webhooks: str = "",
 ) -> NamedTuple("DecideRetrainingOutputs", [("retrain", bool), ("retraining_data", str)]):
     """Decide whether to retrain (valid window AND drift AND enough new images AND cooldown over) and, if so, write the data to retrain on.
 
@@ -44,6 +45,7 @@ def decide_retraining(
         cooldown_s: Shortest time between two retrainings, in seconds.
         defect_class: Defect type that images the model called defect are added under; empty leaves them out.
         validation_problems: validate_window's failure message; a window that failed validation is not retrained on.
+        webhooks: Who hears of drift found and of a retraining started: comma-separated URLs (generic JSON) or slack+URL (Slack-compatible); empty uses the DEFECTKIT_WEBHOOKS environment variable (e.g. from a Secret), or none. A receiver that is down never fails the step.
 
     Returns:
         retrain: Whether retraining is due; the data to retrain on is then written.
@@ -70,6 +72,7 @@ def decide_retraining(
         run=run,
         defect_class=defect_class or None,
         validation_problems=validation_problems,
+        webhooks=webhooks,
     )
     Path(record.path).write_text(json.dumps(entry, indent=1))
     Path(summary.path).write_text(monitor.render_record(entry))

@@ -27,6 +27,7 @@ def evaluate_model(
     max_auroc_drop: float = 0.03,
     max_f1_drop: float = 0.05,
     device: str = "auto",
+    webhooks: str = "",
 ) -> NamedTuple("EvaluateOutputs", [("approved", bool), ("reasons", str), ("image_auroc", float)]):
     """Score the model on the frozen test split, choose its decision threshold and decide whether it is approved.
 
@@ -47,6 +48,7 @@ def evaluate_model(
         max_auroc_drop: Relative gate (non-inferiority): how far the candidate's AUROC may fall below the champion's, read at the upper bound of the 95% interval of DeLong's paired test on the same test images.
         max_f1_drop: Relative gate (non-inferiority): how far the candidate's F1 may fall below the champion's, read at the upper bound of the 95% interval of a paired bootstrap on the same test images.
         device: auto, cpu, cuda or cuda:N.
+        webhooks: Who hears of a candidate the gates block: comma-separated URLs (generic JSON) or slack+URL (Slack-compatible); empty uses the DEFECTKIT_WEBHOOKS environment variable (e.g. from a Secret), or none. A receiver that is down never fails the step.
     """
     import json
     import logging
@@ -68,6 +70,7 @@ def evaluate_model(
         gates=evaluation.Gates(min_auroc=min_auroc, min_recall=min_recall, max_fpr=max_fpr,
                                max_auroc_drop=max_auroc_drop, max_f1_drop=max_f1_drop),
         device=device,
+        webhooks=webhooks,
     )
     for name, value in result.metrics.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):

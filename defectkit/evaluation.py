@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectkit import models, preprocess, reference
+from defectkit import models, notify, preprocess, reference
 from defectkit.data import GOOD, Manifest
 from defectkit.golden import read_golden, write_golden
 from defectkit.reference import Reference, embedding_names
@@ -332,7 +332,8 @@ class Gates:
 @dataclass(frozen=True)
 class Blessing:
     approved: bool
-    reasons: tuple[str, ...]
+    reasons: tuple[str, ...]  # one per gate
+    failed: tuple[str, ...] = ()  # the reasons of the gates that failed
 
 
 # Metrics are floats computed from counts; compare with a little slack so that
@@ -343,12 +344,12 @@ _EPS = 1e-9
 def bless(metrics: dict, gates: Gates, champion_metrics: dict | None = None) -> Blessing:
     """Approve or reject test ``metrics`` against the gates, with one readable reason per gate."""
     reasons: list[str] = []
-    approved = True
+    failed: list[str] = []
 
     def check(ok: bool, text: str) -> None:
-        nonlocal approved
-        approved = approved and ok
         reasons.append(text)
+        if not ok:
+            failed.append(text)
 
     auroc, recall, fpr = metrics["image_auroc"], metrics["recall"], metrics["fpr"]
     ok = auroc >= gates.min_auroc - _EPS
@@ -378,7 +379,7 @@ def bless(metrics: dict, gates: Gates, champion_metrics: dict | None = None) -> 
             check(ok, f"{label} {mine:.3f} {comparison} champion {theirs:.3f}: drop {test.confidence:.0%} CI "
                       f"[{test.ci_low:+.3f}, {test.ci_high:+.3f}] ({test.method}, p = {test.p_value:.2g}), "
                       f"{'within' if ok else 'beyond'} the allowed drop {allowed:.3f}")
-    return Blessing(approved, tuple(reasons))
+    return Blessing(not failed, tuple(reasons), tuple(failed))
 
 
 
@@ -532,13 +533,14 @@ def champion_in(champion_dir: Path) -> Path | None:
 
 def judge(model_dir: Path, preprocessed_dir: Path, dataset_dir: Path, champion_dir: Path, *, judged_model_dir: Path,
           golden_dir: Path, metrics_path: Path, report_path: Path, policy: ThresholdPolicy = ThresholdPolicy(),
-          gates: Gates = Gates(), device: str = "auto") -> Evaluation:
+          gates: Gates = Gates(), device: str = "auto", webhooks: str = "") -> Evaluation:
     """:func:`evaluate` the candidate against the champion in ``champion_dir`` (if it holds one) and write
     everything delivery needs where it is asked for (e.g. a KFP task's outputs).
 
     ``judged_model_dir`` gets the judged model, ``golden_dir`` its golden set (the scores
     a served candidate must reproduce before it gets traffic: see :mod:`defectkit.golden`),
-    ``metrics_path`` and ``report_path`` the metrics JSON and the Markdown report.
+    ``metrics_path`` and ``report_path`` the metrics JSON and the Markdown report. ``webhooks``
+    (:func:`defectkit.notify.webhooks_from`) hear of a candidate the gates block.
     """
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch)
@@ -549,6 +551,11 @@ def judge(model_dir: Path, preprocessed_dir: Path, dataset_dir: Path, champion_d
         shutil.copyfile(out / REPORT_FILE, report_path)
     build_golden(Path(dataset_dir), Path(judged_model_dir), Path(golden_dir), device=device)
     export = export_judged(Path(judged_model_dir), Path(golden_dir))
+    if not result.blessing.approved:
+        notify.notify(notify.webhooks_from(webhooks), notify.BLOCKED,
+                      f"candidate blocked by the evaluation gates (test AUROC {result.metrics['image_auroc']:.3f})",
+                      model=str(model_dir), weights=result.metrics["weights_sha256"][:12],
+                      failed="; ".join(result.blessing.failed))
     return replace(result, model_dir=Path(judged_model_dir), export=export)
 
 

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from defectkit import decision_record as records
-from defectkit import storage
+from defectkit import notify, storage
 from defectkit.data import GOOD
 from defectkit.decision_record import iso
 from defectkit.sampling import SAMPLES_FILE, Sample
@@ -330,7 +330,7 @@ def merge_for_retraining(base_root: str | Path, window_dir: Path, out_root: str 
 def act(*, drifted: bool, drifted_features: list[str], new_images: int, window: tuple[float, float],
         window_dir: Path, state_uri: str, policy: MonitorPolicy, base_dataset_uri: str, retraining_data_uri: str,
         run: str, defect_class: str | None = None, now: float | None = None,
-        validation_problems: str = "") -> dict[str, Any]:
+        validation_problems: str = "", webhooks: str = "") -> dict[str, Any]:
     """Decide on retraining and, when it is due, merge the window into the training data for it.
 
     The merged data goes to a folder of its own under ``retraining_data_uri``
@@ -338,6 +338,7 @@ def act(*, drifted: bool, drifted_features: list[str], new_images: int, window: 
     mixes two windows. ``run`` names the run that retrains on it (the monitor run, whose training
     sub-pipeline reads that folder); it is remembered for the cooldown.
     ``validation_problems`` is the window's validation failure message (empty: it passed).
+    ``webhooks`` (:func:`defectkit.notify.webhooks_from`) hear of drift found and of a retraining started.
     Returns the decision record.
     """
     now = time.time() if now is None else now
@@ -371,10 +372,26 @@ def act(*, drifted: bool, drifted_features: list[str], new_images: int, window: 
         data_uri = retraining_data_folder(retraining_data_uri, now)
         merge_for_retraining(base_dataset_uri, Path(window_dir), data_uri, defect_class=defect_class)
         write_last_retrain(state_uri, now, run)
-    return decision_record(window=window, drift={"drifted": drifted, "drifted_features": list(drifted_features)},
-                           new_images=new_images, last_retrain=last, now=now, policy=policy, decision=decision,
-                           run=run if decision.retrain else None, validation=validation_problems,
-                           retraining_data=data_uri)
+    record = decision_record(window=window, drift={"drifted": drifted, "drifted_features": list(drifted_features)},
+                             new_images=new_images, last_retrain=last, now=now, policy=policy, decision=decision,
+                             run=run if decision.retrain else None, validation=validation_problems,
+                             retraining_data=data_uri)
+    _announce(notify.webhooks_from(webhooks), drifted, drifted_features, window, decision, run, data_uri)
+    return record
+
+
+def _announce(webhooks: tuple[notify.Webhook, ...], drifted: bool, drifted_features: list[str],
+              window: tuple[float, float], decision: Decision, run: str, data_uri: str | None) -> None:
+    if not webhooks:
+        return
+    span = f"{iso(window[0])} to {iso(window[1])}"
+    if drifted:
+        notify.notify(webhooks, notify.DRIFT, f"drift in production images ({', '.join(drifted_features) or 'embeddings'})",
+                      window=span, features=", ".join(drifted_features), retraining="yes" if decision.retrain else "no",
+                      reasons="; ".join(decision.reasons))
+    if decision.retrain:
+        notify.notify(webhooks, notify.RETRAINING, f"retraining started by monitor run {run}", window=span,
+                      run=run, data=data_uri)
 
 
 def retraining_data_folder(root: str, now: float) -> str:

@@ -48,6 +48,7 @@ def retrain_if_due(
     kube_api_url: str,
     kserve_deployment_mode: str,
     kserve_serve_image: str,
+    webhooks: str,
 ):
     """Retraining, when it is due; every other input is the training pipeline's.
 
@@ -87,6 +88,7 @@ def retrain_if_due(
             kserve_serve_image=kserve_serve_image,
             # No shadow replay: after drift the champion's answers on production images are what is in question.
             sample_uri="",
+            webhooks=webhooks,
         )
 
 
@@ -133,6 +135,7 @@ def monitor_pipeline(
     kube_api_url: str = "",
     kserve_deployment_mode: str = "",
     kserve_serve_image: str = SERVE_IMAGE,
+    webhooks: str = "",
 ):
     """Drift check of the last window of production samples, and retraining when it is due.
 
@@ -177,6 +180,7 @@ def monitor_pipeline(
         kube_api_url: Retraining: Kubernetes API URL (kserve backend); empty uses in-cluster credentials.
         kserve_deployment_mode: Retraining: KServe deployment mode (Knative or Standard) of an InferenceService the first delivery creates; empty means the cluster default (kserve backend).
         kserve_serve_image: Retraining: predictor image of an InferenceService the first delivery creates (kserve backend).
+        webhooks: Who hears of drift found, retraining started, and the retrained model blocked, promoted or rolled back: comma-separated URLs (generic JSON) or slack+URL (Slack-compatible); empty uses the DEFECTKIT_WEBHOOKS environment variable of the steps (e.g. from a Secret), or none.
     """
     # Its real input is the clock and whatever the server sampled since: never served from cache. The
     # backend substitutes the scheduled time (the creation time for a run that was not scheduled).
@@ -194,7 +198,8 @@ def monitor_pipeline(
                                state_uri=state_uri, base_dataset_uri=base_dataset_uri,
                                retraining_data_uri=retraining_data_uri, run=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                                min_new_images=min_new_images, cooldown_s=cooldown_s, defect_class=defect_class,
-                               validation_problems=validated.outputs["problems"]).set_caching_options(False)
+                               validation_problems=validated.outputs["problems"],
+                               webhooks=webhooks).set_caching_options(False)
     # In this run, not through the KFP API: no token or namespace needed, and the lineage stays in one run.
     retrain_if_due(
         retrain=decide.outputs["retrain"],
@@ -226,4 +231,5 @@ def monitor_pipeline(
         kube_api_url=kube_api_url,
         kserve_deployment_mode=kserve_deployment_mode,
         kserve_serve_image=kserve_serve_image,
+        webhooks=webhooks,
     )

@@ -51,6 +51,7 @@ def ship_model(
     kserve_scale_metric: str = "",
     kserve_scale_target: int = 0,
     sample_uri: str = "",
+    webhooks: str = "",
 ):
     """Judged model to champion, through a canary.
 
@@ -85,6 +86,7 @@ def ship_model(
         kserve_scale_metric: What that InferenceService scales on: concurrency or rps (Knative), cpu or memory; empty for the platform's default.
         kserve_scale_target: Per-replica target of kserve_scale_metric (requests in flight, requests/s, or percent of the CPU or memory request); 0 for the platform's default.
         sample_uri: Where the model servers sample production requests; when given, a recent window of them is replayed to the candidate before any canary traffic (shadow replay) and must agree with the champion's answers. Empty: no replay.
+        webhooks: Who hears of blocked candidates, promotions and rollbacks: comma-separated URLs (generic JSON) or slack+URL (Slack-compatible); empty uses the DEFECTKIT_WEBHOOKS environment variable of the steps (e.g. from a Secret), or none.
     """
     # Whatever fails from here on, stable traffic is restored: a delivery cut off
     # half-way is rolled back, a finished one is left alone.
@@ -139,6 +141,7 @@ def ship_model(
             scale_metric=kserve_scale_metric,
             scale_target=kserve_scale_target,
             sample_uri=sample_uri,
+            webhooks=webhooks,
         ).set_caching_options(False)
 
 
@@ -175,6 +178,7 @@ def release_if_approved(
     kserve_scale_metric: str = "",
     kserve_scale_target: int = 0,
     sample_uri: str = "",
+    webhooks: str = "",
 ):
     """The blessing gates the shipping: an unapproved model, or a run without a registry, ships nothing.
 
@@ -210,6 +214,7 @@ def release_if_approved(
         kserve_scale_metric: What that InferenceService scales on: concurrency or rps (Knative), cpu or memory; empty for the platform's default.
         kserve_scale_target: Per-replica target of kserve_scale_metric (requests in flight, requests/s, or percent of the CPU or memory request); 0 for the platform's default.
         sample_uri: Where the model servers sample production requests; when given, a recent window of them is replayed to the candidate before any canary traffic (shadow replay) and must agree with the champion's answers. Empty: no replay.
+        webhooks: Who hears of blocked candidates, promotions and rollbacks: comma-separated URLs (generic JSON) or slack+URL (Slack-compatible); empty uses the DEFECTKIT_WEBHOOKS environment variable of the steps (e.g. from a Secret), or none.
     """
     with dsl.If(approved == True, name="approved"):  # noqa: E712 - a KFP condition, not Python
         with dsl.If(tracking_uri != "", name="registry-configured"):
@@ -244,4 +249,5 @@ def release_if_approved(
                 kserve_scale_metric=kserve_scale_metric,
                 kserve_scale_target=kserve_scale_target,
                 sample_uri=sample_uri,
+                webhooks=webhooks,
             )

@@ -82,6 +82,7 @@ def training_pipeline(
     kserve_scale_metric: str = "",
     kserve_scale_target: int = 0,
     sample_uri: str = "",
+    webhooks: str = "",
 ) -> TrainingOutputs:
     """Images to a judged defect model.
 
@@ -132,6 +133,7 @@ def training_pipeline(
         kserve_scale_metric: What that InferenceService scales on: concurrency or rps (Knative), cpu or memory; empty for the platform's default.
         kserve_scale_target: Per-replica target of kserve_scale_metric (requests in flight, requests/s, or percent of the CPU or memory request); 0 for the platform's default.
         sample_uri: Where the model servers sample production requests; when given, a recent window of them is replayed to the candidate before any canary traffic (shadow replay) and must agree with the champion's answers. Empty: no replay.
+        webhooks: Who hears of blocked candidates, promotions and rollbacks: comma-separated URLs (generic JSON) or slack+URL (Slack-compatible); empty uses the DEFECTKIT_WEBHOOKS environment variable of the steps (e.g. from a Secret), or none.
     """
     # The backend caches on input values and artifact identities, never on what a URI holds: the
     # source is fingerprinted on every run, and validation (with all that follows) caches on that.
@@ -188,6 +190,7 @@ def training_pipeline(
         max_auroc_drop=max_auroc_drop,
         max_f1_drop=max_f1_drop,
         device=device,
+        webhooks=webhooks,
     ).set_caching_options(False)
     evaluate.set_cpu_limit("4").set_memory_limit("16G").set_retry(2, backoff_duration="30s")
 
@@ -223,6 +226,7 @@ def training_pipeline(
         kserve_scale_metric=kserve_scale_metric,
         kserve_scale_target=kserve_scale_target,
         sample_uri=sample_uri,
+        webhooks=webhooks,
     )
 
     return TrainingOutputs(

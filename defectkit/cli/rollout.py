@@ -78,6 +78,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     start.add_argument("--golden", help="golden set directory (golden.json + images) probed before any traffic")
     start.add_argument("--judged-model", help="the evaluation's judged model directory, whose test figures, paired "
                        "tests and threshold the record and the shadow replay use (default: --model when a directory)")
+    start.add_argument("--webhooks", default="", help="who hears of the verdict: comma-separated URLs (generic "
+                       "JSON) or slack+URL; default: the DEFECTKIT_WEBHOOKS environment variable, or none")
     shadow = start.add_argument_group("shadow replay (before any traffic: sampled production requests replayed to "
                                       "the candidate and compared with the answers the champion gave)")
     shadow.add_argument("--sample-uri", default="", help="where the model servers sample requests (a directory, "
@@ -259,6 +261,7 @@ def start_config(args: argparse.Namespace):
                           max_score_shift=args.shadow_max_score_shift)
     return DeliveryConfig(version=args.version, policy=policy_from_args(args), golden_dir=args.golden,
                           judged_model_dir=args.judged_model, sample_uri=args.sample_uri, shadow=shadow,
+                          webhooks=args.webhooks,
                           served_name=args.served_name, **settings)
 
 

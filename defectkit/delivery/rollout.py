@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from defectkit import notify
 from defectkit.delivery import analysis, record
 from defectkit.delivery.analysis import CanaryPolicy
 from defectkit.delivery.controller import RESTORE_COMMAND, Controller, Hook, restore_stable
@@ -98,6 +99,7 @@ class DeliveryConfig:
     record_dir: str | None = None
     golden_dir: str | None = None
     judged_model_dir: str | None = None
+    webhooks: str = ""  # who hears of the verdict: defectkit.notify.webhooks_from
     sample_uri: str = ""
     shadow: ShadowPolicy = ShadowPolicy()
     tracking_uri: str | None = None
@@ -126,6 +128,7 @@ class DeliveryConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r} must be 'local' or 'kserve'")
+        notify.parse_webhooks(self.webhooks)  # a bad receiver is named now, not after the delivery
         if self.backend == "kserve" and self.state_path:
             raise ValueError(f"state_path {self.state_path!r} (--state) applies to the local backend only: the kserve "
                              "backend keeps its state in a ConfigMap beside the InferenceService")
@@ -250,7 +253,24 @@ def deliver(config: DeliveryConfig) -> RolloutState:
     record.write_record(state, config.record_path)
     if config.tracking_uri and version:
         log_record(config.tracking_uri, config.registered_model, version, state)
+    announce(state, notify.webhooks_from(config.webhooks), config.record_path)
     return state
+
+
+def announce(state: RolloutState, webhooks: tuple[notify.Webhook, ...], record_dir: Path) -> None:
+    """Tell the receivers how the delivery ended: promoted, rolled back, or blocked before any traffic (by the
+    golden probe or the shadow replay)."""
+    if not webhooks or state.phase not in (PROMOTED, ROLLED_BACK):
+        return
+    served = max((entry["weight"] for entry in state.timeline), default=0) > 0
+    event = notify.PROMOTED if state.phase == PROMOTED else notify.ROLLED_BACK if served else notify.BLOCKED
+    name = f"version {state.candidate_version}" if state.candidate_version else state.candidate
+    summary = {notify.PROMOTED: f"{name} promoted: it serves all traffic",
+               notify.ROLLED_BACK: f"{name} rolled back: the stable model serves all traffic",
+               notify.BLOCKED: f"{name} blocked before any traffic"}[event]
+    notify.notify(webhooks, event, summary, candidate=state.candidate, version=state.candidate_version,
+                  stable=state.stable, backend=state.backend, reason=state.reason, analyses=len(state.analyses),
+                  shadow=(state.shadow or {}).get("verdict"), record=str(record_dir))
 
 
 def _deliver(config: DeliveryConfig, candidate: str, version: str | None, golden: Golden | None,

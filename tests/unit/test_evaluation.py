@@ -454,6 +454,26 @@ def test_judge_writes_what_delivery_needs_and_finds_the_champion_only_where_ther
     assert "| metric | candidate | champion | delta |" in (tmp_path / "report-again.md").read_text()
 
 
+def test_a_blocked_candidate_is_announced_with_the_gates_it_failed(candidate_dir, preprocessed_dir, dataset_dir,
+                                                                    tmp_path):
+    from tests.unit.test_notify import Receiver
+
+    receiver = Receiver()
+    (tmp_path / "no-champion").mkdir()
+    try:
+        result = judge(candidate_dir, preprocessed_dir, dataset_dir, tmp_path / "no-champion",
+                       judged_model_dir=tmp_path / "judged", golden_dir=tmp_path / "golden",
+                       metrics_path=tmp_path / "metrics.json", report_path=tmp_path / "report.md",
+                       gates=Gates(min_auroc=0.999), device="cpu", webhooks=f"slack+{receiver.url}")
+    finally:
+        receiver.server.close()
+    assert not result.blessing.approved and len(result.blessing.failed) == 1
+    (message,) = [b["body"] for b in receiver.bodies]
+    assert message["text"].startswith(":no_entry: candidate blocked by the evaluation gates (test AUROC ")
+    fields = {f["text"].split("\n", 1)[0]: f["text"].split("\n", 1)[1] for f in message["blocks"][1]["fields"]}
+    assert fields["*failed*"] == result.blessing.failed[0] and "< 0.999" in fields["*failed*"]
+
+
 def judged_scores(model_dir: Path, preprocessed_dir: Path, split: str) -> np.ndarray:
     return models.load_model(model_dir).scores(load_split(preprocessed_dir, split).images)
 

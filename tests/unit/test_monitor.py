@@ -158,6 +158,22 @@ def test_act_writes_the_merged_data_and_remembers_the_run(tmp_path):
     assert read_last_retrain(tmp_path / "state") == {"at": NOW, "run": "run-7"}
 
 
+def test_act_tells_the_receivers_of_drift_and_of_the_retraining_it_starts(tmp_path, monkeypatch):
+    from tests.unit.test_notify import Receiver
+
+    receiver = Receiver()
+    try:
+        monkeypatch.setenv("DEFECTKIT_WEBHOOKS", receiver.url)  # as a Secret would give it to the step
+        _act(tmp_path)
+        _act(tmp_path, now=NOW + 60)  # drift again, but the cooldown holds the retraining back
+    finally:
+        receiver.server.close()
+    events = [(b["body"]["event"], b["body"]["details"].get("retraining")) for b in receiver.bodies]
+    assert events == [("drift_detected", "yes"), ("retraining_started", None), ("drift_detected", "no")]
+    assert receiver.bodies[1]["body"]["details"]["run"] == "run-7"
+    assert "cooldown" in receiver.bodies[2]["body"]["details"]["reasons"]
+
+
 def test_act_writes_nothing_when_retraining_is_not_due(tmp_path):
     record = _act(tmp_path, drifted=False)
     assert record["retrain"] is False and record["run"] is None and record["retraining_data"] is None
