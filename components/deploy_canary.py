@@ -46,6 +46,9 @@ def deploy_canary(
     scale_metric: str = "",
     scale_target: int = 0,
     webhooks: str = "",
+    approval_url: str = "",
+    approval_before: str = "promotion",
+    approval_timeout_s: float = 3600.0,
     sample_uri: str = "",
     shadow_window_s: float = 86400.0,
     shadow_min_images: int = 30,
@@ -97,6 +100,9 @@ def deploy_canary(
         scale_metric: What a created InferenceService scales on: concurrency or rps (Knative), cpu or memory (either mode); empty for the platform's default.
         scale_target: Per-replica target of scale_metric (requests in flight, requests/s, or percent of the CPU or memory request); 0 for the platform's default.
         webhooks: Who hears of the verdict (promoted, rolled back, or blocked before any traffic): comma-separated URLs (generic JSON) or slack+URL (Slack-compatible); empty uses the DEFECTKIT_WEBHOOKS environment variable (e.g. from a Secret), or none. A receiver that is down never fails the step.
+        approval_url: A URL that must answer HTTP 200 to a POST of the delivery's state before the promotion (or the first traffic), asked every 30 s (Flagger's confirm-promotion); empty: no approval gate.
+        approval_before: What waits for the approval: promotion or traffic.
+        approval_timeout_s: How long to wait for the approval before rolling back, in seconds.
         sample_uri: Where the model servers sample production requests (a directory, gs:// or s3://); when given, a recent window of them is replayed to the candidate before any canary traffic and compared with the champion's answers (shadow replay). Empty: no replay.
         shadow_window_s: How far back the replayed samples reach, in seconds.
         shadow_min_images: Fewer sampled images than this skip the shadow replay (no evidence either way).
@@ -108,6 +114,7 @@ def deploy_canary(
     from pathlib import Path
 
     from defectkit.delivery import record, rollout
+    from defectkit.delivery.approval import ApprovalGate
     from defectkit.delivery.shadow import ShadowPolicy
 
     logging.basicConfig(level=logging.INFO, force=True)
@@ -119,7 +126,8 @@ def deploy_canary(
     config = rollout.DeliveryConfig.for_registered_version(
         registered_model, model_version, storage_uri=storage_uri, backend=backend,
         policy=policy, work_dir=work_dir, golden_dir=golden.path if golden is not None else None,
-        judged_model_dir=model.path, sample_uri=sample_uri, webhooks=webhooks, min_replicas=min_replicas, max_replicas=max_replicas,
+        judged_model_dir=model.path, sample_uri=sample_uri, webhooks=webhooks,
+        approval=ApprovalGate(approval_url, approval_before, approval_timeout_s) if approval_url else None, min_replicas=min_replicas, max_replicas=max_replicas,
         scale_metric=scale_metric, scale_target=scale_target or None,
         shadow=ShadowPolicy(window_s=shadow_window_s, min_images=shadow_min_images,
                             min_agreement=shadow_min_agreement, max_score_shift=shadow_max_score_shift),

@@ -52,6 +52,9 @@ def ship_model(
     kserve_scale_target: int = 0,
     sample_uri: str = "",
     webhooks: str = "",
+    approval_url: str = "",
+    approval_before: str = "promotion",
+    approval_timeout_s: float = 3600.0,
 ):
     """Judged model to champion, through a canary.
 
@@ -87,6 +90,9 @@ def ship_model(
         kserve_scale_target: Per-replica target of kserve_scale_metric (requests in flight, requests/s, or percent of the CPU or memory request); 0 for the platform's default.
         sample_uri: Where the model servers sample production requests; when given, a recent window of them is replayed to the candidate before any canary traffic (shadow replay) and must agree with the champion's answers. Empty: no replay.
         webhooks: Who hears of blocked candidates, promotions and rollbacks: comma-separated URLs (generic JSON) or slack+URL (Slack-compatible); empty uses the DEFECTKIT_WEBHOOKS environment variable of the steps (e.g. from a Secret), or none.
+        approval_url: A URL that must answer HTTP 200 to a POST of the delivery's state before the promotion (or the first traffic); empty: no approval gate.
+        approval_before: What waits for the approval: promotion or traffic.
+        approval_timeout_s: How long to wait for the approval before rolling back, in seconds.
     """
     # Whatever fails from here on, stable traffic is restored: a delivery cut off
     # half-way is rolled back, a finished one is left alone.
@@ -142,6 +148,9 @@ def ship_model(
             scale_target=kserve_scale_target,
             sample_uri=sample_uri,
             webhooks=webhooks,
+            approval_url=approval_url,
+            approval_before=approval_before,
+            approval_timeout_s=approval_timeout_s,
         ).set_caching_options(False)
 
 
@@ -179,6 +188,9 @@ def release_if_approved(
     kserve_scale_target: int = 0,
     sample_uri: str = "",
     webhooks: str = "",
+    approval_url: str = "",
+    approval_before: str = "promotion",
+    approval_timeout_s: float = 3600.0,
 ):
     """The blessing gates the shipping: an unapproved model, or a run without a registry, ships nothing.
 
@@ -215,6 +227,9 @@ def release_if_approved(
         kserve_scale_target: Per-replica target of kserve_scale_metric (requests in flight, requests/s, or percent of the CPU or memory request); 0 for the platform's default.
         sample_uri: Where the model servers sample production requests; when given, a recent window of them is replayed to the candidate before any canary traffic (shadow replay) and must agree with the champion's answers. Empty: no replay.
         webhooks: Who hears of blocked candidates, promotions and rollbacks: comma-separated URLs (generic JSON) or slack+URL (Slack-compatible); empty uses the DEFECTKIT_WEBHOOKS environment variable of the steps (e.g. from a Secret), or none.
+        approval_url: A URL that must answer HTTP 200 to a POST of the delivery's state before the promotion (or the first traffic); empty: no approval gate.
+        approval_before: What waits for the approval: promotion or traffic.
+        approval_timeout_s: How long to wait for the approval before rolling back, in seconds.
     """
     with dsl.If(approved == True, name="approved"):  # noqa: E712 - a KFP condition, not Python
         with dsl.If(tracking_uri != "", name="registry-configured"):
@@ -250,4 +265,7 @@ def release_if_approved(
                 kserve_scale_target=kserve_scale_target,
                 sample_uri=sample_uri,
                 webhooks=webhooks,
+                approval_url=approval_url,
+                approval_before=approval_before,
+                approval_timeout_s=approval_timeout_s,
             )

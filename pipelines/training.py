@@ -83,6 +83,9 @@ def training_pipeline(
     kserve_scale_target: int = 0,
     sample_uri: str = "",
     webhooks: str = "",
+    approval_url: str = "",
+    approval_before: str = "promotion",
+    approval_timeout_s: float = 3600.0,
 ) -> TrainingOutputs:
     """Images to a judged defect model.
 
@@ -134,6 +137,9 @@ def training_pipeline(
         kserve_scale_target: Per-replica target of kserve_scale_metric (requests in flight, requests/s, or percent of the CPU or memory request); 0 for the platform's default.
         sample_uri: Where the model servers sample production requests; when given, a recent window of them is replayed to the candidate before any canary traffic (shadow replay) and must agree with the champion's answers. Empty: no replay.
         webhooks: Who hears of blocked candidates, promotions and rollbacks: comma-separated URLs (generic JSON) or slack+URL (Slack-compatible); empty uses the DEFECTKIT_WEBHOOKS environment variable of the steps (e.g. from a Secret), or none.
+        approval_url: A URL that must answer HTTP 200 to a POST of the delivery's state before the promotion (or the first traffic); empty: no approval gate.
+        approval_before: What waits for the approval: promotion or traffic.
+        approval_timeout_s: How long to wait for the approval before rolling back, in seconds.
     """
     # The backend caches on input values and artifact identities, never on what a URI holds: the
     # source is fingerprinted on every run, and validation (with all that follows) caches on that.
@@ -227,6 +233,9 @@ def training_pipeline(
         kserve_scale_target=kserve_scale_target,
         sample_uri=sample_uri,
         webhooks=webhooks,
+        approval_url=approval_url,
+        approval_before=approval_before,
+        approval_timeout_s=approval_timeout_s,
     )
 
     return TrainingOutputs(

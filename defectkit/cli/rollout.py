@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from defectkit.delivery.analysis import CanaryPolicy
+from defectkit.delivery.approval import ApprovalGate
 from defectkit.delivery.shadow import ShadowPolicy
 from defectkit.delivery.kserve.manifest import SCALE_METRICS, ServiceConfig
 
@@ -80,6 +81,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                        "tests and threshold the record and the shadow replay use (default: --model when a directory)")
     start.add_argument("--webhooks", default="", help="who hears of the verdict: comma-separated URLs (generic "
                        "JSON) or slack+URL; default: the DEFECTKIT_WEBHOOKS environment variable, or none")
+    gate = start.add_argument_group("approval gate (off by default; Flagger's confirm-promotion)")
+    gate.add_argument("--approval-url", default="", help="POSTed the delivery's state before the promotion (or "
+                      "the first traffic); only HTTP 200 lets it go on")
+    gate.add_argument("--approval-before", default="promotion", choices=("promotion", "traffic"),
+                      help="what waits for the approval (default %(default)s)")
+    gate.add_argument("--approval-timeout-s", type=float, default=3600.0,
+                      help="how long to wait for a 200 before rolling back (default %(default)s)")
+    gate.add_argument("--approval-interval-s", type=float, default=30.0,
+                      help="seconds between requests (default %(default)s)")
     shadow = start.add_argument_group("shadow replay (before any traffic: sampled production requests replayed to "
                                       "the candidate and compared with the answers the champion gave)")
     shadow.add_argument("--sample-uri", default="", help="where the model servers sample requests (a directory, "
@@ -261,7 +271,9 @@ def start_config(args: argparse.Namespace):
                           max_score_shift=args.shadow_max_score_shift)
     return DeliveryConfig(version=args.version, policy=policy_from_args(args), golden_dir=args.golden,
                           judged_model_dir=args.judged_model, sample_uri=args.sample_uri, shadow=shadow,
-                          webhooks=args.webhooks,
+                          webhooks=args.webhooks, approval=ApprovalGate(
+                              args.approval_url, args.approval_before, args.approval_timeout_s,
+                              args.approval_interval_s) if args.approval_url else None,
                           served_name=args.served_name, **settings)
 
 

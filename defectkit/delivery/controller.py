@@ -53,8 +53,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from defectkit.delivery import analysis, record, shadow
+from defectkit.delivery import analysis, approval, record, shadow
 from defectkit.delivery.analysis import CanaryPolicy
+from defectkit.delivery.approval import ApprovalGate
 from defectkit.delivery.backend import (
     CANARY,
     EMPTY,
@@ -111,7 +112,8 @@ class Controller:
     ``record_dir`` receives the decision record whenever the delivery stops; ``restore_command``
     is what messages name to roll back an unfinished delivery; ``evidence`` (the candidate's
     offline evaluation) is kept in the state for the record; ``shadow``, sampled production
-    images replayed to the candidate after the golden probe, before any traffic.
+    images replayed to the candidate after the golden probe, before any traffic; ``approval``, a
+    URL that must answer 200 before the promotion (or the first traffic).
     """
 
     def __init__(self, backend: Backend, policy: CanaryPolicy, store: StoreOrPath, *, candidate: str,
@@ -119,7 +121,8 @@ class Controller:
                  golden: Golden | None = None, on_promote: Hook | None = None, on_rollback: Hook | None = None,
                  record_dir: Path | None = None, clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep, restore_command: str = RESTORE_COMMAND,
-                 evidence: dict[str, Any] | None = None, shadow: ShadowReplay | None = None) -> None:
+                 evidence: dict[str, Any] | None = None, shadow: ShadowReplay | None = None,
+                 approval: ApprovalGate | None = None) -> None:
         self.backend = backend
         self.policy = policy
         self.store = as_store(store)
@@ -136,6 +139,7 @@ class Controller:
         self.restore_command = restore_command
         self.evidence = evidence
         self.shadow = shadow
+        self.approval = approval
 
     # ------------------------------------------------------------------ entry point
 
@@ -260,8 +264,47 @@ class Controller:
             return
         if self.shadow is not None and not self._shadow_ok(state, self.shadow):
             return
+        if not self._approved(state, approval.TRAFFIC):
+            return
         state.phase, state.step_index = STEPPING, 0
         self.store.save(state)
+
+    def _approved(self, state: RolloutState, stage: str) -> bool:
+        """Whether the approval gate (if it guards ``stage``) said go; asks until it does or its timeout passes,
+        then starts the rollback and returns False. The first request's time is kept in the state, so a resumed
+        delivery keeps the same deadline."""
+        gate = self.approval
+        if gate is None or gate.before != stage:
+            return True
+        record = state.approval if state.approval and state.approval.get("stage") == stage else None
+        if record is not None and record.get("approved_at"):
+            return True
+        if record is None:
+            record = {"stage": stage, "gate": gate.to_json(), "requested_at": self._clock(), "asked": 0}
+            state.approval = record
+            state.event("approval requested", stage=stage, url=gate.where)
+            self.store.save(state)
+        payload = {"candidate": self.candidate, "version": self.candidate_version, "stable": self.stable,
+                   "stage": stage, "weight": state.weight, "phase": state.phase, "analyses": len(state.analyses)}
+        while True:
+            ok, answer = gate.ask(payload)
+            record["asked"] += 1
+            record["last_answer"] = answer
+            now = self._clock()
+            if ok:
+                record["approved_at"] = now
+                state.event("approval given", stage=stage, answer=answer, asked=record["asked"])
+                self.store.save(state)
+                return True
+            waited = now - record["requested_at"]
+            if waited >= gate.timeout_s:
+                record["timed_out_at"] = now
+                self._begin_rollback(state, f"no approval of the {stage} from {gate.where} within "
+                                            f"{gate.timeout_s:g} s ({record['asked']} requests, last answer "
+                                            f"{answer})")
+                return False
+            self.store.save(state)
+            self._sleep(min(gate.poll_interval_s, gate.timeout_s - waited))
 
     def _shadow_ok(self, state: RolloutState, replay: ShadowReplay) -> bool:
         """Replay the sampled production images to the candidate; on a failed verdict start the rollback and
@@ -319,6 +362,8 @@ class Controller:
     def _step(self, state: RolloutState) -> None:
         steps = self.policy.analysed_steps
         if state.step_index >= len(steps):
+            if not self._approved(state, approval.PROMOTION):
+                return
             state.phase = PROMOTING
             state.event("every step passed; promoting")
             self.store.save(state)

@@ -64,6 +64,7 @@ def build_record(state: RolloutState) -> dict[str, Any]:
         "failed_checks": state.failed_checks,
         "evidence": state.evidence,
         "shadow": state.shadow,
+        "approval": state.approval,
         "probe": state.probe,
         "analyses": state.analyses,
         "timeline": state.timeline,
@@ -95,6 +96,8 @@ def render_markdown(record: dict[str, Any]) -> str:
         lines += ["", f"Error: `{record['error']}`"]
     lines += ["", "## Offline evidence", ""] + _evidence_lines(record.get("evidence"))
     lines += ["", "## Shadow replay", ""] + _shadow_lines(record.get("shadow"))
+    if record.get("approval"):
+        lines += ["", "## Approval", ""] + _approval_lines(record["approval"])
     probe = record.get("probe")
     lines += ["", "## Golden probe", ""]
     if not probe:
@@ -166,6 +169,18 @@ def _shadow_lines(verdict: dict[str, Any] | None) -> list[str]:
                   f"{item['champion_label']} {item['champion_score']:.3f} | "
                   f"{item['candidate_label']} {item['candidate_score']:.3f} |" for item in verdict["kept"]]
     return lines
+
+
+def _approval_lines(approval: dict[str, Any]) -> list[str]:
+    gate = approval["gate"]
+    asked = f"asked {gate['url']} {approval['asked']} times, last answer {approval.get('last_answer', 'none')}"
+    if approval.get("approved_at"):
+        outcome = f"**approved** at {iso(approval['approved_at'])}"
+    elif approval.get("timed_out_at"):
+        outcome = f"**not approved** within {gate['timeout_s']:g} s: rolled back"
+    else:
+        outcome = "waiting"
+    return [f"Before the {approval['stage']}: {outcome}; {asked} (first at {iso(approval['requested_at'])})."]
 
 
 def write_record(state: RolloutState, out_dir: Path) -> tuple[dict[str, Any], str]:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from defectkit import notify
 from defectkit.delivery import analysis, record
 from defectkit.delivery.analysis import CanaryPolicy
+from defectkit.delivery.approval import ApprovalGate
 from defectkit.delivery.controller import RESTORE_COMMAND, Controller, Hook, restore_stable
 from defectkit.delivery.shadow import ShadowPolicy, ShadowReplay, read_shadow_set
 from defectkit.delivery.state import PROMOTED, ROLLED_BACK, RolloutState, RolloutStore, StateStore, delivery_lock
@@ -100,6 +101,7 @@ class DeliveryConfig:
     golden_dir: str | None = None
     judged_model_dir: str | None = None
     webhooks: str = ""  # who hears of the verdict: defectkit.notify.webhooks_from
+    approval: ApprovalGate | None = None  # a URL that must answer 200 before the promotion (or first traffic)
     sample_uri: str = ""
     shadow: ShadowPolicy = ShadowPolicy()
     tracking_uri: str | None = None
@@ -295,7 +297,8 @@ def _deliver(config: DeliveryConfig, candidate: str, version: str | None, golden
             state = Controller(backend, config.policy, store, candidate=candidate, candidate_version=version,
                                stable=stable, backend_name=config.backend, golden=golden, on_promote=on_promote,
                                on_rollback=on_rollback, restore_command=restore_command(config),
-                               evidence=evidence, shadow=_shadow_replay(config, version, evidence)).run()
+                               evidence=evidence, shadow=_shadow_replay(config, version, evidence),
+                               approval=config.approval).run()
     finally:
         _close(backend)
     return state

@@ -65,7 +65,8 @@ class RolloutState:
     stable window with enough requests to compare against (the stable version gets little
     traffic at high canary weights). ``evidence`` is the offline evaluation the candidate
     was judged by (:func:`defectkit.delivery.record.evidence_of`), shown in the decision record;
-    ``shadow`` the verdict of the shadow replay (:func:`defectkit.delivery.shadow.judge`). Times are Unix seconds (wall clock, so they survive a
+    ``shadow`` the verdict of the shadow replay (:func:`defectkit.delivery.shadow.judge`);
+    ``approval`` the requests to the approval gate and its answer (:mod:`defectkit.delivery.approval`). Times are Unix seconds (wall clock, so they survive a
     restart).
     """
 
@@ -86,6 +87,7 @@ class RolloutState:
     probe: dict[str, Any] | None = None
     evidence: dict[str, Any] | None = None
     shadow: dict[str, Any] | None = None
+    approval: dict[str, Any] | None = None
     analyses: list[dict[str, Any]] = field(default_factory=list)
     timeline: list[dict[str, Any]] = field(default_factory=list)
     reason: str | None = None

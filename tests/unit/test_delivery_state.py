@@ -470,3 +470,81 @@ def test_whole_float_integer_parameters_from_a_pipeline_client_are_accepted():
     assert (policy.failure_threshold, policy.min_requests, policy.max_inconclusive) == (3, 20, 4)
     with pytest.raises(ValueError):
         policy_from_parameters(failure_threshold=2.5)
+
+
+# --------------------------------------------------------------------------- the approval gate
+
+
+class Approver:
+    """An approval endpoint on 127.0.0.1 answering ``statuses`` in turn (then the last one forever)."""
+
+    def __init__(self, *statuses: int) -> None:
+        from tests.stand_ins import JsonServer
+
+        self.statuses, self.asked = list(statuses), []
+        self.server = JsonServer(self._route)
+
+    def _route(self, method, path, query, body, headers):
+        self.asked.append(body)
+        return (self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]), {}
+
+
+@pytest.fixture
+def approver():
+    made = []
+
+    def make(*statuses: int) -> Approver:
+        made.append(Approver(*statuses))
+        return made[-1]
+
+    yield make
+    for a in made:
+        a.server.close()
+
+
+def _gated(backend, tmp_path, clock, gate):
+    return Controller(backend, POLICY, tmp_path / "state.json", candidate="candidate-model", stable=backend.stable,
+                      golden=GOLDEN, record_dir=tmp_path / "record", clock=clock, sleep=clock.sleep, approval=gate)
+
+
+def test_the_promotion_waits_for_a_200_from_the_approval_url(tmp_path, clock, approver):
+    from defectkit.delivery.approval import ApprovalGate
+
+    endpoint = approver(403, 503, 200)
+    backend = StandInBackend()
+    state = _gated(backend, tmp_path, clock, ApprovalGate(f"{endpoint.server.url}/approve?token=x",
+                                                          poll_interval_s=60)).run()
+    assert state.phase == PROMOTED and backend.calls.count("promote") == 1
+    assert [body["stage"] for body in endpoint.asked] == ["promotion"] * 3
+    assert endpoint.asked[0]["weight"] == 50 and endpoint.asked[0]["analyses"] == 3
+    assert state.approval["asked"] == 3 and state.approval["last_answer"] == "HTTP 200"
+    # Asked after every step passed, twice refused 60 s apart: the promotion came 120 s later.
+    assert state.approval["approved_at"] - state.approval["requested_at"] == pytest.approx(120)
+    markdown = (tmp_path / "record" / record.MARKDOWN_NAME).read_text()
+    assert "## Approval" in markdown and "**approved**" in markdown and "token" not in markdown
+
+
+def test_no_approval_within_the_timeout_rolls_back(tmp_path, clock, approver):
+    from defectkit.delivery.approval import ApprovalGate
+
+    endpoint = approver(403)
+    backend = StandInBackend()
+    gate = ApprovalGate(endpoint.server.url, timeout_s=300, poll_interval_s=60)
+    state = _gated(backend, tmp_path, clock, gate).run()
+    assert state.phase == ROLLED_BACK and backend.weight == 0 and "promote" not in backend.calls
+    assert "no approval of the promotion" in state.reason and "last answer HTTP 403" in state.reason
+    assert len(endpoint.asked) == 6  # at 0, 60, ..., 300 s
+    assert "**not approved** within 300 s" in (tmp_path / "record" / record.MARKDOWN_NAME).read_text()
+
+
+def test_an_approval_before_traffic_holds_the_first_step(tmp_path, clock, approver):
+    from defectkit.delivery.approval import ApprovalGate
+
+    endpoint = approver(403)
+    backend = StandInBackend()
+    gate = ApprovalGate(endpoint.server.url, before="traffic", timeout_s=120, poll_interval_s=60)
+    state = _gated(backend, tmp_path, clock, gate).run()
+    assert state.phase == ROLLED_BACK and "set_traffic" not in backend.calls
+    assert endpoint.asked[0]["stage"] == "traffic" and endpoint.asked[0]["weight"] == 0
+    with pytest.raises(ValueError, match="before='deploy' must be one of promotion, traffic"):
+        ApprovalGate("http://127.0.0.1:1", before="deploy")
