@@ -192,6 +192,7 @@ def run(work_dir: Path, short: bool) -> list[Outcome]:
                         loads[name] = round(os.getloadavg()[0], 2)
                 time.sleep(min(timing.probe_every_s, max(0.0, end - time.perf_counter())))
             loads.setdefault("last", round(os.getloadavg()[0], 2))
+            names = thread_names(server.pid)
             answers = load.stop()
         fresh_answers = fresh.stop()
         ready = is_ready(server)
@@ -204,7 +205,7 @@ def run(work_dir: Path, short: bool) -> list[Outcome]:
     if fresh.error is not None:
         log.warning("the fresh reference server did not start: %s", fresh.error)
     stored = stored_samples(str(root))
-    return [_outcome(timing, answers, fresh_answers, probes, first, last, first_latency, last_latency,
+    return [_outcome(timing, answers, fresh_answers, probes, first, last, first_latency, last_latency, names,
                      fresh_latency, counts, stored, ready, loads,
                      fresh.load.started if fresh.load is not None else None)]
 
@@ -232,11 +233,28 @@ def _growth(probes: list[Probe], first: tuple[float, float], last: tuple[float, 
         "open_files": [steady("open_files", before), steady("open_files", after)],
         "tree_open_files": [steady("tree_open_files", before), steady("tree_open_files", after)],
         "readings": len(probes),
+        # When the thread count changed (seconds from the first reading): a leak climbs to the end, a pool
+        # that starts its threads lazily stops at its size.
+        "thread_changes": [[round(p.at - probes[0].at), p.threads] for i, p in enumerate(probes)
+                           if i == 0 or p.threads != probes[i - 1].threads],
     }
 
 
+def thread_names(pid: int) -> dict[str, int]:
+    """The server's threads by name (/proc/PID/task/*/comm), for the record."""
+    names: Counter = Counter()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/comm") as comm:
+                names[comm.read().strip()] += 1
+        except FileNotFoundError:
+            continue  # the thread ended while being listed
+    return dict(names)
+
+
 def _outcome(timing: Timing, answers, fresh_answers, probes: list[Probe], first, last,
-             first_latency: LatencySummary, last_latency: LatencySummary, fresh_latency: LatencySummary | None,
+             first_latency: LatencySummary, last_latency: LatencySummary, names: dict[str, int],
+             fresh_latency: LatencySummary | None,
              counts, stored, ready: bool, loads: dict, fresh_started: float | None) -> Outcome:
     growth = _growth(probes, first, last)
     attempted = len(answers)
@@ -274,6 +292,7 @@ def _outcome(timing: Timing, answers, fresh_answers, probes: list[Probe], first,
          "p99_last_over_fresh": (round(last_latency.p99_s / fresh_latency.p99_s, 3)
                                  if fresh_latency is not None else None),
          "load_average_at_window_end": loads,
+         "thread_names_at_end": names,
          "statuses": dict(Counter(str(a.status) for a in answers)),
          "samples": {"drawn": counts.drawn, "written": counts.written, "dropped_queue_full": counts.queue_full,
                      "dropped_write_failed": counts.write_failed, "stored_readable": stored.samples,
