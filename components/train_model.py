@@ -26,7 +26,7 @@ def train_model(
     pretrained_cache: str = "",
     synthetic_anomalies: float = 0.5,
     balanced_sampling: bool = True,
-    crop_fraction: float = 0.8,
+    crop_fraction: float = 1.0,
     augment: bool = True,
     ema_decay: float = 0.99,
 ) -> NamedTuple("TrainOutputs", [("val_auroc", float), ("best_step", int)]):
@@ -49,7 +49,7 @@ def train_model(
         pretrained_cache: gs://, s3:// or local directory where downloaded ImageNet weights are kept, so that they are fetched once; "" downloads them each run.
         synthetic_anomalies: Share of each batch's defect half that is good images with a drawn flaw (CutPaste, DRAEM); 1.0 is used when the training split has no defect images.
         balanced_sampling: Half of each batch good parts, the other half spread evenly over the defect types.
-        crop_fraction: Side of the random training crop as a fraction of the image (same scale); 1.0 trains on whole images.
+        crop_fraction: Side of the random training crop as a fraction of the image (same scale); 1.0 trains on whole images (a crop can cut a real defect out of its image).
         augment: Flips, 90-degree rotations and slight colour jitter.
         ema_decay: Validate and keep an exponential moving average of the weights with this decay; 0 keeps the raw weights.
     """

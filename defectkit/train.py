@@ -48,8 +48,9 @@ class TrainConfig:
     much training as a large one; AdamW with a one-cycle schedule (linear
     warm-up, cosine decay); batches balanced between good parts and each
     defect type; synthetic anomalies on good images; augmentation that suits
-    surfaces (the eight flips and rotations, slight colour jitter, crops at a
-    fixed scale); early stopping on the smoothed validation AUROC.
+    surfaces (the eight flips and rotations, slight colour jitter; crops at a
+    fixed scale are an option, off by default); early stopping on the smoothed
+    validation AUROC.
     """
 
     architecture: str = "resnet18"
@@ -68,7 +69,10 @@ class TrainConfig:
     pretrained_weights: str = "imagenet"
     pretrained_cache: str = ""  # directory URI where downloaded weights are kept for later runs; "" keeps none
     augment: bool = True  # flips, 90-degree rotations and colour jitter
-    crop_fraction: float = 0.8  # side of the random training crop, as a fraction of the image; 1.0 = no crop
+    # Side of the random training crop, as a fraction of the image; 1.0 = no crop. A crop can cut a real defect
+    # out of its image and train a defect label on a good surface: the real-photograph benchmark at seed 1 went
+    # from AUROC 0.944 (0.8) to 0.970 (1.0), thin cracks and scratches gaining most.
+    crop_fraction: float = 1.0
     balanced_sampling: bool = True  # half of each batch good, the defect half spread evenly over defect types
     synthetic_anomalies: float = 0.5  # share of the defect half drawn on good images; 1.0 without real defects
     ema_decay: float = 0.99  # validate and keep an exponential moving average of the weights; 0 keeps the raw ones
