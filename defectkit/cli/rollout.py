@@ -7,6 +7,7 @@ backend they are refused (exit 2), never ignored.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -84,12 +85,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     gate = start.add_argument_group("approval gate (off by default; Flagger's confirm-promotion)")
     gate.add_argument("--approval-url", default="", help="POSTed the delivery's state before the promotion (or "
                       "the first traffic); only HTTP 200 lets it go on")
-    gate.add_argument("--approval-before", default="promotion", choices=("promotion", "traffic"),
-                      help="what waits for the approval (default %(default)s)")
-    gate.add_argument("--approval-timeout-s", type=float, default=3600.0,
-                      help="how long to wait for a 200 before rolling back (default %(default)s)")
-    gate.add_argument("--approval-interval-s", type=float, default=30.0,
-                      help="seconds between requests (default %(default)s)")
+    gate_defaults = {field.name: field.default for field in dataclasses.fields(ApprovalGate)}
+    gate.add_argument("--approval-before", choices=("promotion", "traffic"),
+                      help=f"what waits for the approval (default {gate_defaults['before']})")
+    gate.add_argument("--approval-timeout-s", type=float, help="how long to wait for a 200 before rolling back "
+                      f"(default {gate_defaults['timeout_s']:g})")
+    gate.add_argument("--approval-interval-s", type=float,
+                      help=f"seconds between requests (default {gate_defaults['poll_interval_s']:g})")
     shadow = start.add_argument_group("shadow replay (before any traffic: sampled production requests replayed to "
                                       "the candidate and compared with the answers the champion gave)")
     shadow.add_argument("--sample-uri", default="", help="where the model servers sample requests (a directory, "
@@ -271,10 +273,21 @@ def start_config(args: argparse.Namespace):
                           max_score_shift=args.shadow_max_score_shift)
     return DeliveryConfig(version=args.version, policy=policy_from_args(args), golden_dir=args.golden,
                           judged_model_dir=args.judged_model, sample_uri=args.sample_uri, shadow=shadow,
-                          webhooks=args.webhooks, approval=ApprovalGate(
-                              args.approval_url, args.approval_before, args.approval_timeout_s,
-                              args.approval_interval_s) if args.approval_url else None,
+                          webhooks=args.webhooks, approval=approval_gate(args),
                           served_name=args.served_name, **settings)
+
+
+def approval_gate(args: argparse.Namespace) -> ApprovalGate | None:
+    """The approval gate the --approval-* options describe; the others need --approval-url."""
+    settings = {"before": args.approval_before, "timeout_s": args.approval_timeout_s,
+                "poll_interval_s": args.approval_interval_s}
+    given = {name: value for name, value in settings.items() if value is not None}
+    if not args.approval_url:
+        if given:
+            raise SystemExit("defectkit rollout start: error: --approval-before, --approval-timeout-s and "
+                             "--approval-interval-s need --approval-url")
+        return None
+    return ApprovalGate(args.approval_url, **given)
 
 
 def cmd_start(args: argparse.Namespace) -> int:

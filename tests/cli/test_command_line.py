@@ -30,7 +30,15 @@ VALUES = {
     "--prometheus-url": "http://other:9090", "--probe-url": "http://candidate",
     "--prometheus-scrape-interval-s": "15", "--serve-image": "ghcr.io/defectkit/serve:9.9.9",
     "--deployment-mode": "Standard",
+    "--min-replicas": "0", "--max-replicas": "5", "--scale-metric": "rps", "--scale-target": "20",
+    "--judged-model": "judged", "--webhooks": "https://hooks.example/x", "--approval-url": "https://approve.example/x",
+    "--approval-before": "traffic", "--approval-timeout-s": "60", "--approval-interval-s": "5",
+    "--sample-uri": "gs://bucket/samples", "--shadow-window-s": "3600", "--shadow-max-images": "100",
+    "--shadow-min-images": "10", "--shadow-min-agreement": "0.8", "--shadow-max-score-shift": "0.2",
 }
+# Options that only mean something beside another: checked with it given.
+NEEDS = {"--approval-before": "--approval-url", "--approval-timeout-s": "--approval-url",
+         "--approval-interval-s": "--approval-url"}
 NOT_CONFIG = {"--help", "--backend", "--dry-run", "--policy"}  # checked by the tests further down
 
 
@@ -90,10 +98,14 @@ def test_every_option_rollout_start_lists_for_a_backend_changes_the_delivery(bac
     for flag, owner in options(parser):
         if flag in NOT_CONFIG or owner not in (None, backend):
             continue
-        config = start_config(build_parser().parse_args([*base, f"{flag}={VALUES[flag]}"]))
-        assert config != baseline, f"{flag} is listed for --backend {backend} but changes nothing"
+        needed = [f"{NEEDS[flag]}={VALUES[NEEDS[flag]]}"] if flag in NEEDS else []
+        reference = start_config(build_parser().parse_args([*base, *needed])) if needed else baseline
+        config = start_config(build_parser().parse_args([*base, *needed, f"{flag}={VALUES[flag]}"]))
+        assert config != reference, f"{flag} is listed for --backend {backend} but changes nothing"
         checked += 1
     assert checked >= 15
+    with pytest.raises(SystemExit):  # an approval setting without the approval URL would do nothing
+        start_config(build_parser().parse_args([*base, "--approval-before=traffic"]))
 
 
 @pytest.mark.parametrize("backend", ["local", "kserve"])
