@@ -25,8 +25,6 @@ from defectkit.artifact import ONNX_FILE, ONNX_RECORD, ModelIntegrityError, sha2
 
 log = logging.getLogger(__name__)
 
-# What a server scores with: auto is ONNX Runtime where the model carries an export and the device is the CPU.
-RUNTIMES = ("auto", "torch", "onnxruntime")
 FORMAT = "defectkit.onnx/v1"
 INPUT, OUTPUT = "pixels", "score"
 PARITY_TOLERANCE = 1e-4  # max |score difference| from PyTorch fp32 accepted at export and at every load

@@ -52,9 +52,14 @@ class Webhook:
 
     @property
     def where(self) -> str:
-        """The URL without its path, for logs: a Slack webhook's path is its secret."""
-        scheme, _, rest = self.url.partition("://")
-        return f"{self.format} {scheme}://{rest.split('/', 1)[0]}"
+        """The receiver for logs: a Slack webhook's path is its secret."""
+        return f"{self.format} {origin(self.url)}"
+
+
+def origin(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``: what records and logs show of a URL whose path or query may be a secret."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0].split('?', 1)[0]}"
 
 
 def parse_webhooks(text: str) -> tuple[Webhook, ...]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from defectkit.exported import RUNTIMES
-from defectkit.serving.server import DEFAULT_PORT, MIB, PRECISIONS, ServingOptions, serve
+from defectkit.serving.server import DEFAULT_PORT, MIB, PRECISIONS, RUNTIMES, ServingOptions, serve
 
 log = logging.getLogger(__name__)
 

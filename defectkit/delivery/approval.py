@@ -18,6 +18,8 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 
+from defectkit.notify import origin
+
 PROMOTION, TRAFFIC = "promotion", "traffic"
 STAGES = (PROMOTION, TRAFFIC)
 
@@ -45,8 +47,7 @@ class ApprovalGate:
     @property
     def where(self) -> str:
         """The URL without its path and query, which may carry a token, for records and logs."""
-        scheme, _, rest = self.url.partition("://")
-        return f"{scheme}://{rest.split('/', 1)[0]}"
+        return origin(self.url)
 
     def to_json(self) -> dict:
         return {**asdict(self), "url": self.where}

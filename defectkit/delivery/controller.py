@@ -313,8 +313,8 @@ class Controller:
         if replay.threshold is None:
             verdict = shadow.skipped(samples, replay.policy, "the candidate's threshold is unknown (give the judged "
                                                              "model directory)")
-        elif shadow.too_few(samples, replay.policy):
-            verdict = shadow.skipped(samples, replay.policy, shadow.too_few(samples, replay.policy))
+        elif why := shadow.too_few(samples, replay.policy):  # not worth a probe
+            verdict = shadow.skipped(samples, replay.policy, why)
         else:
             try:
                 answer = self.backend.probe(list(samples.images))

@@ -127,8 +127,8 @@ def judge(shadow: ShadowSet, candidate_scores: tuple[float, ...] | list[float], 
     if len(candidate_scores) != len(shadow.images):
         raise ValueError(f"the candidate answered {len(candidate_scores)} scores for {len(shadow.images)} images")
     n = len(shadow.images)
-    if too_few(shadow, policy):
-        return skipped(shadow, policy, too_few(shadow, policy))
+    if why := too_few(shadow, policy):
+        return skipped(shadow, policy, why)
     verdict: dict[str, Any] = {"images": n, "since": shadow.since, "until": shadow.until,
                                "champion_versions": sorted(set(shadow.versions)),
                                "candidate_threshold": candidate_threshold, "policy": policy.to_json()}

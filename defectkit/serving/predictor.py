@@ -42,7 +42,8 @@ import torch
 
 from defectkit import image, models, preprocess
 from defectkit.artifact import ONNX_FILE, ModelIntegrityError
-from defectkit.exported import RUNTIMES, ExportedModel
+from defectkit.exported import ExportedModel
+from defectkit.serving.server import RUNTIMES
 from defectkit.sampling import LABELS, Sampler, SamplingConfig
 from defectkit.serving import metrics
 from defectkit.serving.batching import BatchConfig, MicroBatcher

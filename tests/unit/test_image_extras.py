@@ -179,14 +179,14 @@ def _closure(extra: str) -> set[str]:
 
 
 # Modules the scan reaches that these steps never import in their image. Both reach
-# defectkit.serving.server, whose model loading (torch) the kserve manifest never
+# defectkit.serving.server, whose model loading (torch, onnxruntime) the kserve manifest never
 # calls, and the local backend's model servers, which need torch the deploy image
 # leaves out. Running the executors in the built image checks what the scan cannot
 # (tests/images/test_executor_contract.py): restore_traffic on both backends, and
 # deploy_canary refusing backend=local there.
 NOT_IMPORTED_IN_THE_IMAGE = {
-    "deploy_canary": {"torch", "torchvision"},
-    "restore_traffic": {"torch", "torchvision"},
+    "deploy_canary": {"torch", "torchvision", "onnxruntime"},
+    "restore_traffic": {"torch", "torchvision", "onnxruntime"},
 }
 
 

@@ -570,8 +570,9 @@ def test_prepare_batch_draws_anomalies_on_the_first_images_only(preprocessed_dir
     assert x.shape == (6, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(x[2:], expected[2:])
     assert all(not torch.allclose(x[i], expected[i]) for i in range(2))
-    augmented = prepare_batch(images, spec, torch.Generator().manual_seed(0), TrainConfig(device="cpu"), synthetic=3)
-    assert augmented.shape == (6, 3, 26, 26) and torch.isfinite(augmented).all()  # the default crop: 0.8 of 32
+    augmented = prepare_batch(images, spec, torch.Generator().manual_seed(0),
+                              TrainConfig(device="cpu", crop_fraction=0.8), synthetic=3)
+    assert augmented.shape == (6, 3, 26, 26) and torch.isfinite(augmented).all()  # a crop of 0.8 of 32
 
 
 # --------------------------------------------------------------------------- out of memory
