@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -14,6 +15,17 @@ from tests.servers import free_port, start_prometheus, start_s3_server, start_se
 TINY_COUNT = 60
 TINY_SIZE = 64
 TINY_IMAGE_SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """``defectkit.cli.main`` configures the root logger (``basicConfig(force=True)``), as a command should; in
+    a test that handler writes to the test's captured stderr, closed once the test ends, and would fail every
+    later log line. Each test leaves the root logger as it found it."""
+    handlers, level = logging.root.handlers[:], logging.root.level
+    yield
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from defectkit.serving.server import DEFAULT_PORT, MIB, PRECISIONS, RUNTIMES, ServingOptions, serve
+from defectkit.serving.contract import RUNTIMES
+from defectkit.serving.server import DEFAULT_PORT, MIB, PRECISIONS, ServingOptions, serve
 
 log = logging.getLogger(__name__)
 

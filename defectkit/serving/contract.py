@@ -14,3 +14,6 @@ LABEL_OUTPUT = "label"  # good or defect at the model's threshold, BYTES
 PRECISION_PARAMETER = "precision"
 # A model served without a registry version is served under this many hex digits of its weights' sha256.
 VERSION_PREFIX_LENGTH = 12
+# What a server scores with (its --runtime): auto is ONNX Runtime where the model carries an export and the
+# device is the CPU. Both the torch-free options and the predictor check against it.
+RUNTIMES = ("auto", "torch", "onnxruntime")

@@ -43,7 +43,6 @@ import torch
 from defectkit import image, models, preprocess
 from defectkit.artifact import ONNX_FILE, ModelIntegrityError
 from defectkit.exported import ExportedModel
-from defectkit.serving.server import RUNTIMES
 from defectkit.sampling import LABELS, Sampler, SamplingConfig
 from defectkit.serving import metrics
 from defectkit.serving.batching import BatchConfig, MicroBatcher
@@ -53,6 +52,7 @@ from defectkit.serving.contract import (
     LABEL_OUTPUT,
     PIXELS_INPUT,
     PRECISION_PARAMETER,
+    RUNTIMES,
     SCORE_OUTPUT,
     VERSION_PREFIX_LENGTH,
 )

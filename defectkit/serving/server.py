@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from defectkit.serving.contract import RUNTIMES
+
 if TYPE_CHECKING:
     from defectkit.serving.predictor import DefectPredictor, ServingConfig
 
@@ -53,8 +55,6 @@ DRAIN_FACTOR = 4
 INFER_PATHS = ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer")
 # defectkit.models.PRECISIONS, repeated here so that the options can be checked where torch is not installed.
 PRECISIONS = ("auto", "fp32", "bf16")
-# What a server scores with: auto is ONNX Runtime where the model carries an export and the device is the CPU.
-RUNTIMES = ("auto", "torch", "onnxruntime")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
 
 

@@ -252,10 +252,12 @@ def test_the_shadow_replay_sends_sampled_production_to_the_candidate_before_any_
     samples = _sampled_production(models, images, tmp_path / "samples")
     shadow = ShadowReplay(read_shadow_set(samples, time.time(), ShadowPolicy(min_images=10)),
                           ShadowPolicy(min_images=10), 0.5, tmp_path / "record")
+    # The passing case promotes its candidate, which the module's stack then serves as stable.
+    candidate = next(str(models[k]) for k in (3, 2) if str(models[k]) != read_stack(work).stable.model)
     backend = stack_backend(work, candidate_args=("--fault-score-shift", str(shift)) if shift else ())
     try:
         state = Controller(backend, CanaryPolicy(steps=(50, 100), interval_s=1.0, min_requests=1),
-                           tmp_path / "state.json", candidate=str(models[3]), shadow=shadow,
+                           tmp_path / "state.json", candidate=candidate, shadow=shadow,
                            record_dir=tmp_path / "record").run()
     finally:
         backend.close()
