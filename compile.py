@@ -48,6 +48,7 @@ TARGETS = (
     Target("defectkit_kfp.pipelines.training", "training_pipeline"),
     Target("defectkit_kfp.pipelines.shipping", "ship_model"),
     Target("defectkit_kfp.pipelines.monitor", "monitor_pipeline"),
+    Target("defectkit_kfp.pipelines.product_lines", "product_lines_pipeline"),
     Target("defectkit_kfp.components.fingerprint_source", "fingerprint_source"),
     Target("defectkit_kfp.components.validate_images", "validate_images"),
     Target("defectkit_kfp.components.preprocess_images", "preprocess_images"),
@@ -61,6 +62,9 @@ TARGETS = (
     Target("defectkit_kfp.components.collect_window", "collect_window"),
     Target("defectkit_kfp.components.validate_window", "validate_window"),
     Target("defectkit_kfp.components.decide_retraining", "decide_retraining"),
+    Target("defectkit_kfp.components.plan_product_lines", "plan_product_lines"),
+    Target("defectkit_kfp.components.record_product_line", "record_product_line"),
+    Target("defectkit_kfp.components.summarize_product_lines", "summarize_product_lines"),
 )
 
 

@@ -9,6 +9,7 @@ the profile namespace and carries a token (:func:`credentials`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 PIPELINE_DIR = Path(__file__).resolve().parent
 TRAINING_YAML = PIPELINE_DIR / "training.yaml"
 MONITOR_YAML = PIPELINE_DIR / "monitor.yaml"
+PRODUCT_LINES_YAML = PIPELINE_DIR / "product_lines.yaml"
 PIPELINE_ROOT_DIR = "pipeline_root"  # under a local run's work dir
 
 # Where a Kubeflow pod finds its projected service-account token for the KFP API, as kfp.client looks for it.
@@ -39,6 +41,7 @@ DEFAULT_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
 FINAL_RUN_STATES = frozenset({"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED"})
 
 _PARAMETER_TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": bool}
+_JSON_TYPES = {"LIST": list, "STRUCT": dict}  # given as JSON on the command line
 
 
 def pipeline_parameters(package: Path) -> dict[str, dict]:
@@ -57,7 +60,19 @@ def parse_arguments(package: Path, pairs: list[str]) -> dict[str, Any]:
             raise ValueError(f"parameter {pair!r} is not of the form name=value")
         if key not in declared:
             raise ValueError(f"{package.name} has no parameter {key!r}; it takes: {', '.join(sorted(declared))}")
-        kind = _PARAMETER_TYPES[declared[key]["parameterType"]]
+        declared_type = declared[key]["parameterType"]
+        if declared_type in _JSON_TYPES:
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = None
+            if not isinstance(value, _JSON_TYPES[declared_type]):
+                raise ValueError(f"parameter {key} takes a JSON {_JSON_TYPES[declared_type].__name__}, got {raw!r} "
+                                 f"(e.g. {key}='[\"carpet\", \"metal_nut\"]')" if declared_type == "LIST" else
+                                 f"parameter {key} takes a JSON object, got {raw!r}")
+            arguments[key] = value
+            continue
+        kind = _PARAMETER_TYPES[declared_type]
         if kind is bool:
             if raw.lower() not in ("true", "false"):
                 raise ValueError(f"parameter {key} takes true or false, got {raw!r}")

@@ -75,6 +75,22 @@ def start_s3_server(log_path: Path) -> ServerProcess:
                         env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
 
 
+def start_mlflow_server(root: Path, *, port: int | None = None, default_artifact_root: str | None = None,
+                        log_name: str = "server.log", timeout: float = 120.0) -> ServerProcess:
+    """An MLflow tracking server on 127.0.0.1 over sqlite in ``root``: it serves the artifacts it keeps in
+    ``root/artifacts``, or clients write them to ``default_artifact_root`` (an s3:// bucket) themselves."""
+    port = port or free_port()
+    artifacts = (["--default-artifact-root", default_artifact_root] if default_artifact_root
+                 else ["--artifacts-destination", str(root / "artifacts")])
+    return start_server(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         *artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        url=f"http://127.0.0.1:{port}", health_path="/health", log_path=root / log_name,
+        # Job execution (GenAI jobs) would start seven huey consumer processes: CPU a registry never uses.
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, timeout=timeout,
+    )
+
+
 @dataclass(frozen=True)
 class PodTarget:
     """A server on 127.0.0.1 that Prometheus scrapes as if it ran in a Kubernetes pod with these labels."""

@@ -29,7 +29,6 @@ import os
 import re
 import signal
 import socket
-import sys
 import threading
 import time
 import urllib.error
@@ -44,7 +43,7 @@ from defectkit.delivery.rollout import CANARY_TAG, registry_hooks
 from defectkit.delivery.state import PROMOTED, RolloutState
 from tests.chaos import stack
 from tests.chaos.harness import Outcome, Scenario
-from tests.servers import ServerProcess, free_port, start_server
+from tests.servers import ServerProcess, free_port, start_mlflow_server
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +75,8 @@ class MlflowServer:
     def start(self) -> float:
         """Start it and wait until healthy; returns the monotonic time it was launched."""
         launched = time.monotonic()
-        self.process = start_server(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            url=self.url, health_path="/health", log_path=self.root / f"server-{len(self.starts)}.log",
-            # Job execution would start huey consumer processes that a registry never uses.
-            env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, timeout=300,
-        )
+        self.process = start_mlflow_server(self.root, port=self.port, log_name=f"server-{len(self.starts)}.log",
+                                           timeout=300)
         self.starts.append(time.monotonic() - launched)
         return launched
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-PIPELINES = ("training", "shipping", "monitor")
+PIPELINES = ("training", "shipping", "monitor", "product_lines")
 BUCKET = "defectkit-test"
 EXECUTOR_OUTPUT = "/tmp/kfp_outputs/output_metadata.json"
 PARAMETER_OUTPUTS = "/tmp/kfp/outputs"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -183,6 +184,46 @@ def test_preprocess_images(preprocessed, validated, launch):
     assert result.artifacts["preprocessed"].metadata == {"fingerprint": validated.parameters["fingerprint"],
                                                          "image_size": 32}
     assert result.artifacts["metrics"].metadata["images"] == 40
+
+
+# --- data image: plan_product_lines -> record_product_line -> summarize_product_lines ------------------
+
+def test_plan_product_lines_finds_the_categories_of_a_root(engine, launch, sample, tmp_path):
+    executor = launcher.executor("product_lines", "plan-product-lines")
+    _needs(engine, executor.image)
+    for category in ("carpet", "metal_nut"):
+        shutil.copytree(sample, tmp_path / "lines" / category)
+    launcher.readable(tmp_path / "lines")
+    result = launch.run(executor, {"source_root": "/data/lines", "registered_model": "surfaces",
+                                   "kserve_service": "inspect", "serving_work_dir": "/gcs/runs"},
+                        mounts={tmp_path / "lines": "/data/lines:ro"}).check()
+    assert result.parameters["Output"] == [
+        {"category": "carpet", "source_uri": "/data/lines/carpet", "registered_model": "surfaces-carpet",
+         "service": "inspect-carpet", "work_dir": "/gcs/runs/carpet"},
+        {"category": "metal_nut", "source_uri": "/data/lines/metal_nut", "registered_model": "surfaces-metal-nut",
+         "service": "inspect-metal-nut", "work_dir": "/gcs/runs/metal-nut"}]
+
+
+def test_record_and_summarize_product_lines(engine, launch):
+    record = launcher.executor("product_lines", "record-product-line")
+    _needs(engine, record.image)
+    line = {"category": "metal_nut", "source_uri": "/data/lines/metal_nut", "registered_model": "m-metal-nut",
+            "service": "s-metal-nut", "work_dir": "/gcs/runs/metal-nut"}
+    outcome = launch.run(record, {"line": line, "approved": True, "image_auroc": 0.97, "images": 40,
+                                  "quarantined": 1, "reasons": "all gates passed"}).check().parameters["Output"]
+    assert outcome == {"category": "metal_nut", "registered_model": "m-metal-nut", "service": "s-metal-nut",
+                       "approved": True, "image_auroc": 0.97, "images": 40, "quarantined": 1,
+                       "reasons": "all gates passed"}
+    other = {**outcome, "category": "carpet", "approved": False, "image_auroc": 0.5, "reasons": "AUROC below 0.9"}
+    summary = launch.run(launcher.executor("product_lines", "summarize-product-lines"),
+                         {"outcomes": [outcome, other]}).check()
+    assert summary.parameters["Output"] == 1
+    assert summary.artifacts["metrics"].metadata == {"image_auroc/metal_nut": 0.97, "image_auroc/carpet": 0.5,
+                                                     "approved_lines": 1, "lines": 2}
+    table = launch.local(summary.artifacts["summary"].uri).read_text()
+    assert table.startswith("# Product lines: 1 of 2 product lines approved")
+    assert table.index("| carpet | not approved") < table.index("| metal_nut | approved")
+    assert "<table>" in launch.local(summary.artifacts["report"].uri).read_text()
 
 
 # --- train image: train_model -> evaluate_model, on the CPU (no GPU is asked for) ------------------
@@ -436,4 +477,5 @@ def test_deploy_canary_local_backend_refuses_clearly_in_the_deploy_image(engine,
 
 COVERED = {"fingerprint-source", "validate-images", "preprocess-images", "train-model", "evaluate-model",
            "register-model", "resolve-champion", "restore-traffic", "deploy-canary", "collect-window",
-           "validate-window", "detect-drift", "decide-retraining"}
+           "validate-window", "detect-drift", "decide-retraining", "plan-product-lines", "record-product-line",
+           "summarize-product-lines"}

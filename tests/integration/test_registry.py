@@ -19,7 +19,7 @@ from defectkit import registry, storage
 from defectkit.models import ModelMetadata, build_model, load_model, save_model
 from defectkit.preprocess import PreprocessSpec
 from tests.conftest import S3_BUCKET
-from tests.servers import free_port, start_server
+from tests.servers import start_mlflow_server
 
 # A small torchvision architecture: a few MB of weights keep uploads and hashing quick.
 ARCH = "squeezenet1_0"
@@ -35,21 +35,9 @@ class Backend:
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        url=url,
-        health_path="/health",
-        log_path=root / "server.log",
-        # Job execution (GenAI jobs) would start seven huey consumer processes: CPU a registry never uses.
-        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        timeout=120,
-    )
+    server = start_mlflow_server(root)
     try:
-        yield Backend(registry.RegistryConfig(tracking_uri=url), root / "artifacts")
+        yield Backend(registry.RegistryConfig(tracking_uri=server.url), root / "artifacts")
     finally:
         server.stop()
 
@@ -273,20 +261,9 @@ def test_register_model_component_in_a_local_pipeline(mlflow_server, models, tmp
 def mlflow_s3_server(s3_server, tmp_path_factory) -> str:
     """A tracking server whose artifact store is a bucket, as KServe needs; yields its URL."""
     root = tmp_path_factory.mktemp("mlflow-s3")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--default-artifact-root", f"s3://{S3_BUCKET}/mlflow", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        url=url,
-        health_path="/health",
-        log_path=root / "server.log",
-        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        timeout=120,
-    )
+    server = start_mlflow_server(root, default_artifact_root=f"s3://{S3_BUCKET}/mlflow")
     try:
-        yield url
+        yield server.url
     finally:
         server.stop()
 

@@ -10,6 +10,7 @@ from kfp_server_api.exceptions import ApiException
 from defectkit import cli
 from defectkit_kfp.pipelines.run import (
     MONITOR_YAML,
+    PRODUCT_LINES_YAML,
     TOKEN_PATH_ENV,
     TRAINING_YAML,
     create_recurring_run,
@@ -101,6 +102,13 @@ def test_a_missing_token_file_is_named_before_the_server_is_asked(capsys, tmp_pa
 def test_bad_parameters_are_named(pairs, message):
     with pytest.raises(ValueError, match=message):
         parse_arguments(TRAINING_YAML, pairs)
+
+
+def test_a_list_parameter_is_given_as_json():
+    assert parse_arguments(PRODUCT_LINES_YAML, ["source_root=gs://b/mvtec", 'categories=["carpet", "metal_nut"]']) \
+        == {"source_root": "gs://b/mvtec", "categories": ["carpet", "metal_nut"]}
+    with pytest.raises(ValueError, match=r"categories takes a JSON list, got 'carpet,metal_nut'"):
+        parse_arguments(PRODUCT_LINES_YAML, ["source_root=gs://b/mvtec", "categories=carpet,metal_nut"])
 
 
 def test_submit_cli_reports_bad_parameter_without_contacting_the_server(capsys):

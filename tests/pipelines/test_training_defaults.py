@@ -19,6 +19,7 @@ from defectkit_kfp.components.evaluate_model import evaluate_model
 from defectkit_kfp.components.preprocess_images import preprocess_images
 from defectkit_kfp.components.train_model import train_model
 from defectkit_kfp.pipelines.monitor import monitor_pipeline
+from defectkit_kfp.pipelines.product_lines import product_lines_pipeline
 from defectkit_kfp.pipelines.shipping import release_if_approved, ship_model
 from defectkit_kfp.pipelines.training import training_pipeline
 
@@ -33,21 +34,24 @@ def _defaults(component) -> dict:
 GATE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Gates)}
 
 
-@pytest.mark.parametrize("component", [train_model, preprocess_images, training_pipeline], ids=lambda c: c.name)
+@pytest.mark.parametrize("component", [train_model, preprocess_images, training_pipeline, product_lines_pipeline],
+                         ids=lambda c: c.name)
 def test_defaults_are_the_core_defaults(component):
     shared = {name: value for name, value in _defaults(component).items() if name in CORE_DEFAULTS}
     assert shared, f"{component.name} shares no training setting with the core"
     assert shared == {name: CORE_DEFAULTS[name] for name in shared}
 
 
-@pytest.mark.parametrize("component", [evaluate_model, training_pipeline, monitor_pipeline], ids=lambda c: c.name)
+@pytest.mark.parametrize("component", [evaluate_model, training_pipeline, monitor_pipeline, product_lines_pipeline],
+                         ids=lambda c: c.name)
 def test_gate_defaults_are_the_core_defaults(component):
     shared = {name: value for name, value in _defaults(component).items() if name in GATE_DEFAULTS}
     assert {"min_auroc", "max_auroc_drop", "max_f1_drop"} <= set(shared)
     assert shared == {name: GATE_DEFAULTS[name] for name in shared}
 
 
-@pytest.mark.parametrize("pipeline", [ship_model, release_if_approved, training_pipeline], ids=lambda p: p.name)
+@pytest.mark.parametrize("pipeline", [ship_model, release_if_approved, training_pipeline, product_lines_pipeline],
+                         ids=lambda p: p.name)
 def test_delivery_defaults_are_deploy_canarys(pipeline):
     """What a pipeline passes to deploy_canary defaults as deploy_canary does (``kserve_`` or ``canary_`` prefixed
     or not; the training settings of the same name aside)."""

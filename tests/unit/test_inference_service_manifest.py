@@ -11,13 +11,13 @@ import yaml
 
 from defectkit.delivery.kserve.manifest import (
     CONTAINER_NAME,
-    MAX_NAME_LENGTH,
     MODEL_MOUNT,
     STORAGE_URI_ENV,
     ServiceConfig,
     build_inference_service,
     parse_quantity,
 )
+from defectkit.delivery.kserve.names import MAX_NAME_LENGTH
 from defectkit.serving.server import ServingOptions
 from defectkit.cli import build_parser, main
 from defectkit.delivery.kserve.canary import (

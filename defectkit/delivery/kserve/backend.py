@@ -41,7 +41,7 @@ from defectkit.delivery.backend import (
     probe_answers,
     validate_percent,
 )
-from defectkit.delivery.kserve import canary, manifest, modes
+from defectkit.delivery.kserve import canary, manifest, modes, names
 from defectkit.delivery.kserve.api import KubeApi, KubeApiError
 from defectkit.delivery.kserve.prometheus import PodLabels, PrometheusClient, Variant, query_window_s, variant_metrics
 from defectkit.retry import RetryableResponse, retry
@@ -221,7 +221,7 @@ class KServeBackend:
         else:
             self.api = KubeApi(api_url, token=token, verify=verify)
         self.namespace = namespace
-        self.name = manifest.validate_name(name)
+        self.name = names.validate_name(name)
         self.prometheus = (
             prometheus_url if isinstance(prometheus_url, PrometheusClient) else PrometheusClient(prometheus_url)
         )

@@ -20,7 +20,7 @@ from defectkit.delivery.backend import validate_percent
 from defectkit.delivery.kserve.manifest import CONTAINER_NAME, FALLBACK_OPTION, STORAGE_URI_ENV, validate_storage_uri
 
 # The canary's Service is {isvc}-{name}-predictor, a DNS label of at most 63 characters, and the
-# longest valid isvc name (manifest.MAX_NAME_LENGTH) leaves 6 for the canary's name.
+# longest valid isvc name (names.MAX_NAME_LENGTH) leaves 6 for the canary's name.
 CANARY_NAME_LENGTH = 6
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from defectkit.delivery.backend import validate_percent
 from defectkit.delivery.kserve import modes
+from defectkit.delivery.kserve.names import DNS1123_LABEL, DNS1123_SUBDOMAIN, validate_name
 from defectkit.serving.server import ServingOptions
 
 API_VERSION = "serving.kserve.io/v1beta1"
@@ -43,13 +44,6 @@ TAG_ROUTING_ANNOTATION = "serving.kserve.io/enable-tag-routing"
 # model server's own port and work in both modes.
 PROMETHEUS_ANNOTATION = "serving.kserve.io/enable-prometheus-scraping"
 
-# KServe's webhook requires a DNS-1035 label (starts with a letter). Knative then builds
-# the revision name <name>-predictor-00001 and the tag host label latest-<name>-predictor,
-# both of which must stay within the 63-character DNS label limit.
-MAX_NAME_LENGTH = 63 - len("latest-") - len("-predictor")
-_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _BUCKET_NAMES = {
     "gs": re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$"),
@@ -81,15 +75,6 @@ def parse_quantity(value: str) -> Decimal:
     if suffix in _DECIMAL_SUFFIX:
         return number * Decimal(_DECIMAL_SUFFIX[suffix])
     return number * Decimal("1" + suffix.lower())
-
-
-def validate_name(value: str, what: str = "InferenceService name") -> str:
-    if len(value) > MAX_NAME_LENGTH or not _DNS1035_LABEL.match(value):
-        raise ValueError(
-            f"{what} {value!r} is invalid: use at most {MAX_NAME_LENGTH} lower-case letters, digits or '-', "
-            "starting with a letter and ending with a letter or digit"
-        )
-    return value
 
 
 def validate_storage_uri(value: str, what: str = "storage URI") -> str:
@@ -156,7 +141,7 @@ class ServiceConfig:
 
     def __post_init__(self) -> None:
         validate_name(self.name)
-        if len(self.namespace) > 63 or not _DNS1123_LABEL.match(self.namespace):
+        if len(self.namespace) > 63 or not DNS1123_LABEL.match(self.namespace):
             raise ValueError(f"namespace {self.namespace!r} is not a DNS-1123 label (lower-case letters, digits, '-')")
         pinned = "@" in self.image or ":" in self.image.rsplit("/", 1)[-1]
         if not pinned or any(c.isspace() for c in self.image):
@@ -191,7 +176,7 @@ class ServiceConfig:
                 f"port {self.port} must be 1-65535 and not one Knative reserves {sorted(_KNATIVE_RESERVED_PORTS)}"
             )
         if self.service_account is not None and (
-            len(self.service_account) > 253 or not _DNS1123_SUBDOMAIN.match(self.service_account)
+            len(self.service_account) > 253 or not DNS1123_SUBDOMAIN.match(self.service_account)
         ):
             raise ValueError(f"service account {self.service_account!r} is not a valid Kubernetes name")
         names = [name for name, _ in self.env]
@@ -212,7 +197,7 @@ class ServiceConfig:
                              f"predictor container: choose {modes.KNATIVE} or {modes.STANDARD}, or none for the "
                              "cluster's default")
         if self.storage_secret is not None and (
-            len(self.storage_secret) > 253 or not _DNS1123_SUBDOMAIN.match(self.storage_secret)
+            len(self.storage_secret) > 253 or not DNS1123_SUBDOMAIN.match(self.storage_secret)
         ):
             raise ValueError(f"storage secret {self.storage_secret!r} is not a valid Kubernetes name")
         self._check_serving()
