@@ -65,8 +65,10 @@ def _series(title: str, description: str, unit: str, *queries: Dataquery) -> tim
 
 
 def _ratio(numerator: str, denominator: str) -> str:
-    return (f"sum by (model_version) (rate({numerator}[{RATE}]))\n"
-            f"  / sum by (model_version) (rate({denominator}[{RATE}]))")
+    """numerator / denominator per version; 0 (not no data) for a version without a numerator series yet, as
+    a server that never answered 5xx has no 5xx series."""
+    whole = f"sum by (model_version) (rate({denominator}[{RATE}]))"
+    return f"(sum by (model_version) (rate({numerator}[{RATE}])) or 0 * {whole})\n  / {whole}"
 
 
 def build() -> grafana.Dashboard:

@@ -260,3 +260,32 @@ def test_time_for_the_analysis_to_roll_back_a_bad_candidate(platform, images, ca
                    f"{POLICY.interval_s:g} s, query window {window_s:g} s): rollback decided {decided:.2f} s "
                    f"({decided / POLICY.interval_s:.2f} intervals) after the bad candidate got traffic; verdicts "
                    + ", ".join(f"{v} at {t:.2f} s" for t, v in verdicts) + f"; {sent} requests")
+
+
+def test_the_dashboards_queries_answer_by_model_version(platform, bodies):
+    """deploy/grafana/defectkit-dashboard.json, each query as Grafana sends it with "All" chosen, against the
+    servers' real series: every one is valid PromQL, and the serving and quality panels show each version."""
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "defectkit-dashboard.json").read_text())
+    session = requests.Session()
+    for name in platform.servers:
+        send(session, platform.infer_url(name), bodies, 10)
+    # rate() needs two samples of a series: one more scrape after the first that saw the requests.
+    platform.scraped_after(time.time() + SCRAPE_INTERVAL_S)
+    versions = {s.labels["model_version"] for s in platform.prometheus.query("defectkit_model_info")}
+    assert len(versions) == 2  # the good and bad candidates serve the same weights
+    # Grafana's $__rate_interval is at least four scrape intervals.
+    values = {"$namespace": ".*", "$model_version": ".*", "$__rate_interval": f"{4 * SCRAPE_INTERVAL_S:g}s"}
+    answered = {}
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for variable, value in values.items():
+                expr = expr.replace(variable, value)
+            samples = platform.prometheus.query(expr)  # raises on a query Prometheus refuses
+            answered.setdefault(panel["title"], set()).update(
+                s.labels.get("model_version") for s in samples if not math.isnan(s.value))
+    # Nothing was dropped and no breaker changed state here: those panels may be empty, but their queries ran.
+    for title in ("Requests per second", "Server errors (5xx)", "Latency p50 / p99", "Images per forward pass",
+                  "Defect rate", "Mean defect score", "Circuit breaker"):
+        assert answered[title] == versions, (title, answered[title])
+    assert "Production samples" in answered
