@@ -41,7 +41,8 @@ DEFAULT_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
 FINAL_RUN_STATES = frozenset({"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED"})
 
 _PARAMETER_TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": bool}
-_JSON_TYPES = {"LIST": list, "STRUCT": dict}  # given as JSON on the command line
+# Given as JSON on the command line: the type, its JSON name and an example.
+_JSON_TYPES = {"LIST": (list, "list", '["a", "b"]'), "STRUCT": (dict, "object", '{"a": 1}')}
 
 
 def pipeline_parameters(package: Path) -> dict[str, dict]:
@@ -62,14 +63,13 @@ def parse_arguments(package: Path, pairs: list[str]) -> dict[str, Any]:
             raise ValueError(f"{package.name} has no parameter {key!r}; it takes: {', '.join(sorted(declared))}")
         declared_type = declared[key]["parameterType"]
         if declared_type in _JSON_TYPES:
+            kind, name, example = _JSON_TYPES[declared_type]
             try:
                 value = json.loads(raw)
             except json.JSONDecodeError:
                 value = None
-            if not isinstance(value, _JSON_TYPES[declared_type]):
-                raise ValueError(f"parameter {key} takes a JSON {_JSON_TYPES[declared_type].__name__}, got {raw!r} "
-                                 f"(e.g. {key}='[\"carpet\", \"metal_nut\"]')" if declared_type == "LIST" else
-                                 f"parameter {key} takes a JSON object, got {raw!r}")
+            if not isinstance(value, kind):
+                raise ValueError(f"parameter {key} takes a JSON {name} (e.g. {key}='{example}'), got {raw!r}")
             arguments[key] = value
             continue
         kind = _PARAMETER_TYPES[declared_type]

@@ -107,7 +107,7 @@ def test_bad_parameters_are_named(pairs, message):
 def test_a_list_parameter_is_given_as_json():
     assert parse_arguments(PRODUCT_LINES_YAML, ["source_root=gs://b/mvtec", 'categories=["carpet", "metal_nut"]']) \
         == {"source_root": "gs://b/mvtec", "categories": ["carpet", "metal_nut"]}
-    with pytest.raises(ValueError, match=r"categories takes a JSON list, got 'carpet,metal_nut'"):
+    with pytest.raises(ValueError, match=r"categories takes a JSON list \(e.g. categories='\[\"a\", \"b\"\]'\), got 'carpet,metal_nut'"):
         parse_arguments(PRODUCT_LINES_YAML, ["source_root=gs://b/mvtec", "categories=carpet,metal_nut"])
 
 
