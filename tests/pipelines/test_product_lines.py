@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import yaml
 
 from defectkit import registry
 from defectkit.data import Manifest
@@ -93,3 +94,21 @@ def test_the_pipeline_ships_one_model_per_line_in_a_parallel_for(lines_root, tmp
         assert champions[line].version == "1", f"{model} was registered and promoted on its own"
         assert stacks[line].stable.model == champions[line].uri, f"the {line} stack serves its own champion"
         assert stops[line], f"the {line} stack was running"
+
+
+def test_the_compiled_loop_reads_item_fields_only_in_its_own_dag():
+    """On a cluster, dict-item loop variables that cross a dsl.If or an ExitHandler of the same DAG are wired
+    wrongly (kubeflow/pipelines#13273): here the loop's DAG hands the item's fields to the training
+    sub-pipeline, and the gates and exit handler live inside that sub-pipeline's own DAGs."""
+    spec = next(yaml.safe_load_all(PRODUCT_LINES_YAML.read_text()))
+    loops = [name for name, c in spec["components"].items() if name.startswith("comp-for-loop")]
+    assert len(loops) == 1
+    declaring = {name for name, c in spec["components"].items()
+                 if any("loop-item" in p for p in c.get("inputDefinitions", {}).get("parameters", {}))}
+    assert declaring == set(loops) and "subvar" not in PRODUCT_LINES_YAML.read_text()
+    selectors = {name for name, c in spec["components"].items() for task in c.get("dag", {}).get("tasks", {}).values()
+                 for p in task.get("inputs", {}).get("parameters", {}).values() if "parameterExpressionSelector" in p}
+    assert selectors == set(loops)
+    loop = spec["components"][loops[0]]["dag"]["tasks"]
+    assert set(loop) == {"defectkit-training", "record-product-line"}
+    assert spec["root"]["dag"]["tasks"][loops[0].removeprefix("comp-")]["iteratorPolicy"] == {"parallelismLimit": 4}
