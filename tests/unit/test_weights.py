@@ -28,21 +28,25 @@ from defectkit.weights import (
 
 class FileServer:
     """Files over HTTP on 127.0.0.1, like download.pytorch.org: ``files`` maps a path to its bytes; anything
-    else is a 404. The first ``fail_first`` GETs are answered with ``fail_status``. ``gets`` counts GETs."""
+    else is a 404. The first ``fail_first`` GETs of a file are answered with ``fail_status``. ``gets`` counts
+    the GETs of the files; ``others`` lists the other paths asked for (a process of an earlier test that still
+    polls a port this server now has, say)."""
 
     def __init__(self, files: dict[str, bytes], *, fail_first: int = 0, fail_status: int = 503) -> None:
         self.gets = 0
+        self.others: list[str] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server's naming
+                data = files.get(self.path)
+                if data is None:
+                    server.others.append(self.path)
+                    self.send_error(404)
+                    return
                 server.gets += 1
                 if server.gets <= fail_first:
                     self.send_error(fail_status)
-                    return
-                data = files.get(self.path)
-                if data is None:
-                    self.send_error(404)
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
