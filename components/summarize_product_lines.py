@@ -21,16 +21,14 @@ def summarize_product_lines(
     Returns:
         How many product lines were approved.
     """
-    from defectkit.delivery.product_lines import Outcome, summary_html, summary_markdown
+    from defectkit.delivery.product_lines import Outcome, summary_html, summary_markdown, summary_metrics
 
     results = [Outcome.from_json(o) for o in outcomes]
     with open(summary.path, "w") as f:
         f.write(summary_markdown(results))
     with open(report.path, "w") as f:
         f.write(summary_html(results))
-    for result in results:
-        metrics.log_metric(f"image_auroc/{result.category}", result.image_auroc)
-    approved = sum(result.approved for result in results)
-    metrics.log_metric("approved_lines", approved)
-    metrics.log_metric("lines", len(results))
-    return approved
+    figures = summary_metrics(results)
+    for name, value in figures.items():
+        metrics.log_metric(name, value)
+    return figures["approved_lines"]

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from defectkit.delivery.backend import infer_request  # noqa: E402
+from defectkit.delivery.traffic import LoadGenerator  # noqa: E402
 from defectkit.models import ModelMetadata, build_model, save_model  # noqa: E402
 from defectkit.preprocess import PreprocessSpec  # noqa: E402
 from defectkit.synthetic import generate_sample  # noqa: E402
@@ -36,6 +34,7 @@ from tests.servers import PodTarget, free_port, start_prometheus, start_server  
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "defectkit-dashboard.json"
+INFER = "/v2/models/defectkit/infer"
 SCRAPE_S = 5.0
 RATE_WINDOW = "30s"  # what Grafana's $__rate_interval is at this scrape interval and a 5-minute range
 CANARY_ARGS = ("--fault-error-rate", "0.03", "--fault-score-shift", "0.2", "--breaker-failures", "100000",
@@ -52,17 +51,6 @@ def _models(root: Path) -> dict[str, Path]:
     with torch.no_grad():
         module.fc.bias.add_(1e-3)
     return {"stable": stable, "canary": save_model(module, metadata, root / "canary")}
-
-
-def _load(urls: dict[str, str], bodies: list[bytes], rate: float, stop: threading.Event) -> None:
-    session, draw = requests.Session(), random.Random(0)
-    while not stop.is_set():
-        url = urls["canary"] if draw.random() < 0.3 else urls["stable"]
-        try:
-            session.post(url, data=draw.choice(bodies), headers={"content-type": "application/json"}, timeout=10)
-        except requests.RequestException:
-            pass
-        time.sleep(1 / rate)
 
 
 def _series(prometheus: str, expr: str, start: float, end: float) -> list[tuple[dict, list[float], list[float]]]:
@@ -139,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(scratch)
         models = _models(root)
         generate_sample(root / "images", count=40, size=64, seed=0)
-        bodies = [json.dumps(infer_request([p.read_bytes()])).encode() for p in sorted(root.glob("images/*/*/*.jpg"))]
+        images = [p.read_bytes() for p in sorted(root.glob("images/*/*/*.jpg"))]
         servers = {}
         try:
             for name, model in models.items():
@@ -155,14 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                        for name, s in servers.items()]
             (root / "prometheus").mkdir()
             servers["prometheus"] = prometheus = start_prometheus(root / "prometheus", targets, SCRAPE_S)
-            urls = {name: servers[name].url + "/v2/models/defectkit/infer" for name in models}
-            stop = threading.Event()
-            load = threading.Thread(target=_load, args=(urls, bodies, args.rate, stop), daemon=True)
             start = time.time()
-            load.start()
-            time.sleep(args.minutes * 60)
-            stop.set()
-            load.join(30)
+            with (LoadGenerator(servers["stable"].url + INFER, images, args.rate * 0.7),
+                  LoadGenerator(servers["canary"].url + INFER, images, args.rate * 0.3)):
+                time.sleep(args.minutes * 60)
             draw(prometheus.url, start, time.time(), args.out)
         finally:
             for server in servers.values():

@@ -122,9 +122,15 @@ def _rows(outcomes: Iterable[Outcome]) -> list[tuple[str, ...]]:
             for o in sorted(outcomes, key=lambda o: o.category)]
 
 
+def summary_metrics(outcomes: Sequence[Outcome]) -> dict[str, float]:
+    """The figures the Kubeflow UI shows beside the table: each line's image AUROC, how many lines were approved."""
+    return {**{f"image_auroc/{o.category}": o.image_auroc for o in outcomes},
+            "approved_lines": sum(o.approved for o in outcomes), "lines": len(outcomes)}
+
+
 def _headline(outcomes: Sequence[Outcome]) -> str:
-    approved = sum(o.approved for o in outcomes)
-    return f"{approved} of {len(outcomes)} product lines approved"
+    figures = summary_metrics(outcomes)
+    return f"{figures['approved_lines']} of {figures['lines']} product lines approved"
 
 
 def summary_markdown(outcomes: Sequence[Outcome]) -> str:

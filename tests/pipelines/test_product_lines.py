@@ -9,7 +9,7 @@ import yaml
 from defectkit import registry
 from defectkit.data import Manifest
 from defectkit.delivery.local.stack import read_stack, stop_stack
-from defectkit.delivery.product_lines import Outcome, discover, plan, slug, summary_markdown
+from defectkit.delivery.product_lines import Outcome, discover, plan, slug, summary_markdown, summary_metrics
 from defectkit_kfp.pipelines.run import PRODUCT_LINES_YAML, run_local
 from tests.conftest import TINY_IMAGE_SIZE
 from tests.servers import start_mlflow_server
@@ -64,6 +64,8 @@ def test_the_summary_has_one_row_per_line_by_name():
     rows = [line for line in text.splitlines() if line.startswith("| bottle") or line.startswith("| zipper")]
     assert rows[0].startswith("| bottle | approved | 0.990 | 58 | 0 | m-bottle | s-bottle | all gates passed \\| ok")
     assert rows[1].startswith("| zipper | not approved | 0.810 |")
+    assert summary_metrics(outcomes) == {"image_auroc/zipper": 0.81, "image_auroc/bottle": 0.99, "approved_lines": 1,
+                                         "lines": 2}
 
 
 def test_the_pipeline_ships_one_model_per_line_in_a_parallel_for(lines_root, tmp_path):
