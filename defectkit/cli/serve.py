@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     batching = parser.add_argument_group("micro-batching")
     batching.add_argument("--max-batch", type=int, default=defaults.max_batch, help="images per forward (default %(default)s)")
     batching.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
-                          help="longest a request waits for others to batch with (default %(default)s)")
+                          help="longest a request waits for the clients of the last batch to come back and share its "
+                               "forward; a lone client never waits (default %(default)s)")
     batching.add_argument("--batch-workers", type=int, default=defaults.batch_workers,
                           help="forwards running at the same time (default 0: 1 on a GPU, 2 on a CPU)")
 

@@ -4,8 +4,11 @@ A forward of 8 images costs far less than 8 forwards of one (on 2 CPU cores
 about 1.5x the images/s), so requests that arrive close together are
 gathered into one batch, as Triton's dynamic batcher does:
 
-- a batch is sent as soon as it holds ``max_batch`` images, or when its
-  oldest request has waited ``max_wait_ms``;
+- a batch is sent as soon as it holds ``max_batch`` images, or as many as
+  the last answered batch held (its clients are likely on their way back:
+  eight clients in a closed loop make batches of eight instead of a batch
+  of the first few arrivals and a straggling rest), or when its oldest
+  request has waited ``max_wait_ms``; a lone client never waits;
 - while every worker is busy, requests keep queueing and go out together
   when one frees up, so batches grow with load and latency stays bounded;
 - with several workers (CPU forwards of one thread each), queued requests
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BatchConfig:
     max_batch: int = 8  # images per forward
-    max_wait_ms: float = 5.0  # how long the oldest queued request may wait for company
+    max_wait_ms: float = 5.0  # the longest the oldest queued request waits for the clients of the last batch
     workers: int = 1  # forwards running at the same time
 
     def __post_init__(self) -> None:
@@ -70,6 +73,7 @@ class MicroBatcher:
         self._wakeup: asyncio.Event | None = None
         self._collector: asyncio.Task | None = None
         self._busy = 0
+        self._answered = 0  # images of the last answered batch: as many requests are likely to come back
 
     async def submit(self, images: np.ndarray) -> np.ndarray:
         """Scores for ``images`` (N, ...), computed in some batch; raises what the forward raised."""
@@ -93,6 +97,7 @@ class MicroBatcher:
         self._loop = loop
         self._queue.clear()
         self._busy = 0
+        self._answered = 0
         self._wakeup = asyncio.Event()
         self._collector = loop.create_task(self._collect(), name="micro-batcher")
 
@@ -121,7 +126,8 @@ class MicroBatcher:
                 await self._sleep_until_woken(None)
                 continue
             deadline = self._queue[0].arrived + max_wait
-            while self._queued_images() < self.config.max_batch and loop.time() < deadline:
+            expected = min(self.config.max_batch, max(1, self._answered))
+            while self._queued_images() < expected and loop.time() < deadline:
                 await self._sleep_until_woken(deadline - loop.time())
                 self._drop_cancelled()
                 if not self._queue:
@@ -160,6 +166,7 @@ class MicroBatcher:
 
     def _deliver(self, batch: list[_Request], result: asyncio.Future) -> None:
         self._busy -= 1
+        self._answered = sum(len(r.images) for r in batch)
         self._wakeup.set()
         if result.cancelled():
             error: BaseException | None = RuntimeError("the model server is shutting down")

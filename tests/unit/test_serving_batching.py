@@ -50,9 +50,9 @@ def test_concurrent_requests_share_one_forward_off_the_event_loop():
     assert forward.threads and threading.main_thread().name not in forward.threads
 
 
-def test_a_lone_request_waits_at_most_max_wait():
+def test_a_lone_request_goes_out_at_once():
     forward = Forward()
-    batcher = MicroBatcher(forward, BatchConfig(max_batch=8, max_wait_ms=30, workers=1))
+    batcher = MicroBatcher(forward, BatchConfig(max_batch=8, max_wait_ms=500, workers=1))
 
     async def scenario():
         started = time.perf_counter()
@@ -62,7 +62,33 @@ def test_a_lone_request_waits_at_most_max_wait():
     result, seconds = asyncio.run(scenario())
     batcher.close()
     assert result.tolist() == [5.0]
-    assert 0.025 < seconds < 1.0
+    assert seconds < 0.25  # not the 500 ms max_wait: no answered batch says that others are coming
+
+
+def test_the_clients_of_the_last_batch_are_waited_for_up_to_max_wait():
+    forward = Forward()
+    batcher = MicroBatcher(forward, BatchConfig(max_batch=8, max_wait_ms=300, workers=1))
+
+    async def client(value: float, delay: float) -> tuple[list[float], float]:
+        await asyncio.sleep(delay)
+        started = time.perf_counter()
+        return (await batcher.submit(_images(value))).tolist(), time.perf_counter() - started
+
+    async def scenario():
+        await asyncio.gather(*(batcher.submit(_images(i)) for i in range(4)))  # one batch of 4, answered
+        # Its four clients come back 20 ms apart: they go out together, as soon as the fourth is in.
+        back = await asyncio.gather(*(client(10 + i, 0.02 * i) for i in range(4)))
+        # Only two of them come back: they wait for the other two until the first has waited max_wait.
+        fewer = await asyncio.gather(*(client(20 + i, 0.0) for i in range(2)))
+        return back, fewer
+
+    back, fewer = asyncio.run(scenario())
+    batcher.close()
+    assert [scores for scores, _ in back] == [[10.0], [11.0], [12.0], [13.0]]
+    assert forward.batches[1] == [10.0, 11.0, 12.0, 13.0]
+    assert max(seconds for _, seconds in back) < 0.25  # the last one in did not wait
+    assert forward.batches[2] == [20.0, 21.0]
+    assert all(0.25 < seconds < 2.0 for _, seconds in fewer)
 
 
 def test_requests_queue_while_the_worker_is_busy_and_go_out_together():
