@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import safetensors.torch
 import torch
-import torchvision
 
 from defectkit import __version__
 from defectkit.artifact import (  # noqa: F401 - ModelIntegrityError is re-exported
@@ -46,6 +45,10 @@ _NO_AUX_LOGITS = {"googlenet", "inception_v3"}
 
 
 def supported_architectures() -> list[str]:
+    # Imported here: torchvision takes seconds to import (its ops import torch._dynamo), and a server that scores
+    # a model's ONNX export never builds a torch module.
+    import torchvision
+
     return torchvision.models.list_models(module=torchvision.models)
 
 
@@ -59,6 +62,8 @@ def build_model(architecture: str, *, pretrained_weights: Path | None = None) ->
     if architecture not in names:
         raise ValueError(f"unknown architecture {architecture!r}; supported torchvision models: {', '.join(names)}")
     kwargs = {"aux_logits": False, "init_weights": True} if architecture in _NO_AUX_LOGITS else {}
+    import torchvision
+
     module = torchvision.models.get_model(architecture, weights=None, num_classes=1, **kwargs)
     if pretrained_weights is not None:
         _load_pretrained(module, Path(pretrained_weights))

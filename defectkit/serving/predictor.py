@@ -33,6 +33,7 @@ import binascii
 import importlib.util
 import logging
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ import torch
 
 from defectkit import image, models, preprocess
 from defectkit.artifact import ONNX_FILE, ModelIntegrityError
+from defectkit.artifact import verify as verify_weights
 from defectkit.exported import ExportedModel
 from defectkit.sampling import LABELS, Sampler, SamplingConfig
 from defectkit.serving import metrics
@@ -128,33 +130,54 @@ class _Inputs:
 
 
 class _Scorer:
-    """One loaded model with its own micro-batcher; ``exported`` (its ONNX export) scores instead of torch."""
+    """One model with its own micro-batcher: its ONNX export (``exported``) scores where the runtime chose it, else
+    the torch module.
 
-    def __init__(self, model: models.DefectModel, version: str, role: str, batch: BatchConfig,
-                 exported: ExportedModel | None = None) -> None:
-        self.model = model
+    Scoring the export, the torch module is built only when FP32 pixels ask for it (the export takes uint8, and
+    FP32 pixels go through torch unrounded): a server that never gets any starts without importing torchvision,
+    seconds sooner.
+    """
+
+    def __init__(self, model_dir: Path, metadata: models.ModelMetadata, version: str, role: str, batch: BatchConfig,
+                 device: torch.device, precision: str, exported: ExportedModel | None = None) -> None:
+        self.model_dir = model_dir
+        self.metadata = metadata
         self.exported = exported
         self.version = version
         self.role = role
-        self.spec = model.metadata.preprocess
-        self.threshold = float(model.metadata.threshold)
+        self.spec = metadata.preprocess
+        self.threshold = float(metadata.threshold)
         self.runtime = "onnxruntime" if exported is not None else "torch"
+        self._device, self._precision = device, precision
+        self._model_lock = threading.Lock()
+        self._model = None if exported is not None else self._load_torch()
         # What computed the scores, for every answer: ONNX Runtime's CPU provider computes in fp32.
-        self.precision = models.FP32 if exported is not None else model.precision
+        self.precision = models.FP32 if exported is not None else self._model.precision
         self._batch_size = batch.max_batch
         self.batcher = MicroBatcher(self._forward, batch, name=role,
                                     on_batch=lambda size: metrics.batch(version, size))
 
-    def _forward(self, images: np.ndarray) -> np.ndarray:
-        if self.exported is not None:
-            # The export's graph holds the same normalisation; its parity with PyTorch was checked at load.
-            return self.exported.scores(images) if images.dtype == np.uint8 else self._torch(images)
-        return self._torch(images)
+    def _load_torch(self) -> models.DefectModel:
+        model = models.load_model(self.model_dir, self._device, self._precision)
+        if model.metadata.weights_sha256 != self.metadata.weights_sha256:
+            raise ModelIntegrityError(f"{self.model_dir} now holds other weights ({model.metadata.weights_sha256[:12]})"
+                                      f" than it did when the server loaded it ({self.metadata.weights_sha256[:12]})")
+        return model
 
-    def _torch(self, images: np.ndarray) -> np.ndarray:
+    def _torch_model(self) -> models.DefectModel:
+        with self._model_lock:
+            if self._model is None:
+                log.info("%s model %s: building the torch module for FP32 pixels", self.role, self.version)
+                self._model = self._load_torch()
+            return self._model
+
+    def _forward(self, images: np.ndarray) -> np.ndarray:
+        if self.exported is not None and images.dtype == np.uint8:
+            # The export's graph holds the same normalisation; its parity with PyTorch was checked at load.
+            return self.exported.scores(images)
+        model = self._torch_model()
         # The very function DefectModel.scores (and so evaluation) uses; FP32 pixels go through it unrounded.
-        return models.score_images(self.model.module, images, self.spec, self.model.device, self._batch_size,
-                                   self.model.precision)
+        return models.score_images(model.module, images, self.spec, model.device, self._batch_size, model.precision)
 
     def warm_up(self) -> None:
         """First forwards of a batch shape are slow (kernel selection); do them before the first request."""
@@ -212,25 +235,28 @@ class DefectPredictor(Model):
         return self.ready
 
     def _load(self, model_dir: Path, version: str, role: str) -> _Scorer:
-        model = models.load_model(model_dir, self.config.device, self.config.precision)
-        if model.metadata.threshold is None:
+        metadata = models.read_metadata(model_dir)
+        if metadata.threshold is None:
             raise ValueError(f"{model_dir} has no decision threshold in model.json; serve the judged model "
                              f"that evaluation writes (its out_dir/model), not the raw training output")
-        scorer = _Scorer(model, version, role, self.config.batch, self._exported(model_dir, model))
+        device = models.resolve_device(self.config.device)
+        exported = self._exported(model_dir, metadata, device)
+        if exported is not None:
+            verify_weights(model_dir)  # tampered weights stop the server, though the torch module is built later
+        scorer = _Scorer(model_dir, metadata, version, role, self.config.batch, device, self.config.precision,
+                         exported)
         scorer.warm_up()
-        spec = model.metadata.preprocess
-        metrics.model_loaded(version, role, model.metadata.architecture, spec.image_size,
-                             model.metadata.weights_sha256)
+        spec = metadata.preprocess
+        metrics.model_loaded(version, role, metadata.architecture, spec.image_size, metadata.weights_sha256)
         log.info("loaded %s model %s (version %s, %s, %d px, threshold %.4f, %s, %s, %s)", role, model_dir, version,
-                 model.metadata.architecture, spec.image_size, scorer.threshold, model.device, scorer.precision,
-                 scorer.runtime)
+                 metadata.architecture, spec.image_size, scorer.threshold, device, scorer.precision, scorer.runtime)
         return scorer
 
-    def _exported(self, model_dir: Path, model: models.DefectModel) -> ExportedModel | None:
+    def _exported(self, model_dir: Path, metadata: models.ModelMetadata, device: torch.device) -> ExportedModel | None:
         """The model's ONNX export, where the runtime asks for it (or, on auto, where it exists and the device is
         the CPU); it must be of the same weights and threshold and score as PyTorch does."""
         runtime, has_export = self.config.runtime, (model_dir / ONNX_FILE).is_file()
-        if runtime == "torch" or (runtime == "auto" and (not has_export or model.device.type != "cpu")):
+        if runtime == "torch" or (runtime == "auto" and (not has_export or device.type != "cpu")):
             return None
         if not has_export:
             raise FileNotFoundError(f"{model_dir} carries no ONNX export ({ONNX_FILE}), which runtime=onnxruntime "
@@ -242,8 +268,8 @@ class DefectPredictor(Model):
                 return None
             raise ValueError("runtime onnxruntime needs the onnxruntime package (defectkit[serve])")
         exported = ExportedModel(model_dir, threads=torch.get_num_threads())
-        for what, ours, theirs in (("weights", model.metadata.weights_sha256, exported.metadata.weights_sha256),
-                                   ("threshold", model.metadata.threshold, exported.metadata.threshold)):
+        for what, ours, theirs in (("weights", metadata.weights_sha256, exported.metadata.weights_sha256),
+                                   ("threshold", metadata.threshold, exported.metadata.threshold)):
             if ours != theirs:
                 raise ModelIntegrityError(f"{model_dir / ONNX_FILE} was exported from other {what} ({theirs}) than "
                                           f"model.json's ({ours}); export the judged model again")

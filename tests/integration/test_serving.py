@@ -290,6 +290,25 @@ def test_the_onnx_export_is_served_with_the_scores_of_evaluation(servers, judged
     np.testing.assert_allclose(singles, judged.test_scores, atol=PARITY_TOLERANCE, rtol=0)
 
 
+def _maps_torchvision(pid: int) -> bool:
+    return "torchvision" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_a_server_scoring_the_export_builds_the_torch_module_only_when_fp32_pixels_come(servers):
+    served = servers["onnx"]
+    assert not _maps_torchvision(served.server.pid)  # started and answered above without torchvision
+    pixels = np.random.default_rng(1).integers(0, 256, (2, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3), dtype=np.uint8)
+    scores = {}
+    for datatype, array in (("UINT8", pixels), ("FP32", pixels.astype(np.float32))):
+        infer_input = triton.InferInput("pixels", list(array.shape), datatype)
+        infer_input.set_data_from_numpy(array, binary_data=True)
+        scores[datatype] = served.client().infer(NAME, [infer_input]).as_numpy("score")
+        assert _maps_torchvision(served.server.pid) == (datatype == "FP32")
+    # ONNX Runtime for the uint8 pixels, PyTorch for the same values in FP32: the export's parity.
+    np.testing.assert_allclose(scores["UINT8"], scores["FP32"], atol=PARITY_TOLERANCE, rtol=0)
+    assert served.server.log_path.read_text().count("building the torch module for FP32 pixels") == 1
+
+
 def test_runtime_onnxruntime_without_an_export_stops_the_server_with_the_reason(judged):
     result = subprocess.run([sys.executable, "-m", "defectkit", "serve", "--model", str(judged.model_dir),
                              "--runtime", "onnxruntime", "--port", str(free_port())], capture_output=True, text=True,
