@@ -341,18 +341,18 @@ def generate_sample(out_dir: Path, *, count: int = 400, size: int = 256, seed: i
     # Each image has its own seed, so rendering in parallel gives the same bytes; numpy and Pillow release the GIL.
     with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
         rendered = pool.map(lambda item: _render(item, size, seed), items)
-    for item, (image_bytes, mask_bytes) in zip(items, rendered):
-        stem = item.stem(digits)
-        target = out_dir / item.split / item.class_name / f"{stem}.jpg"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(image_bytes)
-        if mask_bytes is not None:
-            mask_path = out_dir / MASK_DIR / item.class_name / f"{stem}_mask.png"
-            mask_path.parent.mkdir(parents=True, exist_ok=True)
-            mask_path.write_bytes(mask_bytes)
-            masks += 1
-        per_class = counts.setdefault(item.split, {})
-        per_class[item.class_name] = per_class.get(item.class_name, 0) + 1
+        for item, (image_bytes, mask_bytes) in zip(items, rendered):
+            stem = item.stem(digits)
+            target = out_dir / item.split / item.class_name / f"{stem}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(image_bytes)
+            if mask_bytes is not None:
+                mask_path = out_dir / MASK_DIR / item.class_name / f"{stem}_mask.png"
+                mask_path.parent.mkdir(parents=True, exist_ok=True)
+                mask_path.write_bytes(mask_bytes)
+                masks += 1
+            per_class = counts.setdefault(item.split, {})
+            per_class[item.class_name] = per_class.get(item.class_name, 0) + 1
     log.info("wrote %d images of %dx%d px and %d masks to %s in %.1f s (seed %d): %s",
              len(items), size, size, masks, out_dir, time.perf_counter() - started, seed, counts)
     return SampleSummary(out_dir, counts, masks)

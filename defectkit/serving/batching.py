@@ -5,10 +5,10 @@ about 1.5x the images/s), so requests that arrive close together are
 gathered into one batch, as Triton's dynamic batcher does:
 
 - a batch is sent as soon as it holds ``max_batch`` images, or as many as
-  the last answered batch held (its clients are likely on their way back:
-  eight clients in a closed loop make batches of eight instead of a batch
-  of the first few arrivals and a straggling rest), or when its oldest
-  request has waited ``max_wait_ms``; a lone client never waits;
+  the last answered batch held (its clients are likely on their way back,
+  and share a forward instead of the first to arrive going alone), or when
+  its oldest request has waited ``max_wait_ms``; so a lone client never
+  waits for company;
 - while every worker is busy, requests keep queueing and go out together
   when one frees up, so batches grow with load and latency stays bounded;
 - with several workers (CPU forwards of one thread each), queued requests
