@@ -7,7 +7,21 @@ batched forward pass of the same model on the same cores, with no HTTP, no
 decoding and no resizing: PyTorch and ONNX Runtime, each at batch 1, 8, 16
 and 32 with one thread per core, the fastest counting. The ratio is how much
 of that ceiling the server delivers. The server with ``--runtime torch`` is
-measured beside it for comparison. Run from the project root::
+measured beside it for comparison.
+
+Beside the ratio it estimates what a server could attain here at best, so
+that the target can be read against the machine: the 8 clients never have
+more than 8 images in flight, so the forward is at best as cheap as the
+better of one batch of 8 on every core and one single-threaded batch of
+8/cores images per core side by side (``forward_8_in_flight``); and every
+request costs at least what a bare ASGI app costs that only parses the
+request and decodes the JPEG (``tests/bench/floor_server.py``), with the
+clients' own CPU, which shares the cores (``floor_cpu_ms_per_request``).
+``attainable_ratio`` is 1 / (1 / forward_8_in_flight + floor / cores)
+against the ceiling, the best rounds counting; beside it is the server's
+CPU per request, clients included (``server_cpu_ms_per_request``), to
+compare with 1000 * cores / forward_8_in_flight + floor. Run from the
+project root::
 
     PYTHONPATH=. .venv/bin/python -m tests.bench.run serve_ceiling
 """
@@ -16,7 +30,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +41,7 @@ import numpy as np
 
 from tests.bench.bench_serve import (
     ARCH,
+    CLIENTS,
     IMAGE_SIZE,
     IMAGES,
     INFER_PATH,
@@ -36,6 +54,7 @@ from tests.bench.bench_serve import (
     port_of,
     start_model_server,
 )
+from tests.servers import ServerProcess, free_port, start_server
 
 TARGET_RATIO = 0.85
 BATCHES = (1, 8, 16, 32)
@@ -77,12 +96,59 @@ def ceilings(model_dir: Path, pixels: np.ndarray, seconds: float = FORWARD_S) ->
         torch.set_num_threads(previous)
 
 
+def in_flight_forward(model_dir: Path, pixels: np.ndarray, seconds: float = FORWARD_S) -> dict[str, float]:
+    """Images/s of the bare ONNX Runtime forward with at most CLIENTS images in flight: one batch of CLIENTS on
+    every core, or one single-threaded session per core, each on its share, side by side."""
+    from defectkit.exported import ExportedModel
+
+    cores = len(os.sched_getaffinity(0))
+    together = _rate(ExportedModel(model_dir, threads=cores).scores, pixels[:CLIENTS], seconds)
+    sessions = [ExportedModel(model_dir, threads=1) for _ in range(cores)]
+    share = pixels[:max(1, CLIENTS // cores)]
+    rates = [0.0] * cores
+
+    def measure(k: int) -> None:
+        rates[k] = _rate(sessions[k].scores, share, seconds)
+
+    threads = [threading.Thread(target=measure, args=(k,)) for k in range(cores)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {f"onnxruntime_batch_{CLIENTS}": together, f"onnxruntime_{cores}x_batch_{len(share)}": sum(rates)}
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def drive_counting_cpu(server: ServerProcess, bodies: list) -> dict:
+    """``drive`` the server, adding the CPU milliseconds per request of the server and of the clients."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    started = _cpu_seconds(server.pid)
+    result = drive(port_of(server), INFER_PATH, bodies)
+    spent = _cpu_seconds(server.pid) - started
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    clients = after.ru_utime + after.ru_stime - own.ru_utime - own.ru_stime
+    return {**result, "cpu_ms_per_request": 1000 * (spent + clients) / result["answered"]}
+
+
+def start_floor_server(log_path: Path) -> ServerProcess:
+    port = free_port()
+    return start_server([sys.executable, "-m", "uvicorn", "tests.bench.floor_server:app", "--host", "127.0.0.1",
+                         "--port", str(port), "--log-level", "warning", "--no-access-log"],
+                        url=f"http://127.0.0.1:{port}", health_path="/", log_path=log_path,
+                        env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+
+
 def run() -> dict:
     from defectkit.artifact import ONNX_RECORD
     from defectkit.preprocess import PreprocessSpec, to_model_input
 
     rates: dict[str, float] = {}
-    served: dict[str, list[dict]] = {"onnxruntime": [], "torch": []}
+    in_flight: dict[str, float] = {}
+    served: dict[str, list[dict]] = {"onnxruntime": [], "torch": [], "floor": []}
     with tempfile.TemporaryDirectory(prefix="bench-ceiling-") as tmp:
         model_dir = make_judged_model(Path(tmp) / "model")
         record = json.loads((model_dir / ONNX_RECORD).read_text())
@@ -92,19 +158,26 @@ def run() -> dict:
         bodies = [oip_request(j) for j in jpegs]
         servers = {"onnxruntime": start_model_server(model_dir, Path(tmp) / "onnx.log", *SERVER_ARGS),
                    "torch": start_model_server(model_dir, Path(tmp) / "torch.log", *SERVER_ARGS,
-                                               "--runtime", "torch")}
+                                               "--runtime", "torch"),
+                   "floor": start_floor_server(Path(tmp) / "floor.log")}
         try:
-            for _ in range(REPEATS):  # alternating, so that both see the same machine
+            for _ in range(REPEATS):  # alternating, so that all see the same machine
                 for key, value in ceilings(model_dir, pixels).items():
                     rates[key] = max(rates.get(key, 0.0), value)
-                for runtime, server in servers.items():
-                    served[runtime].append(drive(port_of(server), INFER_PATH, bodies))
+                for key, value in in_flight_forward(model_dir, pixels).items():
+                    in_flight[key] = max(in_flight.get(key, 0.0), value)
+                for name, server in servers.items():
+                    served[name].append(drive_counting_cpu(server, bodies))
         finally:
             for server in servers.values():
                 server.stop()
     ours, torch_served = best(served["onnxruntime"]), best(served["torch"])
     ceiling_name = max(rates, key=rates.get)
     ceiling = rates[ceiling_name]
+    cores = len(os.sched_getaffinity(0))
+    forward_8 = max(in_flight.values())
+    floor_ms = min(r["cpu_ms_per_request"] for r in served["floor"])
+    attainable = 1 / (1 / forward_8 + floor_ms / 1000 / cores)
     return {
         "name": "serve_ceiling",
         "value": round(ours["requests_per_s"], 1),
@@ -114,6 +187,11 @@ def run() -> dict:
         "unit": "requests/s (server, 8 clients) vs images/s (best in-process batched forward)",
         "ceiling": ceiling_name,
         "forward_images_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "forward_8_in_flight": {k: round(v, 1) for k, v in in_flight.items()},
+        "floor_cpu_ms_per_request": round(floor_ms, 2),
+        "attainable_requests_per_s": round(attainable, 1),
+        "attainable_ratio": round(attainable / ceiling, 2),
+        "server_cpu_ms_per_request": round(ours["cpu_ms_per_request"], 2),
         "server_torch_requests_per_s": round(torch_served["requests_per_s"], 1),
         "server_torch_ratio": round(torch_served["requests_per_s"] / ceiling, 2),
         "p50_ms": round(ours["p50_ms"], 1),
@@ -121,7 +199,7 @@ def run() -> dict:
         "export_parity_max_abs_diff": record["parity"]["max_abs_diff"],
         "model": f"{ARCH} at {IMAGE_SIZE} px",
         "server": " ".join(SERVER_ARGS),
-        "cores": len(os.sched_getaffinity(0)),
+        "cores": cores,
     }
 
 

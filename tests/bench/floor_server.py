@@ -1,0 +1,44 @@
+"""The least any model server must do per request, for ``serve_ceiling``'s attainable bound.
+
+A bare ASGI application under uvicorn (the same loop and HTTP parser as
+``defectkit serve``: uvloop and httptools): it reads the body, splits the
+Open Inference Protocol binary request, decodes and sizes the JPEG with
+``defectkit.preprocess.to_model_input`` (as the model server does), and
+answers a fixed one-score response. No framework, no model: what it costs
+per request is a floor under any server of this model on these cores.
+
+    python -m uvicorn tests.bench.floor_server:app --port P
+"""
+
+from __future__ import annotations
+
+import json
+
+from defectkit.preprocess import PreprocessSpec, to_model_input
+
+IMAGE_SIZE = 128  # bench_serve.IMAGE_SIZE; not imported, to keep this module light
+SPEC = PreprocessSpec(image_size=IMAGE_SIZE)
+ANSWER = json.dumps({"model_name": "defectkit", "outputs": [
+    {"name": "score", "shape": [1], "datatype": "FP32", "data": [0.5]}]}).encode()
+
+
+async def app(scope, receive, send) -> None:
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body", False):
+            break
+    answer = b'{"ready":true}'
+    if scope["method"] == "POST":
+        headers = dict(scope["headers"])
+        length = int(headers[b"inference-header-content-length"])
+        header = json.loads(body[:length])
+        size = header["inputs"][0]["parameters"]["binary_data_size"]
+        to_model_input(body[length + 4:length + size], SPEC)
+        answer = ANSWER
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]})
+    await send({"type": "http.response.body", "body": answer})
