@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 
 from defectkit.preprocess import PreprocessSpec, to_model_input
+from tests.bench.bench_serve import IMAGE_SIZE
 
-IMAGE_SIZE = 128  # bench_serve.IMAGE_SIZE; not imported, to keep this module light
 SPEC = PreprocessSpec(image_size=IMAGE_SIZE)
 ANSWER = json.dumps({"model_name": "defectkit", "outputs": [
     {"name": "score", "shape": [1], "datatype": "FP32", "data": [0.5]}]}).encode()
