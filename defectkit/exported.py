@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from defectkit.artifact import ONNX_FILE, ONNX_RECORD, ModelIntegrityError, sha256_bytes
+from defectkit.cores import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def session_options(threads: int = 0):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    options.intra_op_num_threads = threads or usable_cores()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return options

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from defectkit import image
+from defectkit.cores import usable_cores
 from defectkit.data import GOOD, SPLITS, Manifest, ManifestEntry
 from defectkit.files import replacing
 
@@ -186,7 +186,7 @@ def preprocess_dataset(
     class_index = {name: i for i, name in enumerate(classes)}
     by_split = {split: manifest.split(split) for split in SPLITS}
     total = sum(len(entries) for entries in by_split.values())
-    workers = max(1, min(workers or os.cpu_count() or 1, total or 1))
+    workers = max(1, min(workers or usable_cores(), total or 1))
     # A stale preprocess.json would mark a half-written output complete; stale shards would linger.
     (out_dir / INFO_FILE).unlink(missing_ok=True)
     (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from defectkit.data import GOOD, MASK_DIR
+from defectkit.cores import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ def generate_sample(out_dir: Path, *, count: int = 400, size: int = 256, seed: i
     counts: dict[str, dict[str, int]] = {}
     masks = 0
     # Each image has its own seed, so rendering in parallel gives the same bytes; numpy and Pillow release the GIL.
-    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+    with ThreadPoolExecutor(usable_cores()) as pool:
         rendered = pool.map(lambda item: _render(item, size, seed), items)
         for item, (image_bytes, mask_bytes) in zip(items, rendered):
             stem = item.stem(digits)

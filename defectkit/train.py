@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ import torch
 
 from defectkit import anomalies, models, preprocess, weights
 from defectkit.data import GOOD
+from defectkit.cores import usable_cores
 from defectkit.evaluation import roc_auc
 
 log = logging.getLogger(__name__)
@@ -139,11 +139,6 @@ class TensorData:
 # --------------------------------------------------------------------------- setup
 
 
-def _cpu_threads() -> int:
-    # The cores this process may run on, which can be fewer than the machine has.
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 @contextmanager
 def runtime(device: torch.device, seed: int) -> Iterator[None]:
     """Seeded global RNG and backend settings for one run; the caller's settings come back afterwards."""
@@ -159,7 +154,7 @@ def runtime(device: torch.device, seed: int) -> Iterator[None]:
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned kernels pay off
         else:
-            torch.set_num_threads(_cpu_threads())
+            torch.set_num_threads(usable_cores())
             torch.use_deterministic_algorithms(True, warn_only=True)
         try:
             yield

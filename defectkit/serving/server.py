@@ -435,14 +435,13 @@ def default_batch_workers(device: str) -> int:
     thread barriers inside the forward, so a core taken by another process only
     slows its own forward instead of stalling both at every layer.
     """
-    import os
-
+    from defectkit.cores import usable_cores
     from defectkit.models import resolve_device
 
-    return 1 if resolve_device(device).type == "cuda" else min(2, os.cpu_count() or 1)
+    return 1 if resolve_device(device).type == "cuda" else min(2, usable_cores())
 
 
 def default_torch_threads(config: ServingConfig) -> int:
-    import os
+    from defectkit.cores import usable_cores
 
-    return max(1, (os.cpu_count() or 1) // config.batch.workers)
+    return max(1, usable_cores() // config.batch.workers)

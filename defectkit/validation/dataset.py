@@ -15,7 +15,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from defectkit import image
+from defectkit.cores import usable_cores
 from defectkit.data import (
     GOOD,
     MASK_DIR,
@@ -295,7 +295,7 @@ def validate_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     quarantine_files = quarantine_dir / QUARANTINE_FILES_DIR if quarantine_dir is not None else None
     # Threads, not processes: reads from gs:// wait on the network, and Pillow releases the GIL while decoding.
-    pool_size = workers or min(32, 4 * (os.cpu_count() or 1))
+    pool_size = workers or min(32, 4 * usable_cores())
 
     def check_image(file: ImageFile) -> _Accepted | Quarantined:
         data = store.read(file.path)

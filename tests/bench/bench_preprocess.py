@@ -13,7 +13,6 @@ barely move when other work shares the machine. Run from the project root::
 from __future__ import annotations
 
 import multiprocessing
-import os
 import resource
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from defectkit.cores import usable_cores
 from defectkit.data import Manifest, ManifestEntry, sha256_bytes
 from defectkit.preprocess import PreprocessSpec, load_split, preprocess_dataset
 
@@ -108,7 +108,7 @@ def run() -> dict:
         "target": TARGET_RATIO,
         "unit": "images/s",
         "images": IMAGES,
-        "cores": os.cpu_count(),
+        "cores": usable_cores(),
         "mean_jpeg_kb": round(mean_bytes / 1024, 1),
         "cpu_ms_per_image": round(cpu_ms, 2),
         "baseline_cpu_ms_per_image": round(baseline_cpu_ms, 2),

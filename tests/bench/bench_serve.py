@@ -22,7 +22,6 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
 import sys
 import tempfile
 import threading
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from defectkit.cores import usable_cores
 from tests.servers import ServerProcess, free_port, start_server
 
 IMAGE_SIZE = 128
@@ -193,7 +193,7 @@ def best(results: list[dict]) -> dict:
 def run() -> dict:
     """REPEATS alternating rounds of the raw model (one torch thread, then one per core) and the server, which
     stays up and idle meanwhile; the best round of each counts."""
-    thread_counts = sorted({1, os.cpu_count() or 1})
+    thread_counts = sorted({1, usable_cores()})
     rates: dict[int, float] = {}
     rounds: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
@@ -228,7 +228,7 @@ def run() -> dict:
         "images": f"{IMAGE_SIZE}x{IMAGE_SIZE} JPEG q90, one per request",
         "baseline_by_torch_threads": {str(k): round(v, 1) for k, v in rates.items()},
         "server": " ".join(SERVER_ARGS),
-        "cores": os.cpu_count(),
+        "cores": usable_cores(),
     }
 
 

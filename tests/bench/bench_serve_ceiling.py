@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from defectkit.cores import usable_cores
 from tests.bench.bench_serve import (
     ARCH,
     CLIENTS,
@@ -80,7 +81,7 @@ def ceilings(model_dir: Path, pixels: np.ndarray, seconds: float = FORWARD_S) ->
     from defectkit.exported import ExportedModel
     from defectkit.models import load_model
 
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     previous = torch.get_num_threads()
     torch.set_num_threads(cores)
     try:
@@ -101,7 +102,7 @@ def in_flight_forward(model_dir: Path, pixels: np.ndarray, seconds: float = FORW
     every core, or one single-threaded session per core, each on its share, side by side."""
     from defectkit.exported import ExportedModel
 
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     together = _rate(ExportedModel(model_dir, threads=cores).scores, pixels[:CLIENTS], seconds)
     sessions = [ExportedModel(model_dir, threads=1) for _ in range(cores)]
     share = pixels[:max(1, CLIENTS // cores)]
@@ -174,7 +175,7 @@ def run() -> dict:
     ours, torch_served = best(served["onnxruntime"]), best(served["torch"])
     ceiling_name = max(rates, key=rates.get)
     ceiling = rates[ceiling_name]
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     forward_8 = max(in_flight.values())
     floor_ms = min(r["cpu_ms_per_request"] for r in served["floor"])
     attainable = 1 / (1 / forward_8 + floor_ms / 1000 / cores)

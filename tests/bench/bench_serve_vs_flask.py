@@ -19,13 +19,13 @@ Flask's. Run from the project root::
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from defectkit.cores import usable_cores
 from tests.bench.bench_serve import (
     CLIENTS,
     IMAGE_SIZE,
@@ -127,7 +127,7 @@ def run() -> dict:
         "flask_rounds_requests_per_s": [round(r["requests_per_s"], 1) for r in flask_rounds],
         "clients": CLIENTS,
         "model": f"resnet18 at {IMAGE_SIZE} px",
-        "cores": os.cpu_count(),
+        "cores": usable_cores(),
     }
 
 
