@@ -20,8 +20,13 @@ clients' own CPU, which shares the cores (``floor_cpu_ms_per_request``).
 ``attainable_ratio`` is 1 / (1 / forward_8_in_flight + floor / cores)
 against the ceiling, the best rounds counting; beside it is the server's
 CPU per request, clients included (``server_cpu_ms_per_request``), to
-compare with 1000 * cores / forward_8_in_flight + floor. Run from the
-project root::
+compare with 1000 * cores / forward_8_in_flight + floor. That estimate
+assumes every forward full and no core ever idle; a real server is measured
+beside it: a frameworkless server of the same export, one single-threaded
+process per core that parses, decodes and runs the forward on its event loop
+(``tests/bench/reference_server.py``), driven in the same rounds
+(``reference_requests_per_s``, and the model server's share of it,
+``server_vs_reference``). Run from the project root::
 
     PYTHONPATH=. .venv/bin/python -m tests.bench.run serve_ceiling
 """
@@ -120,8 +125,11 @@ def in_flight_forward(model_dir: Path, pixels: np.ndarray, seconds: float = FORW
 
 
 def _cpu_seconds(pid: int) -> float:
+    """CPU seconds of the process and its live children (the reference server's workers are children)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(map(_cpu_seconds, children))
 
 
 def drive_counting_cpu(server: ServerProcess, bodies: list) -> dict:
@@ -143,13 +151,22 @@ def start_floor_server(log_path: Path) -> ServerProcess:
                         env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
 
 
+def start_reference_server(model_dir: Path, log_path: Path) -> ServerProcess:
+    port = free_port()
+    return start_server([sys.executable, "-m", "uvicorn", "tests.bench.reference_server:app", "--host", "127.0.0.1",
+                         "--port", str(port), "--workers", str(usable_cores()), "--log-level", "warning",
+                         "--no-access-log"],
+                        url=f"http://127.0.0.1:{port}", health_path="/", log_path=log_path,
+                        env={"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "MODEL_DIR": str(model_dir)})
+
+
 def run() -> dict:
     from defectkit.artifact import ONNX_RECORD
     from defectkit.preprocess import PreprocessSpec, to_model_input
 
     rates: dict[str, float] = {}
     in_flight: dict[str, float] = {}
-    served: dict[str, list[dict]] = {"onnxruntime": [], "torch": [], "floor": []}
+    served: dict[str, list[dict]] = {"onnxruntime": [], "torch": [], "reference": [], "floor": []}
     with tempfile.TemporaryDirectory(prefix="bench-ceiling-") as tmp:
         model_dir = make_judged_model(Path(tmp) / "model")
         record = json.loads((model_dir / ONNX_RECORD).read_text())
@@ -160,6 +177,7 @@ def run() -> dict:
         servers = {"onnxruntime": start_model_server(model_dir, Path(tmp) / "onnx.log", *SERVER_ARGS),
                    "torch": start_model_server(model_dir, Path(tmp) / "torch.log", *SERVER_ARGS,
                                                "--runtime", "torch"),
+                   "reference": start_reference_server(model_dir, Path(tmp) / "reference.log"),
                    "floor": start_floor_server(Path(tmp) / "floor.log")}
         try:
             for _ in range(REPEATS):  # alternating, so that all see the same machine
@@ -172,7 +190,7 @@ def run() -> dict:
         finally:
             for server in servers.values():
                 server.stop()
-    ours, torch_served = best(served["onnxruntime"]), best(served["torch"])
+    ours, torch_served, reference = best(served["onnxruntime"]), best(served["torch"]), best(served["reference"])
     ceiling_name = max(rates, key=rates.get)
     ceiling = rates[ceiling_name]
     cores = usable_cores()
@@ -193,6 +211,10 @@ def run() -> dict:
         "attainable_requests_per_s": round(attainable, 1),
         "attainable_ratio": round(attainable / ceiling, 2),
         "server_cpu_ms_per_request": round(ours["cpu_ms_per_request"], 2),
+        "reference_requests_per_s": round(reference["requests_per_s"], 1),
+        "reference_ratio": round(reference["requests_per_s"] / ceiling, 2),
+        "server_vs_reference": round(ours["requests_per_s"] / reference["requests_per_s"], 2),
+        "reference_cpu_ms_per_request": round(reference["cpu_ms_per_request"], 2),
         "server_torch_requests_per_s": round(torch_served["requests_per_s"], 1),
         "server_torch_ratio": round(torch_served["requests_per_s"] / ceiling, 2),
         "p50_ms": round(ours["p50_ms"], 1),
