@@ -22,23 +22,34 @@ ANSWER = json.dumps({"model_name": "defectkit", "outputs": [
     {"name": "score", "shape": [1], "datatype": "FP32", "data": [0.5]}]}).encode()
 
 
-async def app(scope, receive, send) -> None:
-    if scope["type"] != "http":
-        return
+async def read_body(receive) -> bytes:
     body = b""
     while True:
         message = await receive()
         body += message.get("body", b"")
         if not message.get("more_body", False):
-            break
-    answer = b'{"ready":true}'
-    if scope["method"] == "POST":
-        headers = dict(scope["headers"])
-        length = int(headers[b"inference-header-content-length"])
-        header = json.loads(body[:length])
-        size = header["inputs"][0]["parameters"]["binary_data_size"]
-        to_model_input(body[length + 4:length + size], SPEC)
-        answer = ANSWER
+            return body
+
+
+def oip_jpeg(scope, body: bytes) -> bytes:
+    """The one image of an OIP binary request (JSON header, then the BYTES element with its 4-byte length)."""
+    length = int(dict(scope["headers"])[b"inference-header-content-length"])
+    size = json.loads(body[:length])["inputs"][0]["parameters"]["binary_data_size"]
+    return body[length + 4:length + size]
+
+
+async def respond(send, answer: bytes) -> None:
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]})
     await send({"type": "http.response.body", "body": answer})
+
+
+async def app(scope, receive, send) -> None:
+    if scope["type"] != "http":
+        return
+    body = await read_body(receive)
+    answer = b'{"ready":true}'
+    if scope["method"] == "POST":
+        to_model_input(oip_jpeg(scope, body), SPEC)
+        answer = ANSWER
+    await respond(send, answer)

@@ -7,9 +7,10 @@ Protocol binary request, decodes the JPEG with
 gathered with a single-threaded ONNX Runtime session of the model's export,
 synchronously. While a forward runs, the next requests wait in the sockets,
 so batches fill by themselves; there are no threads to hand work between,
-no GIL to share and no framework. It skips everything a real server must
-do (validation, errors, metrics, probes, timeouts, fallback), so it is a
-bound to read the model server against, not a server.
+no GIL to share and no framework (the HTTP side is the floor server's). It
+skips everything a real server must do (validation, errors, metrics,
+probes, timeouts, fallback), so it is a bound to read the model server
+against, not a server.
 
     MODEL_DIR=<judged model> python -m uvicorn tests.bench.reference_server:app --workers <cores> --port P
 """
@@ -24,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from defectkit.exported import ExportedModel
-from defectkit.preprocess import PreprocessSpec, to_model_input
-from tests.bench.bench_serve import CLIENTS, IMAGE_SIZE
+from defectkit.preprocess import to_model_input
+from tests.bench.bench_serve import CLIENTS
+from tests.bench.floor_server import SPEC, oip_jpeg, read_body, respond
 
-SPEC = PreprocessSpec(image_size=IMAGE_SIZE)
 MODEL = ExportedModel(Path(os.environ["MODEL_DIR"]), threads=1, check=False)  # parity is checked at export
 _gathered: list[tuple[np.ndarray, asyncio.Future]] = []
 _flush_due = False
@@ -64,19 +65,10 @@ async def _score(pixels: np.ndarray) -> float:
 async def app(scope, receive, send) -> None:
     if scope["type"] != "http":
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body", False):
-            break
+    body = await read_body(receive)
     answer = b'{"ready":true}'
     if scope["method"] == "POST":
-        length = int(dict(scope["headers"])[b"inference-header-content-length"])
-        size = json.loads(body[:length])["inputs"][0]["parameters"]["binary_data_size"]
-        score = await _score(to_model_input(body[length + 4:length + size], SPEC))
+        score = await _score(to_model_input(oip_jpeg(scope, body), SPEC))
         answer = json.dumps({"model_name": "defectkit", "outputs": [
             {"name": "score", "shape": [1], "datatype": "FP32", "data": [score]}]}).encode()
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]})
-    await send({"type": "http.response.body", "body": answer})
+    await respond(send, answer)
