@@ -13,6 +13,9 @@ per request is a floor under any server of this model on these cores.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
+
+import numpy as np
 
 from defectkit.preprocess import PreprocessSpec, to_model_input
 from tests.bench.bench_serve import IMAGE_SIZE
@@ -44,12 +47,23 @@ async def respond(send, answer: bytes) -> None:
     await send({"type": "http.response.body", "body": answer})
 
 
-async def app(scope, receive, send) -> None:
-    if scope["type"] != "http":
-        return
-    body = await read_body(receive)
-    answer = b'{"ready":true}'
-    if scope["method"] == "POST":
-        to_model_input(oip_jpeg(scope, body), SPEC)
-        answer = ANSWER
-    await respond(send, answer)
+def oip_app(answer_for: Callable[[np.ndarray], Awaitable[bytes]]):
+    """An ASGI app that answers each OIP request with ``answer_for`` its decoded image, and GETs with ready."""
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        body = await read_body(receive)
+        answer = b'{"ready":true}'
+        if scope["method"] == "POST":
+            answer = await answer_for(to_model_input(oip_jpeg(scope, body), SPEC))
+        await respond(send, answer)
+
+    return app
+
+
+async def _fixed_answer(pixels: np.ndarray) -> bytes:
+    return ANSWER
+
+
+app = oip_app(_fixed_answer)

@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from defectkit.exported import ExportedModel
-from defectkit.preprocess import to_model_input
 from tests.bench.bench_serve import CLIENTS
-from tests.bench.floor_server import SPEC, oip_jpeg, read_body, respond
+from tests.bench.floor_server import oip_app
 
 MODEL = ExportedModel(Path(os.environ["MODEL_DIR"]), threads=1, check=False)  # parity is checked at export
 _gathered: list[tuple[np.ndarray, asyncio.Future]] = []
@@ -55,20 +54,12 @@ def _schedule_flush() -> None:
         loop.call_soon(loop.call_soon, _flush)
 
 
-async def _score(pixels: np.ndarray) -> float:
-    answer = asyncio.get_running_loop().create_future()
-    _gathered.append((pixels, answer))
+async def _answer(pixels: np.ndarray) -> bytes:
+    score = asyncio.get_running_loop().create_future()
+    _gathered.append((pixels, score))
     _schedule_flush()
-    return await answer
+    return json.dumps({"model_name": "defectkit", "outputs": [
+        {"name": "score", "shape": [1], "datatype": "FP32", "data": [await score]}]}).encode()
 
 
-async def app(scope, receive, send) -> None:
-    if scope["type"] != "http":
-        return
-    body = await read_body(receive)
-    answer = b'{"ready":true}'
-    if scope["method"] == "POST":
-        score = await _score(to_model_input(oip_jpeg(scope, body), SPEC))
-        answer = json.dumps({"model_name": "defectkit", "outputs": [
-            {"name": "score", "shape": [1], "datatype": "FP32", "data": [score]}]}).encode()
-    await respond(send, answer)
+app = oip_app(_answer)
