@@ -45,6 +45,8 @@ REPEATS = 2
 TARGET_RATIO = 1.3
 TARGET_P99_OVER_P50 = 3.0
 MODEL_NAME = "defectkit"
+# The servers the benchmarks start import the project from here.
+BENCH_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 INFER_PATH = f"/v2/models/{MODEL_NAME}/infer"
 # The server's defaults, spelled out: up to 8 images per forward, 5 ms wait; on a CPU two forwards at a time,
 # one torch thread each (the cores divided by the workers).
@@ -103,7 +105,7 @@ def start_model_server(model_dir: Path, log_path: Path, *args: str) -> ServerPro
         [sys.executable, "-m", "defectkit", "serve", "--model", str(model_dir), "--port", str(port),
          "--served-name", MODEL_NAME, *args],
         url=f"http://127.0.0.1:{port}", health_path=f"/v2/models/{MODEL_NAME}/ready", log_path=log_path,
-        env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        env=BENCH_ENV,
     )
 
 

@@ -5,7 +5,9 @@ The value is the server's requests/s under 8 concurrent single-image clients
 model's ONNX export (runtime auto). The baseline is the best in-process
 batched forward pass of the same model on the same cores, with no HTTP, no
 decoding and no resizing: PyTorch and ONNX Runtime, each at batch 1, 8, 16
-and 32 with one thread per core, the fastest counting. The ratio is how much
+and 32 with one thread per core, and ONNX Runtime also as one
+single-threaded session per core running side by side (as the server's
+workers do, which is often the faster), the fastest counting. The ratio is how much
 of that ceiling the server delivers. The server with ``--runtime torch`` is
 measured beside it for comparison.
 
@@ -47,6 +49,7 @@ import numpy as np
 from defectkit.cores import usable_cores
 from tests.bench.bench_serve import (
     ARCH,
+    BENCH_ENV,
     CLIENTS,
     IMAGE_SIZE,
     IMAGES,
@@ -79,8 +82,24 @@ def _rate(forward, images: np.ndarray, seconds: float) -> float:
     return done / (time.perf_counter() - started)
 
 
+def _rate_side_by_side(sessions: list, images: np.ndarray, seconds: float) -> float:
+    """Images/s of single-threaded sessions (one per core) each scoring ``images`` at the same time."""
+    rates = [0.0] * len(sessions)
+
+    def measure(k: int) -> None:
+        rates[k] = _rate(sessions[k].scores, images, seconds)
+
+    threads = [threading.Thread(target=measure, args=(k,)) for k in range(len(sessions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(rates)
+
+
 def ceilings(model_dir: Path, pixels: np.ndarray, seconds: float = FORWARD_S) -> dict[str, float]:
-    """Images/s of the bare forward pass, by runtime and batch size, one thread per core."""
+    """Images/s of the bare forward pass, by runtime and batch size: one forward on every core, and for ONNX
+    Runtime also one single-threaded session per core side by side (no thread barriers inside a forward)."""
     import torch
 
     from defectkit.exported import ExportedModel
@@ -92,11 +111,13 @@ def ceilings(model_dir: Path, pixels: np.ndarray, seconds: float = FORWARD_S) ->
     try:
         model = load_model(model_dir, "cpu")
         exported = ExportedModel(model_dir, threads=cores)
+        per_core = [ExportedModel(model_dir, threads=1) for _ in range(cores)]
         rates = {}
         for batch in BATCHES:
             images = pixels[:batch]
             rates[f"torch_batch_{batch}"] = _rate(model.scores, images, seconds)
             rates[f"onnxruntime_batch_{batch}"] = _rate(exported.scores, images, seconds)
+            rates[f"onnxruntime_{cores}x_batch_{batch}"] = _rate_side_by_side(per_core, images, seconds)
         return rates
     finally:
         torch.set_num_threads(previous)
@@ -109,19 +130,9 @@ def in_flight_forward(model_dir: Path, pixels: np.ndarray, seconds: float = FORW
 
     cores = usable_cores()
     together = _rate(ExportedModel(model_dir, threads=cores).scores, pixels[:CLIENTS], seconds)
-    sessions = [ExportedModel(model_dir, threads=1) for _ in range(cores)]
     share = pixels[:max(1, CLIENTS // cores)]
-    rates = [0.0] * cores
-
-    def measure(k: int) -> None:
-        rates[k] = _rate(sessions[k].scores, share, seconds)
-
-    threads = [threading.Thread(target=measure, args=(k,)) for k in range(cores)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return {f"onnxruntime_batch_{CLIENTS}": together, f"onnxruntime_{cores}x_batch_{len(share)}": sum(rates)}
+    side_by_side = _rate_side_by_side([ExportedModel(model_dir, threads=1) for _ in range(cores)], share, seconds)
+    return {f"onnxruntime_batch_{CLIENTS}": together, f"onnxruntime_{cores}x_batch_{len(share)}": side_by_side}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -143,21 +154,13 @@ def drive_counting_cpu(server: ServerProcess, bodies: list) -> dict:
     return {**result, "cpu_ms_per_request": 1000 * (spent + clients) / result["answered"]}
 
 
-def start_floor_server(log_path: Path) -> ServerProcess:
+def start_asgi_server(app: str, log_path: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """``app`` (module:attribute) under uvicorn, as the model server runs: its loop and HTTP parser, no access log."""
     port = free_port()
-    return start_server([sys.executable, "-m", "uvicorn", "tests.bench.floor_server:app", "--host", "127.0.0.1",
-                         "--port", str(port), "--log-level", "warning", "--no-access-log"],
+    return start_server([sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+                         "--log-level", "warning", "--no-access-log", *args],
                         url=f"http://127.0.0.1:{port}", health_path="/", log_path=log_path,
-                        env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
-
-
-def start_reference_server(model_dir: Path, log_path: Path) -> ServerProcess:
-    port = free_port()
-    return start_server([sys.executable, "-m", "uvicorn", "tests.bench.reference_server:app", "--host", "127.0.0.1",
-                         "--port", str(port), "--workers", str(usable_cores()), "--log-level", "warning",
-                         "--no-access-log"],
-                        url=f"http://127.0.0.1:{port}", health_path="/", log_path=log_path,
-                        env={"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "MODEL_DIR": str(model_dir)})
+                        env={**BENCH_ENV, **(env or {})})
 
 
 def run() -> dict:
@@ -177,8 +180,10 @@ def run() -> dict:
         servers = {"onnxruntime": start_model_server(model_dir, Path(tmp) / "onnx.log", *SERVER_ARGS),
                    "torch": start_model_server(model_dir, Path(tmp) / "torch.log", *SERVER_ARGS,
                                                "--runtime", "torch"),
-                   "reference": start_reference_server(model_dir, Path(tmp) / "reference.log"),
-                   "floor": start_floor_server(Path(tmp) / "floor.log")}
+                   "reference": start_asgi_server("tests.bench.reference_server:app", Path(tmp) / "reference.log",
+                                                  "--workers", str(usable_cores()),
+                                                  env={"MODEL_DIR": str(model_dir)}),
+                   "floor": start_asgi_server("tests.bench.floor_server:app", Path(tmp) / "floor.log")}
         try:
             for _ in range(REPEATS):  # alternating, so that all see the same machine
                 for key, value in ceilings(model_dir, pixels).items():

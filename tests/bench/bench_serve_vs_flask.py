@@ -27,6 +27,7 @@ import numpy as np
 
 from defectkit.cores import usable_cores
 from tests.bench.bench_serve import (
+    BENCH_ENV,
     CLIENTS,
     IMAGE_SIZE,
     INFER_PATH,
@@ -98,7 +99,7 @@ def run() -> dict:
         flask = start_server(
             [sys.executable, "-m", "tests.bench.bench_serve_vs_flask", str(model_dir), str(port)],
             url=f"http://127.0.0.1:{port}", health_path="/health", log_path=Path(tmp) / "flask.log",
-            env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+            env=BENCH_ENV,
         )
         try:
             server = start_model_server(model_dir, Path(tmp) / "server.log", *SERVER_ARGS)
