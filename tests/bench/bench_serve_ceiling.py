@@ -4,18 +4,19 @@ The value is the server's requests/s under 8 concurrent single-image clients
 (as ``serve`` drives it: JPEGs over keep-alive connections), serving the
 model's ONNX export (runtime auto). The baseline is the best in-process
 batched forward pass of the same model on the same cores, with no HTTP, no
-decoding and no resizing: PyTorch and ONNX Runtime, each at batch 1, 8, 16
-and 32 with one thread per core, and ONNX Runtime also as one
-single-threaded session per core running side by side (as the server's
-workers do, which is often the faster), the fastest counting. The ratio is how much
-of that ceiling the server delivers. The server with ``--runtime torch`` is
+decoding and no resizing: PyTorch and ONNX Runtime, each at batch 1,
+8 / cores, 8, 16 and 32 with one thread per core, and ONNX Runtime also as
+one single-threaded session per core running side by side (as the server's
+workers do, which is often the faster), the fastest counting. The ratio is
+how much of that ceiling the server delivers. The server with ``--runtime torch`` is
 measured beside it for comparison.
 
 Beside the ratio it estimates what a server could attain here at best, so
 that the target can be read against the machine: the 8 clients never have
-more than 8 images in flight, so the forward is at best as cheap as the
-better of one batch of 8 on every core and one single-threaded batch of
-8/cores images per core side by side (``forward_8_in_flight``); and every
+more than 8 images in flight, so the forward is at best as fast as the
+fastest of those forwards that hold at most 8 images at a time (such as one
+batch of 8 on every core, or a batch of 8 / cores in each single-threaded
+session side by side: ``forward_8_in_flight``); and every
 request costs at least what a bare ASGI app costs that only parses the
 request and decodes the JPEG (``tests/bench/floor_server.py``), with the
 clients' own CPU, which shares the cores (``floor_cpu_ms_per_request``).
@@ -97,9 +98,11 @@ def _rate_side_by_side(sessions: list, images: np.ndarray, seconds: float) -> fl
     return sum(rates)
 
 
-def ceilings(model_dir: Path, pixels: np.ndarray, seconds: float = FORWARD_S) -> dict[str, float]:
-    """Images/s of the bare forward pass, by runtime and batch size: one forward on every core, and for ONNX
-    Runtime also one single-threaded session per core side by side (no thread barriers inside a forward)."""
+def forward_rates(model_dir: Path, pixels: np.ndarray, seconds: float = FORWARD_S) -> dict[str, tuple[int, float]]:
+    """Images/s of the bare forward pass, with the images it holds at a time, by runtime and batch size: one
+    forward on every core, and for ONNX Runtime also one single-threaded session per core side by side (no
+    thread barriers inside a forward). The batch sizes include CLIENTS / cores, what each of the side-by-side
+    sessions gets when the clients' images are split over them."""
     import torch
 
     from defectkit.exported import ExportedModel
@@ -113,26 +116,15 @@ def ceilings(model_dir: Path, pixels: np.ndarray, seconds: float = FORWARD_S) ->
         exported = ExportedModel(model_dir, threads=cores)
         per_core = [ExportedModel(model_dir, threads=1) for _ in range(cores)]
         rates = {}
-        for batch in BATCHES:
+        for batch in sorted({*BATCHES, max(1, CLIENTS // cores)}):
             images = pixels[:batch]
-            rates[f"torch_batch_{batch}"] = _rate(model.scores, images, seconds)
-            rates[f"onnxruntime_batch_{batch}"] = _rate(exported.scores, images, seconds)
-            rates[f"onnxruntime_{cores}x_batch_{batch}"] = _rate_side_by_side(per_core, images, seconds)
+            rates[f"torch_batch_{batch}"] = (batch, _rate(model.scores, images, seconds))
+            rates[f"onnxruntime_batch_{batch}"] = (batch, _rate(exported.scores, images, seconds))
+            rates[f"onnxruntime_{cores}x_batch_{batch}"] = (cores * batch,
+                                                            _rate_side_by_side(per_core, images, seconds))
         return rates
     finally:
         torch.set_num_threads(previous)
-
-
-def in_flight_forward(model_dir: Path, pixels: np.ndarray, seconds: float = FORWARD_S) -> dict[str, float]:
-    """Images/s of the bare ONNX Runtime forward with at most CLIENTS images in flight: one batch of CLIENTS on
-    every core, or one single-threaded session per core, each on its share, side by side."""
-    from defectkit.exported import ExportedModel
-
-    cores = usable_cores()
-    together = _rate(ExportedModel(model_dir, threads=cores).scores, pixels[:CLIENTS], seconds)
-    share = pixels[:max(1, CLIENTS // cores)]
-    side_by_side = _rate_side_by_side([ExportedModel(model_dir, threads=1) for _ in range(cores)], share, seconds)
-    return {f"onnxruntime_batch_{CLIENTS}": together, f"onnxruntime_{cores}x_batch_{len(share)}": side_by_side}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -168,7 +160,7 @@ def run() -> dict:
     from defectkit.preprocess import PreprocessSpec, to_model_input
 
     rates: dict[str, float] = {}
-    in_flight: dict[str, float] = {}
+    images_held: dict[str, int] = {}
     served: dict[str, list[dict]] = {"onnxruntime": [], "torch": [], "reference": [], "floor": []}
     with tempfile.TemporaryDirectory(prefix="bench-ceiling-") as tmp:
         model_dir = make_judged_model(Path(tmp) / "model")
@@ -186,10 +178,9 @@ def run() -> dict:
                    "floor": start_asgi_server("tests.bench.floor_server:app", Path(tmp) / "floor.log")}
         try:
             for _ in range(REPEATS):  # alternating, so that all see the same machine
-                for key, value in ceilings(model_dir, pixels).items():
+                for key, (held, value) in forward_rates(model_dir, pixels).items():
                     rates[key] = max(rates.get(key, 0.0), value)
-                for key, value in in_flight_forward(model_dir, pixels).items():
-                    in_flight[key] = max(in_flight.get(key, 0.0), value)
+                    images_held[key] = held
                 for name, server in servers.items():
                     served[name].append(drive_counting_cpu(server, bodies))
         finally:
@@ -199,6 +190,7 @@ def run() -> dict:
     ceiling_name = max(rates, key=rates.get)
     ceiling = rates[ceiling_name]
     cores = usable_cores()
+    in_flight = {key: rate for key, rate in rates.items() if images_held[key] <= CLIENTS}
     forward_8 = max(in_flight.values())
     floor_ms = min(r["cpu_ms_per_request"] for r in served["floor"])
     attainable = 1 / (1 / forward_8 + floor_ms / 1000 / cores)
